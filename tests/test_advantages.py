@@ -1,0 +1,189 @@
+"""K2 (turn advantages): SPEC §3 by hand, and the Triton kernel vs the PyTorch reference."""
+import random
+import statistics
+
+import pytest
+import torch
+
+import tspo_kernels as tk
+from tspo_kernels import reference as ref
+from tspo_kernels.advantages import _turn_advantages_triton
+
+# float32 kernel vs float64 reference
+TOL = {"rtol": 1e-5, "atol": 2e-5}
+
+
+def _layout(K, L, prompt=2, per_turn=3):
+    """turn_id and loss_mask rows: prompt, then per turn `per_turn` action tokens and 2 observation tokens."""
+    turn = torch.full((len(K), L), -1, dtype=torch.int32)
+    mask = torch.zeros(len(K), L, dtype=torch.bool)
+    for b, k_b in enumerate(K):
+        t = prompt
+        for k in range(k_b):
+            turn[b, t:t + per_turn + 2] = k
+            mask[b, t:t + per_turn] = True
+            t += per_turn + 2
+    return turn, mask
+
+
+def test_spec_example_by_hand():
+    # one group of 3 (alpha 0.5, gamma 1): returns G0 = [1.5, 0.5, 0]
+    R = torch.tensor([1.0, 0.0, 0.0])
+    ks = torch.tensor([0, 1, -1])
+    K = torch.tensor([2, 3, 1])
+    gid = torch.tensor([42, 42, 42])
+    turn, mask = _layout(K.tolist(), 20)
+    G = [[1.5, 1.0], [0.5, 0.5, 0.0], [0.0]]
+    mu, sd = statistics.mean([1.5, 0.5, 0.0]), statistics.stdev([1.5, 0.5, 0.0])
+    for backend in ("triton", "reference"):
+        tok, A = tk.turn_advantages(R, ks, K, gid, turn, mask, backend=backend)
+        assert A.shape == (3, 3)
+        for b in range(3):
+            for k in range(3):
+                want = (G[b][k] - mu) / (sd + 1e-6) if k < K[b] else 0.0
+                assert A[b, k].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+        # broadcast to loss-masked tokens of each turn, zero elsewhere
+        want_tok = torch.where(mask, A.gather(1, turn.long().clamp(min=0)), torch.zeros(()))
+        assert torch.equal(tok, want_tok)
+
+
+def test_grpo_mode_is_outcome_only():
+    R = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    ks = torch.tensor([0, 0, -1, 1])
+    K = torch.tensor([2, 3, 1, 2])
+    turn, mask = _layout(K.tolist(), 20)
+    mu, sd = statistics.mean(R.tolist()), statistics.stdev(R.tolist())
+    for backend in ("triton", "reference"):
+        _, A = tk.turn_advantages(R, ks, K, torch.zeros(4, dtype=torch.long), turn, mask, mode="grpo", backend=backend)
+        for b in range(4):
+            assert A[b, : K[b]].tolist() == pytest.approx([(R[b].item() - mu) / (sd + 1e-6)] * int(K[b]), rel=1e-5)
+
+
+def test_turn_norm_with_fallback_by_hand():
+    # group of 3: turn 0 and 1 have 3 and 2 members, turn 2 has one -> group statistics
+    R = torch.tensor([0.0, 1.0, 0.0])
+    ks = torch.tensor([1, -1, 0])
+    K = torch.tensor([3, 2, 1])
+    turn, mask = _layout(K.tolist(), 24)
+    G = [[0.5, 0.5, 0.0], [1.0, 1.0], [0.5]]
+    g0 = [0.5, 1.0, 0.5]
+    for backend in ("triton", "reference"):
+        _, A = tk.turn_advantages(R, ks, K, torch.tensor([3, 3, 3]), turn, mask, norm="turn", backend=backend)
+        for k, members in ((0, [0, 1, 2]), (1, [0, 1])):
+            vals = [G[b][k] for b in members]
+            for b in members:
+                want = (G[b][k] - statistics.mean(vals)) / (statistics.stdev(vals) + 1e-6)
+                assert A[b, k].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+        want = (G[0][2] - statistics.mean(g0)) / (statistics.stdev(g0) + 1e-6)
+        assert A[0, 2].item() == pytest.approx(want, rel=1e-5)
+
+
+def _random_inputs(gen, B, L, T, gamma_nonbinary=True):
+    sizes = []
+    while sum(sizes) < B:
+        sizes.append(int(torch.randint(1, 7, (1,), generator=gen)))
+    gid = torch.repeat_interleave(torch.randint(0, 2**40, (len(sizes),), generator=gen), torch.tensor(sizes))[:B]
+    gid = gid[torch.randperm(B, generator=gen)]  # groups need not be contiguous
+    K = torch.randint(0, T + 1, (B,), generator=gen)
+    ks = torch.randint(-1, T + 1, (B,), generator=gen)  # includes "none" and k* >= K (ignored)
+    R = torch.rand(B, generator=gen) if gamma_nonbinary else torch.randint(0, 2, (B,), generator=gen).float()
+    turn = torch.randint(-1, T + 1, (B, L), generator=gen, dtype=torch.int32)
+    mask = torch.rand(B, L, generator=gen) < 0.7
+    return R, ks, K, gid, turn, mask
+
+
+@pytest.mark.parametrize("B,L,T", [(1, 1, 1), (1, 50, 4), (13, 97, 5), (40, 515, 3), (70, 33, 7)])
+@pytest.mark.parametrize("mode,norm", [("tspo", "group"), ("tspo", "turn"), ("grpo", "group")])
+def test_kernel_matches_reference_random(B, L, T, mode, norm):
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid, turn, mask = _random_inputs(gen, B, L, T, gamma_nonbinary=bool(B % 2))
+    alpha = float(torch.rand(1, generator=gen))
+    gamma = [1.0, 0.9, 0.0][B % 3]
+    T_out = max(int(K.max()), 1)
+    poison = (torch.full((B, L), float("nan")), torch.full((B, T_out), float("nan")))
+    got = _turn_advantages_triton(R, ks, K, gid, turn, mask, alpha=alpha if mode == "tspo" else 0.0,
+                                  gamma=gamma if mode == "tspo" else 1.0, norm=norm if mode == "tspo" else "group",
+                                  eps=1e-6, T=T_out, block_b=32, block_l=64, out=poison)
+    want = ref.turn_advantages(R, ks, K, gid, turn, mask, alpha=alpha, gamma=gamma, mode=mode, norm=norm)
+    assert not torch.isnan(got[0]).any() and not torch.isnan(got[1]).any()
+    torch.testing.assert_close(got[1], want[1], **TOL)
+    torch.testing.assert_close(got[0], want[0], **TOL)
+
+
+def test_public_dispatch_and_max_turns():
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid, turn, mask = _random_inputs(gen, 9, 40, 3)
+    a = tk.turn_advantages(R, ks, K, gid, turn, mask, backend="triton", max_turns=6)
+    b = tk.turn_advantages(R, ks, K, gid, turn, mask, max_turns=6)  # auto -> reference on CPU
+    assert a[1].shape == (9, 6) and b[1].shape == (9, 6)
+    torch.testing.assert_close(a[0], b[0], **TOL)
+    assert (a[1][:, 4:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("norm", ["group", "turn"])
+def test_all_equal_rewards_give_zero_advantages(backend, norm):
+    # every member found the answer in turn 0, none answered right, all took 3 turns
+    B = 5
+    R, ks, K = torch.zeros(B), torch.zeros(B, dtype=torch.long), torch.full((B,), 3)
+    turn, mask = _layout(K.tolist(), 30)
+    for gamma in (1.0, 0.7):
+        tok, A = tk.turn_advantages(R, ks, K, torch.zeros(B, dtype=torch.long), turn, mask, norm=norm, gamma=gamma,
+                                    backend=backend)
+        assert torch.count_nonzero(A) == 0 and torch.count_nonzero(tok) == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_group_of_one_uses_mean_zero_std_one(backend):
+    R, ks, K = torch.tensor([1.0, 0.0]), torch.tensor([0, -1]), torch.tensor([2, 1])
+    turn, mask = _layout([2, 1], 16)
+    _, A = tk.turn_advantages(R, ks, K, torch.tensor([1, 2]), turn, mask, backend=backend)
+    assert A[0, :2].tolist() == pytest.approx([1.5 / (1 + 1e-6), 1.0 / (1 + 1e-6)])
+    assert A[1, 0].item() == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_failed_group_still_carries_signal(backend):
+    # FOLR's point: all outcomes 0, but two members retrieved the answer -> non-zero advantages
+    R = torch.zeros(4)
+    ks = torch.tensor([1, -1, 0, -1])
+    K = torch.tensor([3, 3, 2, 1])
+    turn, mask = _layout(K.tolist(), 30)
+    _, A_grpo = tk.turn_advantages(R, ks, K, torch.zeros(4, dtype=torch.long), turn, mask, mode="grpo", backend=backend)
+    _, A = tk.turn_advantages(R, ks, K, torch.zeros(4, dtype=torch.long), turn, mask, backend=backend)
+    assert torch.count_nonzero(A_grpo) == 0
+    assert A[0, 0] > 0 and A[0, 1] > 0 and A[1, 0] < 0 and A[2, 0] > 0
+
+
+def test_bad_inputs_raise_clear_errors():
+    R, ks, K, gid = torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    turn, mask = _layout([1, 1, 1], 10)
+    with pytest.raises(ValueError, match="first_turn has shape"):
+        tk.turn_advantages(R, ks[:2], K, gid, turn, mask)
+    with pytest.raises(ValueError, match="turn_id has 2 rows"):
+        tk.turn_advantages(R, ks, K, gid, turn[:2], mask[:2])
+    with pytest.raises(ValueError, match="loss_mask has shape"):
+        tk.turn_advantages(R, ks, K, gid, turn, mask[:, :5])
+    with pytest.raises(TypeError, match="outcome has dtype int64"):
+        tk.turn_advantages(R.long(), ks, K, gid, turn, mask)
+    with pytest.raises(TypeError, match="turn_id has dtype float32"):
+        tk.turn_advantages(R, ks, K, gid, turn.float(), mask)
+    with pytest.raises(ValueError, match="unknown mode 'ppo'"):
+        tk.turn_advantages(R, ks, K, gid, turn, mask, mode="ppo")
+    with pytest.raises(ValueError, match="unknown norm 'batch'"):
+        tk.turn_advantages(R, ks, K, gid, turn, mask, norm="batch")
+    with pytest.raises(ValueError, match="gamma"):
+        tk.turn_advantages(R, ks, K, gid, turn, mask, gamma=1.5)
+    with pytest.raises(TypeError, match="one device"):
+        tk.turn_advantages(R, ks, K, gid.to("meta"), turn, mask)
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_matches_reference():
+    gen = torch.Generator().manual_seed(0)
+    R, ks, K, gid, turn, mask = _random_inputs(gen, 1024, 4096, 5)
+    cpu = ref.turn_advantages(R, ks, K, gid, turn, mask, norm="turn", gamma=0.9)
+    cuda = tk.turn_advantages(*(x.cuda() for x in (R, ks, K, gid, turn, mask)), norm="turn", gamma=0.9)
+    torch.testing.assert_close(cuda[0].cpu(), cpu[0], **TOL)
+    with pytest.raises(TypeError, match="one device"):
+        tk.turn_advantages(R.cuda(), ks, K, gid, turn, mask)

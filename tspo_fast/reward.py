@@ -1,0 +1,120 @@
+"""Rewards (SPEC §2): outcome EM/F1 on the last <answer>, and FOLR's first-occurrence turn.
+
+The string rules here are the reference; the trainer computes the first-occurrence turn on
+token ids with kernel K1 (:func:`first_turns`), whose agreement with
+:func:`first_occurrence_turn_text` is measured in ``tspo_fast.agreement``.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+import tspo_kernels
+from tspo_kernels import normalize_answer
+
+__all__ = [
+    "normalize_answer", "extract_answer", "exact_match", "f1", "outcome_reward",
+    "first_occurrence_turn_text", "first_turns",
+]
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+FOLR_SOURCES = ("observation", "action", "any")
+
+
+def extract_answer(text: Optional[str]) -> Optional[str]:
+    """The stripped content of the LAST ``<answer>...</answer>`` in ``text``; None if none.
+
+    Apply it to the generated response (not prompt + response: Search-R1's prompt holds an
+    example answer, which is why its own extractor skips the first match).
+    """
+    if not text:
+        return None
+    matches = _ANSWER.findall(text)
+    return matches[-1].strip() if matches else None
+
+
+def _aliases(aliases: Sequence[str]) -> List[str]:
+    if isinstance(aliases, str):
+        return [aliases]
+    return list(aliases)
+
+
+def exact_match(prediction: Optional[str], aliases: Sequence[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised alias, else 0.0 (None -> 0.0)."""
+    if prediction is None:
+        return 0.0
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in _aliases(aliases)))
+
+
+def f1(prediction: Optional[str], aliases: Sequence[str]) -> float:
+    """SQuAD token F1 of the normalised prediction, best over aliases, in [0, 1]."""
+    if prediction is None:
+        return 0.0
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for alias in _aliases(aliases):
+        gold = normalize_answer(alias).split()
+        common = sum((Counter(pred) & Counter(gold)).values())
+        if common == 0:
+            continue
+        precision, recall = common / len(pred), common / len(gold)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def outcome_reward(response: Optional[str], aliases: Sequence[str], kind: str = "em") -> float:
+    """R_i: EM (``kind="em"``) or F1 (``"f1"``) of the last <answer> in ``response``."""
+    if kind not in ("em", "f1"):
+        raise ValueError(f"unknown reward.outcome {kind!r}; expected 'em' or 'f1'")
+    answer = extract_answer(response)
+    return exact_match(answer, aliases) if kind == "em" else f1(answer, aliases)
+
+
+def first_occurrence_turn_text(observation_texts: Sequence[Optional[str]], aliases: Sequence[str], *,
+                               action_texts: Optional[Sequence[Optional[str]]] = None,
+                               source: str = "observation") -> int:
+    """FOLR's string rule: the first turn k whose segment contains a gold alias, else -1.
+
+    ``observation_texts[k]`` is turn k's observation (None/"" if the turn had none) and
+    ``action_texts[k]`` its action.  A segment contains an alias when the normalised alias is
+    a substring of the normalised segment text.  ``source``: "observation" (default),
+    "action" or "any" (the first turn where either holds).  Aliases that normalise to ""
+    are ignored.
+    """
+    if source not in FOLR_SOURCES:
+        raise ValueError(f"unknown reward.folr_source {source!r}; expected one of {FOLR_SOURCES}")
+    if source != "observation" and action_texts is None:
+        raise ValueError(f"source={source!r} needs action_texts")
+    gold = [g for g in (normalize_answer(a) for a in _aliases(aliases)) if g]
+    n = max(len(observation_texts), len(action_texts or []))
+    for k in range(n):
+        segments = []
+        if source in ("action", "any") and k < len(action_texts):
+            segments.append(action_texts[k])
+        if source in ("observation", "any") and k < len(observation_texts):
+            segments.append(observation_texts[k])
+        for text in segments:
+            if text:
+                norm = normalize_answer(text)
+                if any(g in norm for g in gold):
+                    return k
+    return -1
+
+
+def first_turns(token_ids: torch.Tensor, turn_id: torch.Tensor, is_obs: torch.Tensor,
+                aliases: Sequence[Sequence[str]], tokenizer: Any, *, source: str = "observation",
+                backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """FOLR's first-occurrence turn on token ids (K1): ``(turn, pos)`` int64 (B,), -1 if none.
+
+    ``aliases[b]`` are row b's gold answers; their token spellings come from
+    :func:`tspo_kernels.answer_variants` with ``tokenizer``.
+    """
+    if len(aliases) != token_ids.shape[0]:
+        raise ValueError(f"aliases has {len(aliases)} rows but token_ids has {token_ids.shape[0]}")
+    patterns = tspo_kernels.pack_patterns([tspo_kernels.answer_variants(tokenizer, a) for a in aliases],
+                                          device=token_ids.device)
+    return tspo_kernels.first_occurrence(token_ids, turn_id, is_obs, patterns, source, backend=backend)
