@@ -13,6 +13,7 @@ reference (``tspo_kernels.reference``) otherwise.  ``backend="triton"`` forces t
 from .text import answer_variants, normalize_answer
 from .first_occurrence import PackedPatterns, first_occurrence, pack_patterns
 from .advantages import turn_advantages
+from .pg_loss import PGLossOutput, fused_linear_logprobs, fused_linear_pg_loss
 
 __all__ = [
     "PackedPatterns",
@@ -21,4 +22,7 @@ __all__ = [
     "normalize_answer",
     "pack_patterns",
     "turn_advantages",
+    "PGLossOutput",
+    "fused_linear_logprobs",
+    "fused_linear_pg_loss",
 ]

@@ -149,3 +149,91 @@ def turn_advantages(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: 
     return token_adv.float(), A.float()
 
 
+# =========================================================================== K3
+# Fused LM-head + masked policy-gradient loss (SPEC §4, §5 K3): the plain version.  It
+# materialises the (N, V) logits in the dtype it is given (the tests pass float64 copies) and
+# lets autograd differentiate it; ``tspo_kernels.pg_loss`` must agree with it.
+from typing import NamedTuple  # noqa: E402
+
+
+class PGLossOutput(NamedTuple):
+    """Result of ``fused_linear_pg_loss`` / ``pg_loss_reference``.
+
+    loss       scalar: sum over loss-masked tokens of the per-token objective / normalizer
+    logp       (N,) log pi(target) of every token (masked or not)
+    entropy    (N,) entropy of the (temperature-scaled) distribution of every token
+    kl         (N,) k3 KL to the reference on loss-masked tokens; 0 elsewhere and when
+               ``ref_logp`` is None
+    clip_frac  scalar: fraction of loss-masked tokens whose ratio gradient is clipped away
+               (PPO clip or dual clip); 0 when no token is masked
+    """
+
+    loss: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    kl: torch.Tensor
+    clip_frac: torch.Tensor
+
+
+def _k3_log_softmax(hidden, weight, bias, temperature):
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def logprobs_reference(hidden, weight, targets, *, bias=None, temperature=1.0, return_entropy=False):
+    """log pi(targets) (N,) (and entropy (N,)) from materialised logits, in hidden's dtype."""
+    logsm = _k3_log_softmax(hidden, weight, bias, temperature)
+    logp = logsm.gather(1, targets.long()[:, None])[:, 0]
+    if not return_entropy:
+        return logp
+    return logp, -(logsm.exp() * logsm).sum(-1)
+
+
+def pg_loss_reference(hidden, weight, targets, old_logp, advantages, loss_mask, *, bias=None,
+                      ref_logp=None, rollout_logp=None, eps_low=0.2, eps_high=0.2, dual_clip=None,
+                      beta=0.0, kl_clamp=10.0, entropy_coef=0.0, tis_cap=None, temperature=1.0,
+                      normalizer=None) -> PGLossOutput:
+    """SPEC §4 loss, differentiable by autograd; computes in hidden's dtype.
+
+    hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) int; old_logp, advantages,
+    ref_logp, rollout_logp (N,) float; loss_mask (N,) (nonzero = in the loss).  Tokens outside
+    the mask contribute nothing (their inputs may be anything finite or not).
+    """
+    dt = hidden.dtype
+    logp, ent = logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature,
+                                   return_entropy=True)
+    mask = loss_mask != 0
+    A = advantages.to(dt)
+    rho = torch.exp(logp - old_logp.to(dt))
+    pg_plain = -rho * A
+    pg_clip = -torch.clamp(rho, 1.0 - eps_low, 1.0 + eps_high) * A
+    clipped = pg_clip > pg_plain
+    pg = torch.maximum(pg_plain, pg_clip)
+    if dual_clip is not None:
+        cap = -dual_clip * A
+        dual = (A < 0) & (pg > cap)
+        pg = torch.where(dual, cap, pg)
+        clipped = clipped | dual
+    if tis_cap is not None:
+        pg = pg * torch.clamp(torch.exp(old_logp.to(dt) - rollout_logp.to(dt)), max=tis_cap)
+    total = pg
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        d = ref_logp.to(dt) - logp
+        kl = torch.clamp(torch.exp(d) - d - 1.0, max=kl_clamp)
+        if beta != 0.0:
+            total = total + beta * kl
+    if entropy_coef != 0.0:
+        total = total - entropy_coef * ent
+    count = mask.sum().to(dt)
+    norm = count.clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer, dtype=dt)
+    zero = torch.zeros((), dtype=dt, device=hidden.device)
+    loss = torch.where(mask, total, zero).sum() / norm
+    clip_frac = (clipped & mask).sum().to(dt) / count.clamp(min=1.0)
+    return PGLossOutput(loss, logp.detach(), ent.detach(), torch.where(mask, kl, zero).detach(),
+                        clip_frac)
+
+
+__all__ += ["PGLossOutput", "logprobs_reference", "pg_loss_reference"]
