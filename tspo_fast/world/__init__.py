@@ -1,0 +1,29 @@
+"""The bundled embedded world: a small invented encyclopedia and QA sets about it.
+
+The files under ``data/`` are produced by ``python -m tspo_fast.world.generate`` (deterministic:
+a fresh run gives byte-identical files, which a test checks):
+
+* ``corpus.jsonl``: passages ``{id, contents}`` in the wiki-18 layout (``"Title"\\ntext``);
+* ``train.jsonl`` / ``test.jsonl``: questions in the Search-R1 layout, ``data_source``
+  ``world_1hop`` (one search needed) or ``world_2hop`` (two searches needed);
+  ``extra_info.support`` lists the ids of the passages that hold the evidence, hop by hop.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+__all__ = ["DATA_DIR", "corpus_path", "qa_path"]
+
+
+def corpus_path() -> Path:
+    """The bundled corpus (JSONL, ``{id, contents}``)."""
+    return DATA_DIR / "corpus.jsonl"
+
+
+def qa_path(split: str) -> Path:
+    """The bundled questions of ``split`` (``train`` or ``test``; Search-R1 layout, JSONL)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r} (expected 'train' or 'test')")
+    return DATA_DIR / f"{split}.jsonl"
