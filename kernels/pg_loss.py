@@ -44,11 +44,12 @@ _MASK_DTYPES = (torch.bool,) + _checks.INT_DTYPES + _checks.FLOAT_DTYPES
 @triton.jit
 def _pg_rows_kernel(
     logits_ptr, stride_row, targets_ptr,
-    mask_ptr, old_ptr, adv_ptr, ref_ptr, roll_ptr, inv_norm_ptr,
+    mask_ptr, old_ptr, adv_ptr, ref_ptr, roll_ptr, w_ptr, inv_norm_ptr,
     logp_ptr, ent_ptr, kl_ptr, tok_loss_ptr, clipped_ptr,
     V, inv_temp, ratio_lo, ratio_hi, dual_clip, beta, kl_clamp, entropy_coef, tis_cap,
     HAS_LOSS: tl.constexpr, HAS_REF: tl.constexpr, HAS_DUAL: tl.constexpr,
-    HAS_TIS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_TIS: tl.constexpr, HAS_W: tl.constexpr, HAS_OLD: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """One program per token row of a (C, V) logits chunk.
 
@@ -84,7 +85,10 @@ def _pg_rows_kernel(
     if HAS_LOSS:
         in_loss = tl.load(mask_ptr + row) != 0
         adv = tl.load(adv_ptr + row)
-        old = tl.load(old_ptr + row)
+        if HAS_OLD:
+            old = tl.load(old_ptr + row)
+        else:                                            # on-policy: pi_old = pi (rho = 1)
+            old = logp
         rho = tl.exp(logp - old)
         pg_plain = -rho * adv
         pg_clip = -tl.minimum(tl.maximum(rho, ratio_lo), ratio_hi) * adv
@@ -120,6 +124,10 @@ def _pg_rows_kernel(
             total = total + beta * kl
             g_lp = g_lp - beta * tl.where(raw <= kl_clamp, em1, 0.0)
         inv_norm = tl.load(inv_norm_ptr)
+        if HAS_W:                                        # per-token weight of the objective
+            tw = tl.load(w_ptr + row)
+            total = total * tw
+            inv_norm = inv_norm * tw                     # scales both gradient terms below
         g_lp = tl.where(in_loss, g_lp * inv_norm, 0.0)
         g_ent = tl.where(in_loss, -entropy_coef * inv_norm, 0.0)
         tl.store(tok_loss_ptr + row, tl.where(in_loss, total, 0.0))
@@ -272,7 +280,8 @@ def _k3_and_expm1(d):
 
 def _token_terms_torch(logp, ent, tok, opt: _Options, inv_norm):
     """Per-token loss, kl, clipped flag and d loss / d logp, d loss / d entropy (masked, scaled)."""
-    mask, adv, old = tok["mask"], tok["advantages"], tok["old_logp"]
+    mask, adv = tok["mask"], tok["advantages"]
+    old = tok.get("old_logp", logp)                   # None given: on-policy, rho = 1
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     rho = torch.exp(logp - old)
     pg_plain = -rho * adv
@@ -297,6 +306,9 @@ def _token_terms_torch(logp, ent, tok, opt: _Options, inv_norm):
         kl = raw.clamp(max=opt.kl_clamp)
         total = total + opt.beta * kl
         g_lp = g_lp - opt.beta * torch.where(raw <= opt.kl_clamp, em1, zero)
+    if "weights" in tok:                              # per-token weight of the objective
+        tw = tok["weights"]
+        total, inv_norm = total * tw, inv_norm * tw    # inv_norm scales g_lp and g_ent below
     g_ent = torch.where(mask, -opt.entropy_coef * inv_norm, zero)
     return {
         "tok_loss": torch.where(mask, total, zero),
@@ -363,13 +375,14 @@ def _core_triton(logits, y, tok, opt, inv_norm, write_grad: bool, has_loss: bool
     block = _block_v(V, logits.device)
     _pg_rows_kernel[(rows,)](
         logits, logits.stride(0), y,
-        mask, tk("old_logp"), tk("advantages"), tk("ref_logp"), tk("rollout_logp"),
+        mask, tk("old_logp"), tk("advantages"), tk("ref_logp"), tk("rollout_logp"), tk("weights"),
         inv_norm if has_loss else dummy,
         res["logp"], res["entropy"], get("kl"), get("tok_loss"), get("clipped"),
         V, 1.0 / opt.temperature, 1.0 - opt.eps_low, 1.0 + opt.eps_high,
         opt.dual_clip or 0.0, opt.beta, opt.kl_clamp, opt.entropy_coef, opt.tis_cap or 0.0,
         HAS_LOSS=has_loss, HAS_REF=opt.has_ref, HAS_DUAL=opt.dual_clip is not None,
-        HAS_TIS=opt.tis_cap is not None, WRITE_GRAD=write_grad, BLOCK_V=block,
+        HAS_TIS=opt.tis_cap is not None, HAS_W="weights" in tok, HAS_OLD="old_logp" in tok,
+        WRITE_GRAD=write_grad, BLOCK_V=block,
         num_warps=8 if block >= 2048 else 4,
     )
     return res
@@ -453,20 +466,22 @@ class _FusedLinearPGLoss(torch.autograd.Function):
 
 # --------------------------------------------------------------------------- public API
 def fused_linear_pg_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, old_logp: Optional[torch.Tensor],
     advantages: torch.Tensor, loss_mask: torch.Tensor, *,
     bias: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
     rollout_logp: Optional[torch.Tensor] = None, eps_low: float = 0.2, eps_high: float = 0.2,
     dual_clip: Optional[float] = None, beta: float = 0.0, kl_clamp: float = 10.0,
     entropy_coef: float = 0.0, tis_cap: Optional[float] = None, temperature: float = 1.0,
-    normalizer: Union[None, float, torch.Tensor] = None, chunk_size: Optional[int] = None,
-    backend: str = "auto",
+    normalizer: Union[None, float, torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None, backend: str = "auto",
 ) -> PGLossOutput:
     """SPEC §4 clipped policy-gradient loss through the LM head, without (N, V) logits.
 
     hidden (N, H) and weight (V, H) (and bias (V,)): one dtype among bfloat16, float16,
     float32 (float64 with backend="torch").  targets (N,) integer ids in [0, V).
-    old_logp, advantages, ref_logp, rollout_logp: (N,) float.  loss_mask (N,): nonzero marks
+    old_logp, advantages, ref_logp, rollout_logp: (N,) float; ``old_logp=None`` means
+    on-policy (pi_old = pi, detached: rho = 1 with its gradient), which spares the forward-only
+    log-prob pass a caller would otherwise run first.  loss_mask (N,): nonzero marks
     the tokens in the loss; the others contribute nothing (their per-token inputs are ignored).
 
     Per masked token: logits = (h W^T + b) / temperature, logp = log_softmax(logits)[target],
@@ -474,7 +489,10 @@ def fused_linear_pg_loss(
     dual_clip c, pg = min(pg, -c A) where A < 0; with tis_cap C, pg *= min(exp(old_logp -
     rollout_logp), C) (constant); kl = clamp(exp(d) - d - 1, max=kl_clamp), d = ref_logp - logp;
     objective = pg + beta kl - entropy_coef entropy.
-    loss = sum over masked tokens / normalizer (default: the masked-token count; 0 if none).
+    loss = sum over masked tokens of weights * objective / normalizer (default normalizer: the
+    masked-token count; loss 0 if no token is masked).  weights (N,) float, optional (default
+    1): a per-token multiplier, e.g. 1/len(sequence) with normalizer = number of sequences for
+    a sequence-mean of token-means; it scales neither ``kl`` nor ``clip_frac``.
 
     Returns ``PGLossOutput(loss, logp, entropy, kl, clip_frac)``: per-token outputs are (N,)
     float32 (float64 for float64 inputs); only ``loss`` is differentiable (w.r.t. hidden,
@@ -483,7 +501,7 @@ def fused_linear_pg_loss(
     """
     N, H, V = _check_head(hidden, weight, targets, bias)
     per_token = dict(old_logp=old_logp, advantages=advantages, ref_logp=ref_logp,
-                     rollout_logp=rollout_logp)
+                     rollout_logp=rollout_logp, weights=weights)
     _check_token_inputs(N, loss_mask=loss_mask, **per_token)
     dev = _checks.same_device(hidden=hidden, weight=weight, targets=targets, bias=bias,
                               loss_mask=loss_mask, **per_token)

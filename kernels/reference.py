@@ -194,19 +194,22 @@ def logprobs_reference(hidden, weight, targets, *, bias=None, temperature=1.0, r
 def pg_loss_reference(hidden, weight, targets, old_logp, advantages, loss_mask, *, bias=None,
                       ref_logp=None, rollout_logp=None, eps_low=0.2, eps_high=0.2, dual_clip=None,
                       beta=0.0, kl_clamp=10.0, entropy_coef=0.0, tis_cap=None, temperature=1.0,
-                      normalizer=None) -> PGLossOutput:
+                      normalizer=None, weights=None) -> PGLossOutput:
     """SPEC §4 loss, differentiable by autograd; computes in hidden's dtype.
 
     hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) int; old_logp, advantages,
-    ref_logp, rollout_logp (N,) float; loss_mask (N,) (nonzero = in the loss).  Tokens outside
-    the mask contribute nothing (their inputs may be anything finite or not).
+    ref_logp, rollout_logp, weights (N,) float (old_logp None: on-policy, pi_old = pi detached);
+    loss_mask (N,) (nonzero = in the loss).  Tokens
+    outside the mask contribute nothing (their inputs may be anything finite or not).
+    loss = sum over masked tokens of weights * objective / normalizer (weights default to 1).
     """
     dt = hidden.dtype
     logp, ent = logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature,
                                    return_entropy=True)
     mask = loss_mask != 0
     A = advantages.to(dt)
-    rho = torch.exp(logp - old_logp.to(dt))
+    old_logp = logp.detach() if old_logp is None else old_logp.to(dt)     # None: on-policy
+    rho = torch.exp(logp - old_logp)
     pg_plain = -rho * A
     pg_clip = -torch.clamp(rho, 1.0 - eps_low, 1.0 + eps_high) * A
     clipped = pg_clip > pg_plain
@@ -217,7 +220,7 @@ def pg_loss_reference(hidden, weight, targets, old_logp, advantages, loss_mask, 
         pg = torch.where(dual, cap, pg)
         clipped = clipped | dual
     if tis_cap is not None:
-        pg = pg * torch.clamp(torch.exp(old_logp.to(dt) - rollout_logp.to(dt)), max=tis_cap)
+        pg = pg * torch.clamp(torch.exp(old_logp - rollout_logp.to(dt)), max=tis_cap)
     total = pg
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
@@ -227,6 +230,8 @@ def pg_loss_reference(hidden, weight, targets, old_logp, advantages, loss_mask, 
             total = total + beta * kl
     if entropy_coef != 0.0:
         total = total - entropy_coef * ent
+    if weights is not None:
+        total = total * weights.to(dt)
     count = mask.sum().to(dt)
     norm = count.clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer, dtype=dt)
     zero = torch.zeros((), dtype=dt, device=hidden.device)

@@ -36,8 +36,10 @@ OPTION_SETS = {
     "asym_clip": {"eps_low": 0.1, "eps_high": 0.28},
     "bias": {"bias": True},
     "temperature": {"temperature": 0.6},
+    "weights": {"weights": True, "normalizer": 4.0},
     "all": {"bias": True, "ref": True, "roll": True, "dual_clip": 3.0, "beta": 0.02,
-            "entropy_coef": 0.003, "tis_cap": 2.0, "temperature": 1.4, "normalizer": 33.0},
+            "entropy_coef": 0.003, "tis_cap": 2.0, "temperature": 1.4, "normalizer": 33.0,
+            "weights": True},
 }
 
 
@@ -90,6 +92,8 @@ def make_case(seed, N, H, V, dtype, *, opts=None, mask_p=0.7):
         kw["ref_logp"] = lp + d
     if opts.pop("roll", False):
         kw["rollout_logp"] = old + 0.5 * torch.randn(N, generator=g)
+    if opts.pop("weights", False):                    # per-token weights, e.g. 1/len(sequence)
+        kw["weights"] = 0.1 + 1.4 * torch.rand(N, generator=g)
     kw.update(opts)
     args = (hidden, weight, targets, old, torch.randn(N, generator=g),
             torch.rand(N, generator=g) < mask_p)
@@ -136,9 +140,11 @@ def assert_close(got, want, dtype, keys=None):
 
 
 def reference_of(args, kw, **extra):
-    """float64 reference, plus the loss's term scale: sum over masked tokens of |A| / normalizer."""
+    """float64 reference, plus the loss's term scale: sum over masked tokens of |w A| / normalizer."""
     want = run(pg_loss_reference, args, kw, dtype=torch.float64, **extra)
     adv, mask = args[4].double(), args[5] != 0
+    if kw.get("weights") is not None:
+        adv = adv * kw["weights"].double()
     norm = kw.get("normalizer") or max(int(mask.sum()), 1)
     want["loss_scale"] = float(adv.abs()[mask].sum()) / norm
     return want
@@ -163,7 +169,8 @@ def test_matches_reference(backend, dtype, opt_name):
                                           ("kl_clamped", {"kl_clamp": 1e9}),
                                           ("entropy", {"entropy_coef": 0.0}),
                                           ("tis", {"tis_cap": 1e9}),
-                                          ("asym_clip", {"eps_low": 0.2, "eps_high": 0.2})])
+                                          ("asym_clip", {"eps_low": 0.2, "eps_high": 0.2}),
+                                          ("weights", {"weights": None})])
 def test_option_cases_are_not_trivial(opt_name, off):
     """The test_matches_reference cases really take each option's branch: switching the
     option off changes the reference loss or its gradient."""
@@ -239,13 +246,15 @@ def test_empty_batch():
 def test_tokens_outside_the_mask_are_ignored(backend):
     """NaN / inf per-token inputs outside the loss mask change nothing."""
     args, kw = make_case(51, 30, 16, 120, torch.float32, opts={"ref": True, "roll": True,
-                                                                "beta": 0.1, "tis_cap": 2.0})
+                                                                "beta": 0.1, "tis_cap": 2.0,
+                                                                "weights": True})
     hidden, weight, targets, old, adv, mask = args
     out_of_loss = ~mask
     poison = lambda x, v: torch.where(out_of_loss, torch.full_like(x, v), x)  # noqa: E731
     bad_args = (hidden, weight, targets, poison(old, float("nan")), poison(adv, float("inf")), mask)
     bad_kw = dict(kw, ref_logp=poison(kw["ref_logp"], float("-inf")),
-                  rollout_logp=poison(kw["rollout_logp"], float("nan")))
+                  rollout_logp=poison(kw["rollout_logp"], float("nan")),
+                  weights=poison(kw["weights"], float("nan")))
     got = run(fused_linear_pg_loss, bad_args, bad_kw, chunk_size=8, backend=backend)
     assert_close(got, reference_of(args, kw), torch.float32)
 
@@ -300,6 +309,48 @@ def test_bias_without_grad(backend):
     args, kw = make_case(73, 20, 16, 90, torch.float32, opts={"bias": True, "temperature": 0.8})
     got = run(fused_linear_pg_loss, args, kw, grad_bias=False, chunk_size=8, backend=backend)
     assert_close(got, reference_of(args, kw, grad_bias=False), torch.float32)
+
+
+def test_weights_give_sequence_mean_of_token_means():
+    """weights = 1/(masked tokens of the row), normalizer = rows with a masked token: the loss
+    and its gradient are the mean over sequences of each sequence's token-mean loss."""
+    B, L = 4, 7
+    args, kw = make_case(45, B * L, 16, 80, torch.float32, opts={"entropy_coef": 0.01})
+    mask = args[5].view(B, L).clone()
+    mask[1] = False                                  # a row outside the loss counts for nothing
+    mask[3, :2] = True
+    lens = mask.sum(1, keepdim=True).clamp(min=1).float()
+    weights = (1.0 / lens).expand(B, L).reshape(-1)
+    rows = int((mask.sum(1) > 0).sum())
+    args = args[:5] + (mask.view(-1),)
+    got = run(fused_linear_pg_loss, args, kw, weights=weights, normalizer=float(rows),
+              chunk_size=8, backend="torch")
+    want_loss, want_grad = 0.0, torch.zeros_like(got["grad_hidden"], dtype=torch.float64)
+    for b in range(B):
+        if mask[b].any():
+            row_mask = torch.zeros(B, L, dtype=torch.bool)
+            row_mask[b] = mask[b]
+            one = reference_of(args[:5] + (row_mask.view(-1),), kw)   # token mean of row b
+            want_loss += float(one["loss"]) / rows
+            want_grad += one["grad_hidden"] / rows
+    assert abs(float(got["loss"]) - want_loss) <= 1e-5 * max(1.0, abs(want_loss))
+    assert rel(got["grad_hidden"], want_grad) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_on_policy_old_logp_none(backend, dtype):
+    """old_logp=None: pi_old = pi (rho = 1, nothing clipped); as the reference, and as passing
+    the current log-probs explicitly."""
+    args, kw = make_case(47, 33, 16, 120, dtype, opts={"ref": True, "beta": 0.05, "entropy_coef": 0.01,
+                                                       "roll": True, "tis_cap": 1.5, "weights": True})
+    on_policy = args[:3] + (None,) + args[4:]
+    got = run(fused_linear_pg_loss, on_policy, kw, chunk_size=8, backend=backend)
+    want = reference_of(on_policy, kw)
+    assert_close(got, want, dtype)
+    assert float(got["clip_frac"]) == 0.0
+    explicit = args[:3] + (got["logp"].float(),) + args[4:]
+    assert_close(run(fused_linear_pg_loss, explicit, kw, chunk_size=8, backend=backend), want, dtype)
 
 
 # --------------------------------------------------------------------------- forward only
@@ -418,6 +469,8 @@ def _bad_cases():
         ("normalizer", dict(ok, normalizer=-1.0), ValueError, "normalizer"),
         ("chunk_size", dict(ok, chunk_size=0), ValueError, "chunk_size"),
         ("bias dtype", dict(ok, bias=torch.zeros(10, dtype=torch.float64)), TypeError, "bias"),
+        ("weights shape", dict(ok, weights=torch.ones(5)), ValueError, "weights"),
+        ("weights int", dict(ok, weights=torch.ones(6, dtype=torch.long)), TypeError, "weights"),
     ]
 
 
@@ -458,7 +511,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tspo_kernels.pg_loss import _pg_rows_kernel as kernel
 
-flags = ("HAS_LOSS", "HAS_REF", "HAS_DUAL", "HAS_TIS", "WRITE_GRAD")
+flags = ("HAS_LOSS", "HAS_REF", "HAS_DUAL", "HAS_TIS", "HAS_W", "HAS_OLD", "WRITE_GRAD")
 for logits_type, on in (("*bf16", True), ("*fp32", False), ("*fp16", True)):
     sig = {}
     for name in kernel.arg_names:
