@@ -118,3 +118,19 @@ def first_turns(token_ids: torch.Tensor, turn_id: torch.Tensor, is_obs: torch.Te
     patterns = tspo_kernels.pack_patterns([tspo_kernels.answer_variants(tokenizer, a) for a in aliases],
                                           device=token_ids.device)
     return tspo_kernels.first_occurrence(token_ids, turn_id, is_obs, patterns, source, backend=backend)
+
+
+def score_batch(batch, tokenizer: Any, *, outcome: str = "em", source: str = "observation",
+                backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of a ``RolloutBatch``: ``(outcome R (B,) float32, first turn k* (B,) int64)``.
+
+    R scores ``batch.answer_text`` against ``batch.aliases``; k* comes from the token ids
+    (K1), never from re-tokenised text.
+    """
+    if outcome not in ("em", "f1"):
+        raise ValueError(f"unknown reward.outcome {outcome!r}; expected 'em' or 'f1'")
+    score = exact_match if outcome == "em" else f1
+    R = torch.tensor([score(a, g) for a, g in zip(batch.answer_text, batch.aliases)], dtype=torch.float32)
+    k_star, _ = first_turns(batch.input_ids, batch.turn_id, batch.is_obs, batch.aliases, tokenizer,
+                            source=source, backend=backend)
+    return R.to(batch.input_ids.device), k_star

@@ -1,0 +1,35 @@
+"""Time per training step and per phase of ``configs/tiny.yaml`` on this machine (CPU).
+
+Runs the user's command for a few steps in a subprocess and reports the phase times that the
+trainer logs (``time/rollout``, ``time/logprobs``, ``time/update``, ``time/sync``, ...).
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_tiny_step_phases(benchmark, tmp_path, engine):
+    if engine == "vllm":
+        pytest.importorskip("vllm")
+    out = str(tmp_path / "run")
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", "--no-plot",
+           "--set", f"output_dir={out}", "--set", f"rollout.engine={engine}", "--set", "train.total_steps=4",
+           "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"]
+
+    def run():
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=1800)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]  # skip the warm-up step
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    benchmark.extra_info.update({k: round(mean(k), 3) for k in rows[0] if k.startswith("time/")})
+    benchmark.extra_info["tokens_per_s"] = round(mean("train/tokens_per_s"), 1)
+    print(f"\n{engine}: " + ", ".join(f"{k}={v}" for k, v in benchmark.extra_info.items()))

@@ -1,0 +1,80 @@
+"""One PPO update on a fixed batch; writes the updated weights.  Run directly or with torchrun:
+
+    torchrun --nproc_per_node 2 tests/_update_step.py --model DIR --micro 1 --out W.pt
+
+Every rank builds the same global batch and trains on its contiguous share of the rows; the
+test compares the weights across world sizes and micro-batch splits.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+
+def fixed_batch(vocab: int, rows: int = 8, seed: int = 0):
+    from tspo_fast.rollout.batch import Trajectory, collate
+    g = torch.Generator().manual_seed(seed)
+    trajs = []
+    for i in range(rows):
+        t = Trajectory(prompt_ids=torch.randint(0, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist(),
+                       uid=f"q{i // 2}")
+        for k in range(int(torch.randint(1, 3, (1,), generator=g))):
+            t.append(torch.randint(0, vocab, (int(torch.randint(2, 7, (1,), generator=g)),), generator=g).tolist(), k, False)
+            t.append(torch.randint(0, vocab, (3,), generator=g).tolist(), k, True)
+            t.num_turns = k + 1
+        trajs.append(t)
+    batch = collate(trajs, pad_id=0)
+    adv = torch.randn(batch.input_ids.shape, generator=g) * batch.loss_mask
+    return batch, adv, g
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--micro", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--agg", default="token_mean")
+    ap.add_argument("--local_rank", type=int, default=None)
+    args = ap.parse_args()
+    import deepspeed
+
+    from tspo_fast.config import load_config
+    from tspo_fast.models import load_causal_lm
+    from tspo_fast.policy import FusedHeadPolicy
+    from tspo_fast.trainer import (compute_logprobs, ds_config, gradient_accumulation_steps, init_distributed,
+                                   ppo_update, rank, world_size)
+    init_distributed()
+    cfg = load_config(None, ["rollout.n=2", "train.prompts_per_step=4", "train.mini_batch_prompts=4",
+                             f"train.micro_batch_size={args.micro}", "loss.kl_coef=0.1", "loss.chunk_size=16",
+                             f"loss.agg={args.agg}"])
+    gas = gradient_accumulation_steps(cfg, world_size())
+    torch.manual_seed(0)
+    lm = load_causal_lm(args.model)
+    policy = FusedHeadPolicy(lm, chunk_size=cfg.loss.chunk_size)
+    engine, *_ = deepspeed.initialize(model=policy, optimizer=torch.optim.SGD(policy.parameters(), lr=0.5),
+                                      config=ds_config(cfg, gas))
+    batch, adv, g = fixed_batch(lm.config.vocab_size)
+    old, _ = compute_logprobs(engine, batch, 8)
+    old = old + 0.3 * torch.randn(old.shape, generator=g) * batch.loss_mask   # some tokens clip
+    ref = old + 0.2 * torch.randn(old.shape, generator=g) * batch.loss_mask
+    per = len(batch) // world_size()
+    from tspo_fast.rollout.batch import RolloutBatch
+    sl = slice(rank() * per, (rank() + 1) * per)
+    part = RolloutBatch(**{k: getattr(batch, k)[sl] for k in RolloutBatch._TENSORS},
+                        uids=batch.uids[sl], answer_text=batch.answer_text[sl], action_texts=batch.action_texts[sl],
+                        observation_texts=batch.observation_texts[sl], aliases=batch.aliases[sl],
+                        data_source=batch.data_source[sl])
+    ppo_update(engine, part, adv[sl], old[sl], ref[sl], cfg, gas)
+    state = {}
+    for name, p in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            state[name] = p.detach().clone()
+    if rank() == 0:
+        torch.save(state, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Typed training configuration: dataclasses, YAML loading, ``--set a.b=c`` overrides, and
+validation whose messages name the offending field (``rollout.n: must be >= 1, got 0``).
+
+Every option of SPEC.md is a field here with the spec's default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is malformed; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "bundled:tiny"          # hub name, local folder, or "bundled:tiny" (built on first use)
+    dtype: str = "float32"              # float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_files: List[str] = field(default_factory=lambda: ["bundled:train"])
+    test_files: List[str] = field(default_factory=lambda: ["bundled:test"])
+    chat_template: str = "auto"         # auto (use the tokenizer's when it has one) | never
+    max_prompt_tokens: int = 512
+    shuffle: bool = True
+    eval_limit: int = 0                 # 0 = every test question
+
+
+@dataclass
+class RetrievalConfig:
+    kind: str = "inprocess"             # inprocess | http
+    index: str = "bundled:bm25"         # index folder for in-process retrieval
+    url: str = "http://127.0.0.1:8000/retrieve"
+    topk: int = 3
+    timeout_s: float = 30.0
+    retries: int = 2
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"                  # vllm | hf
+    n: int = 5
+    max_turns: int = 4
+    max_new_tokens_per_turn: int = 500
+    max_obs_tokens: int = 500
+    max_response_tokens: int = 4096
+    temperature: float = 1.0
+    top_p: float = 1.0
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    sync_bucket_mb: float = 256.0
+
+
+@dataclass
+class RewardConfig:
+    outcome: str = "em"                 # em | f1
+    folr_alpha: float = 0.5
+    folr_source: str = "observation"    # observation | action | any
+
+
+@dataclass
+class AdvantageConfig:
+    mode: str = "tspo"                  # tspo | grpo
+    norm: str = "group"                 # group | turn
+    gamma: float = 1.0
+    eps: float = 1e-6
+
+
+@dataclass
+class LossConfig:
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: Optional[float] = None
+    kl_coef: float = 0.001
+    kl_clamp: float = 10.0
+    entropy_coef: float = 0.0
+    tis_cap: Optional[float] = None     # truncated importance correction with rollout log-probs (C = 2 when on)
+    agg: str = "token_mean"             # token_mean | seq_mean_token_mean | seq_mean_token_sum
+    chunk_size: int = 1024              # K3 token chunk
+
+
+@dataclass
+class TrainConfig:
+    total_steps: int = 100
+    prompts_per_step: int = 512
+    mini_batch_prompts: int = 256       # prompts per optimizer step
+    micro_batch_size: int = 8           # sequences per forward/backward
+    ppo_epochs: int = 1
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    zero_stage: int = 3
+    bf16: bool = False
+    checkpoint_every: int = 50
+    eval_every: int = 50
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class Config:
+    seed: int = 1
+    output_dir: str = "runs/tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- loading
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where)
+    if origin in (list, List, Sequence):
+        (item,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls, data: Dict[str, Any], where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        path = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"{path}: unknown field (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _set_path(tree: Dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str):
+    """``"a.b=value"`` -> ("a.b", parsed value); the value is read as YAML (numbers, true, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. advantage.mode=grpo")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+    return key, value
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read YAML ``path`` (or the defaults), apply ``--set`` overrides, validate."""
+    tree: Dict[str, Any] = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                tree = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+def _check(ok: bool, where: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {msg}")
+
+
+def _one_of(value: Any, where: str, allowed: Sequence[str]) -> None:
+    _check(value in allowed, where, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    _one_of(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+    _check(bool(cfg.model.path), "model.path", "must name a model folder or hub id")
+    _check(len(cfg.data.train_files) > 0, "data.train_files", "needs at least one file")
+    _one_of(cfg.data.chat_template, "data.chat_template", ("auto", "never"))
+    _check(cfg.data.max_prompt_tokens >= 8, "data.max_prompt_tokens", f"must be >= 8, got {cfg.data.max_prompt_tokens}")
+    _one_of(cfg.retrieval.kind, "retrieval.kind", ("inprocess", "http"))
+    _check(1 <= cfg.retrieval.topk <= 100, "retrieval.topk", f"must be in [1, 100], got {cfg.retrieval.topk}")
+    _check(cfg.retrieval.timeout_s > 0, "retrieval.timeout_s", f"must be > 0, got {cfg.retrieval.timeout_s}")
+    _check(cfg.retrieval.retries >= 0, "retrieval.retries", f"must be >= 0, got {cfg.retrieval.retries}")
+    r = cfg.rollout
+    _one_of(r.engine, "rollout.engine", ("vllm", "hf"))
+    _check(r.n >= 1, "rollout.n", f"must be >= 1, got {r.n}")
+    _check(r.max_turns >= 1, "rollout.max_turns", f"must be >= 1, got {r.max_turns}")
+    for name in ("max_new_tokens_per_turn", "max_obs_tokens", "max_response_tokens"):
+        _check(getattr(r, name) >= 1, f"rollout.{name}", f"must be >= 1, got {getattr(r, name)}")
+    _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
+    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(r.sync_bucket_mb > 0, "rollout.sync_bucket_mb", f"must be > 0, got {r.sync_bucket_mb}")
+    _one_of(cfg.reward.outcome, "reward.outcome", ("em", "f1"))
+    _one_of(cfg.reward.folr_source, "reward.folr_source", ("observation", "action", "any"))
+    _check(cfg.reward.folr_alpha >= 0, "reward.folr_alpha", f"must be >= 0, got {cfg.reward.folr_alpha}")
+    _one_of(cfg.advantage.mode, "advantage.mode", ("tspo", "grpo"))
+    _one_of(cfg.advantage.norm, "advantage.norm", ("group", "turn"))
+    _check(0 <= cfg.advantage.gamma <= 1, "advantage.gamma", f"must be in [0, 1], got {cfg.advantage.gamma}")
+    _check(cfg.advantage.eps > 0, "advantage.eps", f"must be > 0, got {cfg.advantage.eps}")
+    lo = cfg.loss
+    _check(0 <= lo.eps_low < 1, "loss.eps_low", f"must be in [0, 1), got {lo.eps_low}")
+    _check(lo.eps_high >= 0, "loss.eps_high", f"must be >= 0, got {lo.eps_high}")
+    _check(lo.dual_clip is None or lo.dual_clip > 1, "loss.dual_clip", f"must be > 1 or null, got {lo.dual_clip}")
+    _check(lo.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {lo.kl_coef}")
+    _check(lo.tis_cap is None or lo.tis_cap > 0, "loss.tis_cap", f"must be > 0 or null, got {lo.tis_cap}")
+    _one_of(lo.agg, "loss.agg", ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"))
+    _check(lo.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {lo.chunk_size}")
+    t = cfg.train
+    _check(t.total_steps >= 1, "train.total_steps", f"must be >= 1, got {t.total_steps}")
+    _check(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")
+    _check(1 <= t.mini_batch_prompts <= t.prompts_per_step and t.prompts_per_step % t.mini_batch_prompts == 0,
+           "train.mini_batch_prompts",
+           f"must divide train.prompts_per_step ({t.prompts_per_step}), got {t.mini_batch_prompts}")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    _check(t.ppo_epochs >= 1, "train.ppo_epochs", f"must be >= 1, got {t.ppo_epochs}")
+    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
+    _one_of(t.zero_stage, "train.zero_stage", (0, 1, 2, 3))
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
+    _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    return cfg
+
+
+def dump_config(cfg: Config, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -1,0 +1,72 @@
+"""Where models come from: a hub name, a local folder, or ``bundled:tiny`` (built on first use)."""
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+BUNDLED_TINY = "bundled:tiny"
+
+
+def cache_dir() -> str:
+    """``$TSPO_FAST_CACHE`` or ``~/.cache/tspo-fast``: where built models and indexes live."""
+    return os.environ.get("TSPO_FAST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tspo-fast"))
+
+
+def world_texts(limit: int = 4000):
+    """Lines of the bundled world (passages and questions) to train the tiny tokenizer on."""
+    import json
+
+    from .world import corpus_path, qa_path
+    texts = []
+    with open(corpus_path(), encoding="utf-8") as f:
+        texts += [json.loads(line)["contents"] for line in f if line.strip()]
+    from .data import load_examples
+    texts += [ex.prompt() + " <answer> " + ex.aliases[0] + " </answer>" for ex in load_examples(qa_path("train"))[:limit]]
+    return texts
+
+
+def resolve_model_path(path: str) -> str:
+    """A folder or hub id for ``path``; ``bundled:tiny`` builds the tiny policy once (cached)."""
+    if path != BUNDLED_TINY:
+        if path.startswith("bundled:"):
+            raise ValueError(f"model.path: unknown bundled model {path!r}; the bundled one is {BUNDLED_TINY!r}")
+        return path
+    folder = os.path.join(cache_dir(), "tiny-qwen2-v1")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        from .tiny_model import TinyModelSpec, build_tiny_model
+        tmp = folder + f".tmp{os.getpid()}"
+        build_tiny_model(tmp, world_texts(), TinyModelSpec(hidden_size=128, num_layers=2, num_heads=4,
+                                                           num_kv_heads=2, intermediate_size=384,
+                                                           max_position_embeddings=2048, vocab_target=2048))
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process built it first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_tokenizer(path: str):
+    """One tokenizer class everywhere: the folder's ``tokenizer.json`` ids as they are."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+
+
+def load_policy(path: str, dtype: str = "float32") -> Tuple[str, object, object]:
+    """(resolved folder, tokenizer, causal LM)."""
+    folder = resolve_model_path(path)
+    return folder, load_tokenizer(folder), load_causal_lm(folder, dtype)

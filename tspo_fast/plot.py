@@ -1,0 +1,49 @@
+"""``tspo-fast plot``: reward and EM curves of one or more runs to a PNG."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional, Sequence
+
+from .metrics import read_metrics
+
+PANELS = [("reward/mean", "train reward"), ("reward/em", "train EM"), ("reward/folr_hit", "FOLR hit rate"),
+          ("eval/em", "test EM")]
+
+
+def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Optional[Sequence[str]] = None) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    for i, run in enumerate(run_dirs):
+        path = run if run.endswith(".jsonl") else os.path.join(run, "metrics.jsonl")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no metrics log at {path}")
+        rows = read_metrics(path)
+        label = labels[i] if labels else os.path.basename(os.path.normpath(run))
+        for ax, (key, title) in zip(axes, PANELS):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=label)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="tspo-fast plot", description="Draw reward/EM curves of runs to a PNG")
+    ap.add_argument("runs", nargs="+", help="run output folders (holding metrics.jsonl) or JSONL files")
+    ap.add_argument("--out", default=None, help="PNG path (default: <first run>/curves.png)")
+    ap.add_argument("--labels", nargs="*", default=None)
+    args = ap.parse_args(argv)
+    out = args.out or os.path.join(args.runs[0], "curves.png")
+    print(plot_runs(args.runs, out, args.labels))
+    return 0
