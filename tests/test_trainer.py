@@ -125,3 +125,23 @@ def test_indivisible_batch_is_rejected_clearly(env, tmp_path):
                         "train.micro_batch_size=3", "--set", f"output_dir={tmp_path}"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "train.micro_batch_size" in p.stderr
+
+
+def test_sigterm_finishes_the_step_and_checkpoints(env, tmp_path):
+    out = str(tmp_path / "run")
+    sets = [a for s in SMALL + [f"output_dir={out}", "train.total_steps=50", "rollout.engine=hf", "train.eval_every=0",
+                                "train.checkpoint_every=0"] for a in ("--set", s)]
+    p = subprocess.Popen([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", "--no-plot", *sets],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import time
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 600
+    while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        assert p.poll() is None and time.time() < deadline, p.communicate()[1][-3000:]
+        time.sleep(0.5)
+    p.send_signal(15)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    latest = open(os.path.join(out, "checkpoints", "latest")).read().strip()
+    steps = [r["step"] for r in _metrics(out)]
+    assert latest == f"step_{steps[-1]:06d}" and steps[-1] < 50
