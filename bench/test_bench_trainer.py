@@ -20,6 +20,8 @@ def test_tiny_step_phases(benchmark, tmp_path, engine):
     out = str(tmp_path / "run")
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("TRITON_INTERPRET", None)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
     cmd = [sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", "--no-plot",
            "--set", f"output_dir={out}", "--set", f"rollout.engine={engine}", "--set", "train.total_steps=4",
            "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"]

@@ -24,6 +24,8 @@ def env(tmp_path_factory):
     e = dict(os.environ, TSPO_FAST_CACHE=cache, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false",
              VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     e.pop("TRITON_INTERPRET", None)  # the trainer's CPU path is PyTorch, not the interpreter
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        e.pop(k, None)  # set by in-process DeepSpeed tests; a fresh run picks its own free port
     return e
 
 
