@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -31,6 +32,11 @@ from .config import Config, ConfigError, dump_config
 from .metrics import MetricsLogger
 from .policy import FusedHeadPolicy
 from .reward import score_batch
+
+
+# DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated, once per
+# gather: keep the training log readable.
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -353,8 +359,7 @@ class Trainer:
         adv_on_tokens = token_adv[batch.loss_mask]
         valid_turns = turn_adv[torch.arange(turn_adv.shape[1])[None] < batch.num_turns[:, None].long()]
         m = {
-            "reward/mean": float(outcome.mean()) if cfg.reward.outcome == "em" else float(outcome.mean()),
-            "reward/em": float(outcome.mean()) if cfg.reward.outcome == "em" else float("nan"),
+            "reward/mean": float(outcome.mean()),
             "reward/folr_hit": float((first_turn >= 0).float().mean()),
             "reward/all_fail_groups": _all_fail_fraction(outcome, batch.group_id),
             "rollout/turns": float(batch.num_turns.float().mean()),
@@ -367,6 +372,8 @@ class Trainer:
             "train/grad_norm": upd.grad_norm, "train/tokens_per_s": gen_tokens / max(elapsed, 1e-9),
             "time/step": elapsed, **times,
         }
+        if cfg.reward.outcome == "em":
+            m["reward/em"] = m["reward/mean"]
         return m
 
     def save(self) -> str:

@@ -38,6 +38,7 @@ class VLLMEngine:
                  seed: int = 0, enforce_eager: bool = True, gpu_memory_utilization: float = 0.5,
                  kv_cache_gib: int = 1, enable_sleep_mode: bool | None = None,
                  enable_prefix_caching: bool = True, **llm_kwargs):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # no INFO line per sync in training logs
         cuda = torch.cuda.is_available()
         if not cuda:
             _set_cpu_env(kv_cache_gib)
