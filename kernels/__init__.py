@@ -9,6 +9,10 @@ K3  ``fused_linear_pg_loss``  LM head + clipped policy-gradient loss without (N,
 Each public function takes ``backend="auto"``: Triton for CUDA tensors, the PyTorch
 reference (``tspo_kernels.reference``) otherwise.  ``backend="triton"`` forces the kernel
 (on CPU it needs ``TRITON_INTERPRET=1`` set before import).
+
+Note: run from the repository root, this folder is also importable as ``kernels``, the name of an
+unrelated PyPI package that transformers probes for (``is_kernels_available``).  It finds no
+version here and leaves it alone; do not add a ``__version__`` to this module.
 """
 from .text import answer_variants, normalize_answer
 from .first_occurrence import PackedPatterns, first_occurrence, pack_patterns
