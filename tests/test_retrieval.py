@@ -15,14 +15,7 @@ from tspo_fast.retrieval import (Corpus, CorpusError, IndexError_, IndexMismatch
 from tspo_fast.retrieval.encoder import DEFAULT_ENCODER, Encoder, canonical_encoder_name
 from tspo_fast.retrieval.index import DenseIndex
 from tspo_fast.world import corpus_path, qa_path
-
-
-def world_index_dir(tmp_path_factory, kind: str):
-    """Build (once per session) an index of the bundled corpus; shared by the test files."""
-    root = tmp_path_factory.getbasetemp() / f"world_index_{kind}"
-    if not (root / "meta.json").is_file():
-        build_index(corpus_path(), kind, root, progress=False)
-    return root
+from _world import world_index_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -21,16 +21,9 @@ from tspo_fast.retrieval import (HTTPRetriever, InProcessRetriever, RetrieverErr
                                  format_docs)
 from tspo_fast.retrieval.server import BackgroundServer, ServerLimits, create_app
 from tspo_fast.world import corpus_path, qa_path
+from _world import world_index_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def world_index_dir(tmp_path_factory, kind: str):
-    """Build (once per session) an index of the bundled corpus; shared by the test files."""
-    root = tmp_path_factory.getbasetemp() / f"world_index_{kind}"
-    if not (root / "meta.json").is_file():
-        build_index(corpus_path(), kind, root, progress=False)
-    return root
 
 
 @pytest.fixture(scope="module")
