@@ -90,6 +90,15 @@ def test_resume_reaches_the_same_weights(env, tmp_path):
     _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml",
           *[x for s in SMALL + common + [f"output_dir={b}"] for x in ("--set", s)], "--resume", "--export", f"{b}/hf",
           "--no-plot"], env)
+    # `tspo-fast eval` on the exported policy and on the training checkpoints: same weights, same greedy EM
+    results = []
+    for ck in (f"{a}/hf", f"{b}/checkpoints"):
+        out = str(tmp_path / f"eval{len(results)}.json")
+        _run([sys.executable, "-m", "tspo_fast.cli", "eval", "--config", "configs/tiny.yaml", "--checkpoint", ck,
+              "--limit", "3", "--out", out, *[x for s in SMALL + common for x in ("--set", s)]], env)
+        results.append(json.load(open(out)))
+    assert results[0]["overall"]["n"] == 3 and set(results[0]["by_source"]) <= {"world_1hop", "world_2hop"}
+    assert results[0]["overall"] == results[1]["overall"]
     wa, wb = _weights(f"{a}/hf"), _weights(f"{b}/hf")
     init = _weights(os.path.join(env["TSPO_FAST_CACHE"], "tiny-qwen2-v1"))
     moved = max((wa[k] - init[k]).abs().max().item() for k in wa)

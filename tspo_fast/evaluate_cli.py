@@ -30,19 +30,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if ck is None or os.path.exists(os.path.join(ck, "config.json")):
         # a model folder: only the rollout engine is needed
         from .models import load_tokenizer, resolve_model_path
-        from .rollout.agent import RolloutConfig, SearchAgent
-        from .rollout.engines import make_engine
-        from .sources import build_retriever, load_split
+        from .rollout.agent import SearchAgent
+        from .sources import agent_config, build_engine, build_retriever, load_split
         path = resolve_model_path(ck or cfg.model.path)
         tok = load_tokenizer(path)
-        r = cfg.rollout
-        kwargs = {"max_model_len": cfg.data.max_prompt_tokens + r.max_response_tokens} if r.engine == "vllm" else {}
-        agent = SearchAgent(make_engine(r.engine, path, **kwargs), build_retriever(cfg.retrieval), tok,
-                            RolloutConfig(n=1, max_turns=r.max_turns, topk=cfg.retrieval.topk,
-                                          max_new_tokens_per_turn=r.max_new_tokens_per_turn,
-                                          max_obs_tokens=r.max_obs_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                          max_response_tokens=r.max_response_tokens, temperature=0.0,
-                                          retrieval_retries=cfg.retrieval.retries))
+        agent = SearchAgent(build_engine(cfg, path), build_retriever(cfg.retrieval), tok,
+                            agent_config(cfg, n=1, temperature=0.0))
         result = evaluate(agent, tok, load_split(cfg.data.test_files), chat_template=cfg.data.chat_template,
                           limit=args.limit or cfg.data.eval_limit or None, folr_source=cfg.reward.folr_source)
     else:

@@ -75,3 +75,29 @@ def build_retriever(cfg: RetrievalConfig):
     elif not os.path.isdir(index):
         raise FileNotFoundError(f"retrieval.index: no index folder at {index}")
     return InProcessRetriever.from_dir(index)
+
+
+def build_engine(cfg, model_path: str, *, rank: int = 0, world: int = 1):
+    """The rollout engine of ``cfg.rollout.engine`` for ``model_path`` (vLLM sized by the config)."""
+    from .rollout.engines import make_engine
+    r = cfg.rollout
+    kwargs = {}
+    if r.engine == "vllm":
+        kwargs = dict(max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens,
+                      tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+                      dtype=cfg.model.dtype, seed=cfg.seed * 1000 + rank)
+        if world > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+    return make_engine(r.engine, model_path, **kwargs)
+
+
+def agent_config(cfg, **overrides):
+    """The rollout agent's settings from a training config (``overrides`` win)."""
+    from .rollout.agent import RolloutConfig as AgentConfig
+    r = cfg.rollout
+    fields = dict(n=r.n, max_turns=r.max_turns, topk=cfg.retrieval.topk, max_new_tokens_per_turn=r.max_new_tokens_per_turn,
+                  max_obs_tokens=r.max_obs_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                  max_response_tokens=r.max_response_tokens, temperature=r.temperature, top_p=r.top_p, seed=cfg.seed,
+                  retrieval_retries=cfg.retrieval.retries, retrieval_timeout_s=cfg.retrieval.timeout_s)
+    fields.update(overrides)
+    return AgentConfig(**fields)

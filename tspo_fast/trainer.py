@@ -223,11 +223,9 @@ class Trainer:
     def __init__(self, cfg: Config, *, resume: bool = False, quiet: bool = False):
         import deepspeed
 
-        from .sources import build_retriever, load_split, prompt_items
+        from .sources import agent_config, build_engine, build_retriever, load_split, prompt_items
         from .models import load_policy
-        from .rollout.agent import RolloutConfig as AgentConfig
         from .rollout.agent import SearchAgent
-        from .rollout.engines import make_engine
 
         self.cfg = cfg
         self.quiet = quiet
@@ -265,22 +263,8 @@ class Trainer:
         if cfg.data.eval_limit:
             self.test_examples = self.test_examples[: cfg.data.eval_limit]
         self.retriever = build_retriever(cfg.retrieval)
-        r = cfg.rollout
-        engine_kwargs: Dict[str, Any] = {}
-        if r.engine == "vllm":
-            engine_kwargs = dict(max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens,
-                                 tensor_parallel_size=r.tensor_parallel_size,
-                                 gpu_memory_utilization=r.gpu_memory_utilization, dtype=cfg.model.dtype,
-                                 seed=cfg.seed * 1000 + self.rank)
-            if self.world > 1:
-                engine_kwargs["distributed_executor_backend"] = "external_launcher"
-        self.engine = make_engine(r.engine, self.model_path, **engine_kwargs)
-        self.agent_cfg = AgentConfig(n=r.n, max_turns=r.max_turns, topk=cfg.retrieval.topk,
-                                     max_new_tokens_per_turn=r.max_new_tokens_per_turn, max_obs_tokens=r.max_obs_tokens,
-                                     max_prompt_tokens=cfg.data.max_prompt_tokens,
-                                     max_response_tokens=r.max_response_tokens, temperature=r.temperature,
-                                     top_p=r.top_p, seed=cfg.seed, retrieval_retries=cfg.retrieval.retries,
-                                     retrieval_timeout_s=cfg.retrieval.timeout_s)
+        self.engine = build_engine(cfg, self.model_path, rank=self.rank, world=self.world)
+        self.agent_cfg = agent_config(cfg)
         self.agent = SearchAgent(self.engine, self.retriever, self.tokenizer, self.agent_cfg)
         self._prompt_items = prompt_items
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
