@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=["tspo_kernels"] + find_packages(include=["tspo_fast", "tspo_fast.*"]),
     package_dir={"tspo_kernels": "kernels"},
-    package_data={"tspo_fast": ["world/data/*.jsonl", "world/warmstart/*"]},
+    package_data={"tspo_fast": ["world/data/*.jsonl", "world/warm_policy/*"]},
     install_requires=KERNEL_REQUIRES + [
         "pyyaml",
         "tqdm",

@@ -31,6 +31,8 @@ def test_overrides_are_typed():
     assert cfg.advantage.mode == "grpo" and cfg.loss.dual_clip == 3.0 and cfg.rollout.n == 2
     assert cfg.loss.tis_cap is None and cfg.data.train_files == ["a.jsonl", "b.jsonl"]
     assert parse_override("a.b= 0.5") == ("a.b", 0.5)
+    # YAML 1.1 reads 1e-3 (no dot) as a string; a float field still takes it
+    assert load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["train.lr=1e-3"]).train.lr == 0.001
 
 
 @pytest.mark.parametrize("override,field", [

@@ -55,7 +55,9 @@ def test_tiny_run_hf_engine_end_to_end(env, tmp_path):
     out = str(tmp_path / "run")
     p = _train(env, out, "train.total_steps=2", "rollout.engine=hf")
     rows = _metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]   # step 0: the initial policy's evaluation
+    assert set(rows[0]) == {"step"} | {f"eval/{k}" for k in ("em", "turns", "searches", "answer_retrieved", "n")}
+    rows = rows[1:]
     for key in ("reward/mean", "reward/em", "reward/folr_hit", "rollout/turns", "rollout/searches", "advantage/std",
                 "loss/clip_frac", "loss/kl", "loss/entropy", "train/grad_norm", "train/tokens_per_s", "time/rollout",
                 "time/update", "time/sync"):
@@ -100,7 +102,8 @@ def test_resume_reaches_the_same_weights(env, tmp_path):
     assert results[0]["overall"]["n"] == 3 and set(results[0]["by_source"]) <= {"world_1hop", "world_2hop"}
     assert results[0]["overall"] == results[1]["overall"]
     wa, wb = _weights(f"{a}/hf"), _weights(f"{b}/hf")
-    init = _weights(os.path.join(env["TSPO_FAST_CACHE"], "tiny-qwen2-v1"))
+    from tspo_fast.world import WARM_POLICY_DIR   # configs/tiny.yaml starts from bundled:warmstart
+    init = _weights(WARM_POLICY_DIR)
     moved = max((wa[k] - init[k]).abs().max().item() for k in wa)
     assert moved > 1e-4
     for k in wa:

@@ -10,10 +10,12 @@ def test_warm_start_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("TSPO_FAST_CACHE", os.environ.get("TSPO_FAST_CACHE", str(tmp_path / "cache")))
     from tspo_fast.world.warmstart import WarmStartSpec, build_warm_start
     spec = WarmStartSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128,
-                         vocab_target=512, demos_per_question=2, epochs=2, max_questions=24, batch_size=8, lr=1e-2)
+                         vocab_target=512, demos_per_question=2, epochs=2, max_questions=24, batch_size=8, lr=1e-2,
+                         copy_examples=64, reading_examples=40)
     out = build_warm_start(str(tmp_path / "warm"), spec, progress=False)
     info = json.load(open(os.path.join(out, "warmstart.json")))
-    assert info["demonstrations"] == 48
+    assert info["demonstrations"] == 48 and info["copy_examples"] == 64
+    assert 0.0 <= info["copy_accuracy"] <= 1.0
     assert info["last_loss"] < info["first_loss"] - 1.0
     from transformers import AutoModelForCausalLM
     from tspo_fast.models import load_tokenizer
@@ -39,3 +41,35 @@ def test_demonstrations_use_the_support_passages():
         if len(turns) == 3 and ex.aliases[0] in turns[-1][0]:   # the good behaviour: both hops, gold answer
             assert [q for _, q in turns[:2]] == [passages[str(s)][0] for s in ex.extra["support"]]
     assert seen == {1, 2, 3}
+
+
+def test_passage_kinds_match_the_generator():
+    from collections import Counter
+    from tspo_fast.world import generate
+    from tspo_fast.world.warmstart import _passages, passage_kind
+    kinds = Counter(passage_kind(*p) for p in _passages().values())
+    assert kinds == {"person": generate.N_PEOPLE, "company": generate.N_COMPANIES, "city": generate.N_CITIES,
+                     "river": generate.N_RIVERS, "country": generate.N_COUNTRIES}
+
+
+def test_copy_examples_name_a_random_entity_of_the_right_kind():
+    from tspo_fast.data import load_examples
+    from tspo_fast.models import load_tokenizer, resolve_model_path
+    from tspo_fast.world import qa_path
+    from tspo_fast.world.warmstart import QTYPE_KIND, _passages, copy_examples, passage_kind
+    tok = load_tokenizer(resolve_model_path("bundled:warmstart"))
+    passages = _passages()
+    kind_of = {t: passage_kind(t, x) for t, x in passages.values()}
+    train = load_examples(qa_path("train"))
+    train_questions = {e.question for e in train}
+    rows = copy_examples(tok, train, passages, 200, seed=3)
+    novel = 0
+    for ids, mask in rows:
+        p = mask.index(True)
+        assert all(mask[p:]) and not any(mask[:p])
+        prompt, action = tok.decode(ids[:p]), tok.decode(ids[p:])
+        query = action.split("<search>")[1].split("</search>")[0].strip()
+        question = prompt.split("Question: ")[-1].split("\n")[0]
+        assert query in question and kind_of[query] in QTYPE_KIND.values()
+        novel += question not in train_questions
+    assert novel > 150   # mostly questions the training set never asks: copying is the only way

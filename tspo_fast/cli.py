@@ -17,7 +17,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             ("agreement", "tspo_fast.agreement", "measure K1 (token ids) vs the string rule of FOLR"),
             ("train", "tspo_fast.train", "train a policy (TSPO or GRPO) from a YAML config"),
             ("eval", "tspo_fast.evaluate_cli", "greedy evaluation: EM per data source, turns, searches"),
-            ("plot", "tspo_fast.plot", "draw reward/EM curves of runs to a PNG")):
+            ("plot", "tspo_fast.plot", "draw reward/EM curves of runs to a PNG"),
+            ("compare", "tspo_fast.compare", "train configs over several seeds; table and PNG of test EM")):
         p = sub.add_parser(name, help=text, add_help=False)
         p.set_defaults(func=None, module=module)
     try:

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = "bundled:tiny"          # hub name, local folder, or "bundled:tiny" (built on first use)
+    path: str = "bundled:warmstart"     # hub name, local folder, "bundled:warmstart" or "bundled:tiny"
     dtype: str = "float32"              # float32 | bfloat16 | float16
     gradient_checkpointing: bool = False
 
@@ -103,6 +103,7 @@ class TrainConfig:
     bf16: bool = False
     checkpoint_every: int = 50
     eval_every: int = 50
+    eval_at_start: bool = True         # evaluate the initial policy (logged as step 0)
     keep_checkpoints: int = 2
 
 
@@ -153,6 +154,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -1,10 +1,19 @@
-"""Where models come from: a hub name, a local folder, or ``bundled:tiny`` (built on first use)."""
+"""Where models come from: a hub name, a local folder, or a bundled policy.
+
+* ``bundled:warmstart``: the embedded world's warm-start policy (a 1.3M-parameter Qwen2 that
+  follows the protocol and searches well but often answers two-hop questions wrongly), shipped
+  in ``tspo_fast/world/warm_policy``; rebuilt into the cache (``tspo_fast.world.warmstart``,
+  minutes) if the shipped copy is missing.
+* ``bundled:tiny``: a random tiny Qwen2 with a tokenizer trained on the world (tests, benchmarks).
+"""
 from __future__ import annotations
 
 import os
 from typing import Tuple
 
 BUNDLED_TINY = "bundled:tiny"
+BUNDLED_WARMSTART = "bundled:warmstart"
+BUNDLED = (BUNDLED_WARMSTART, BUNDLED_TINY)
 
 
 def cache_dir() -> str:
@@ -26,10 +35,12 @@ def world_texts(limit: int = 4000):
 
 
 def resolve_model_path(path: str) -> str:
-    """A folder or hub id for ``path``; ``bundled:tiny`` builds the tiny policy once (cached)."""
+    """A folder or hub id for ``path``; bundled policies resolve to their folder (built once if needed)."""
+    if path == BUNDLED_WARMSTART:
+        return warm_start_path()
     if path != BUNDLED_TINY:
         if path.startswith("bundled:"):
-            raise ValueError(f"model.path: unknown bundled model {path!r}; the bundled one is {BUNDLED_TINY!r}")
+            raise ValueError(f"model.path: unknown bundled model {path!r}; the bundled ones are {', '.join(BUNDLED)}")
         return path
     folder = os.path.join(cache_dir(), "tiny-qwen2-v1")
     if not os.path.exists(os.path.join(folder, "config.json")):
@@ -70,3 +81,18 @@ def load_policy(path: str, dtype: str = "float32") -> Tuple[str, object, object]
     """(resolved folder, tokenizer, causal LM)."""
     folder = resolve_model_path(path)
     return folder, load_tokenizer(folder), load_causal_lm(folder, dtype)
+
+
+def warm_start_path() -> str:
+    """The shipped warm-start policy, or (if it is missing) one built into the cache once."""
+    from .world import WARM_POLICY_DIR
+    if os.path.exists(os.path.join(WARM_POLICY_DIR, "config.json")):
+        return WARM_POLICY_DIR
+    folder = os.path.join(cache_dir(), "warmstart-v1")
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        import sys
+        from .world.warmstart import build_warm_start
+        print(f"building the warm-start policy into {folder} (about 15 minutes on 2 CPU cores)", file=sys.stderr)
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        build_warm_start(folder, progress=True)
+    return folder

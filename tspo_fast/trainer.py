@@ -377,6 +377,10 @@ class Trainer:
         cfg = self.cfg
         end = cfg.train.total_steps if max_steps is None else min(cfg.train.total_steps, self.step + max_steps)
         last: Dict[str, float] = {}
+        if (self.step == 0 and cfg.train.eval_at_start and cfg.train.eval_every and self.test_examples
+                and end > 0):
+            ev = self.evaluate()
+            self.logger.log(0, {f"eval/{k}": v for k, v in ev["overall"].items()})
         bar = tqdm(total=end, initial=self.step, desc="train", disable=self.quiet or self.rank != 0, dynamic_ncols=True)
         while self.step < end and not self._stop:
             last = self.train_step()

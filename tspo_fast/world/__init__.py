@@ -7,14 +7,18 @@ a fresh run gives byte-identical files, which a test checks):
 * ``train.jsonl`` / ``test.jsonl``: questions in the Search-R1 layout, ``data_source``
   ``world_1hop`` (one search needed) or ``world_2hop`` (two searches needed);
   ``extra_info.support`` lists the ids of the passages that hold the evidence, hop by hop.
+
+``warm_policy/`` holds the warm-start policy built from this world by
+``python -m tspo_fast.world.warmstart --out tspo_fast/world/warm_policy`` (config ``bundled:warmstart``).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
+WARM_POLICY_DIR = str(Path(__file__).resolve().parent / "warm_policy")
 
-__all__ = ["DATA_DIR", "corpus_path", "qa_path"]
+__all__ = ["DATA_DIR", "WARM_POLICY_DIR", "corpus_path", "qa_path"]
 
 
 def corpus_path() -> Path:

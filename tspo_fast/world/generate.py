@@ -393,6 +393,34 @@ def build_questions(world: dict[str, list[Entity]], rng: random.Random) -> dict[
     return result
 
 
+def practice_questions(seed: int = SEED) -> list[QAExample]:
+    """Every (type, entity) question of the world that the test split does not ask.
+
+    For the warm-start demonstrations (``tspo_fast.world.warmstart``): many more distinct
+    questions than the training split, so a small model learns to read answers out of the
+    retrieved passages rather than memorising them.  Rebuilds the world exactly as ``generate``
+    does (same passage ids); the question wording is drawn from a separate seeded generator.
+    """
+    rng = random.Random(seed + 1)
+    world = build_world(seed)
+    build_passages(world, rng)
+    test = build_questions(world, rng)["test"]
+    asked = {(ex.extra["qtype"], ex.extra["support"][0]) for ex in test}
+    pick = random.Random(seed + 2)
+    out = []
+    for source, pool in (("world_1hop", _one_hop(world)), ("world_2hop", _two_hop(world))):
+        for qtype, cands in pool.items():
+            for templates, name, answers, support in cands:
+                if (qtype, support[0]) in asked:
+                    continue
+                i = len(out)
+                out.append(QAExample(uid=f"{source}/practice_{i}", question=pick.choice(templates).format(name),
+                                     aliases=tuple(answers), data_source=source, index=i, split="practice",
+                                     id=f"practice_{i}", extra={"hops": 1 if source == "world_1hop" else 2,
+                                                                "qtype": qtype, "support": list(support)}))
+    return out
+
+
 def _write_jsonl(rows: list[dict], path: Path) -> None:
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for row in rows:

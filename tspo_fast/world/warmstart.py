@@ -1,24 +1,32 @@
 """The embedded world's warm-start policy: a tiny Qwen2 supervised on protocol demonstrations.
 
-``python -m tspo_fast.world.warmstart --out DIR`` (deterministic for a given seed):
+``python -m tspo_fast.world.warmstart --out DIR`` (13.5 minutes on 2 CPU cores) writes what
+``bundled:warmstart`` ships in ``tspo_fast/world/warm_policy``.  Every random choice (tokenizer
+corpus order, initialisation, examples, batch order) comes from ``--seed``; two builds on one
+machine and torch version should agree bit for bit (not checked for the shipped weights).
 
-1. trains a byte-level BPE tokenizer on the world's passages and prompts;
-2. builds a small Qwen2-architecture model (head size 32, so vLLM's CPU backend runs it);
-3. writes demonstrations of the protocol (think, search, read, answer) for the training
-   questions, as token ids laid out exactly as a rollout lays them out (prompt, then per turn
-   the action ids and the observation ids the real retriever returns), and
-4. fine-tunes the model on the action tokens only (observations are masked, as in RL).
-
-Status: after 3 epochs over 3,000 demonstrations (about 20 minutes on 2 CPU cores) the 0.8M
-model writes the protocol's format but does not copy entity names from the question into its
-queries (it emits plausible names it memorised): test EM 0.01, answer retrieved 6% (100 test
-questions).  It is not yet the warm start the embedded default needs.
+1. a byte-level BPE tokenizer trained on the world's passages and prompts, with a vocabulary
+   (4096) large enough that every entity name is a single token;
+2. a small Qwen2-architecture model (1.3M parameters, 4 layers, head size 32 so that vLLM's
+   CPU backend runs it);
+3. supervised fine-tuning on the action tokens (observations masked, as in RL) of, in order:
+   * *copy examples*: a prompt whose question names a random entity of the right kind, and the
+     first search for that entity.  Trained on real questions alone the model memorises a few
+     names and never copies; these teach it to copy (held-out accuracy in ``warmstart.json``);
+   * *reading examples*: one- and two-hop episodes whose last retrieved passage states a
+     different answer of the right type, demonstrated as the answer: no memorised fact
+     predicts it, reading does;
+   * *demonstrations* of the protocol (think, search, read, answer) for every question of the
+     world that the test split does not ask (``generate.practice_questions``), laid out exactly
+     as rollouts lay them out (prompt, then per turn the action ids and the observation ids the
+     real BM25 retriever returns), with the rest of the copy and reading examples mixed in.
 
 The demonstrations are deliberately imperfect: some search the wrong entity, some read the
-right passage but answer with a wrong value, some answer without searching.  The result uses
-the format but often searches badly or answers wrongly: RL has something to fix, and on
-two-hop questions whole groups of rollouts fail while some of them did retrieve the answer
-(the case FOLR is for).
+right passage but answer with a wrong value of the right type, some answer without searching.
+Measured on the first 100 test questions (greedy, ``tspo-fast eval``): EM 0.44 (one-hop 0.63,
+two-hop 0.25), answer retrieved 0.91 (one-hop 1.00, two-hop 0.82).  Two-hop questions fail
+mostly after retrieving the answer (a wrong second search or a wrong read): with sampling,
+whole groups of rollouts fail although some of them retrieved the answer, the case FOLR is for.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-BEHAVIOURS = (("good", 0.40), ("wrong_answer", 0.25), ("wrong_query", 0.20), ("no_search", 0.15))
+BEHAVIOURS = (("good", 0.45), ("wrong_answer", 0.20), ("wrong_query", 0.20), ("no_search", 0.15))
 
 
 @dataclass(frozen=True)
@@ -43,9 +51,15 @@ class WarmStartSpec:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    vocab_target: int = 2048
-    demos_per_question: int = 3
-    epochs: int = 3
+    vocab_target: int = 4096         # large enough that every entity name is one BPE token
+    copy_examples: int = 16000       # first turns naming a random entity of the question's kind
+    copy_batch_size: int = 32
+    copy_first_batches: int = 300    # copy batches alone before the demonstrations join in
+    reading_examples: int = 8000     # episodes whose last passage states another answer
+    reading_batch_size: int = 16
+    reading_first_batches: int = 300  # reading batches alone, after the first copy batches
+    demos_per_question: int = 2
+    epochs: int = 1
     batch_size: int = 16
     lr: float = 3e-3
     max_obs_tokens: int = 200
@@ -63,6 +77,95 @@ def _passages() -> Dict[str, Tuple[str, str]]:
                 title, _, text = row["contents"].partition("\n")
                 out[str(row["id"])] = (title.strip().strip('"'), text)
     return out
+
+
+#: the kind of entity each question type names (it is the title of the question's first support passage)
+QTYPE_KIND = {"birthyear": "person", "birthplace": "person", "birthplace_country": "person",
+              "birthplace_river": "person", "founder": "company", "hq": "company", "company_year": "company",
+              "founder_birthyear": "company", "founder_birthplace": "company", "hq_country": "company",
+              "city_river": "city", "city_country": "city", "capital": "country", "capital_founded": "country",
+              "capital_river": "country"}
+
+
+def passage_kind(title: str, text: str) -> str:
+    """person / company / city / country / river, read off a bundled passage's wording."""
+    if title.endswith(" River"):
+        return "river"
+    if "born" not in text:
+        for kind, cue in (("country", "country whose capital"), ("company", " company"), ("city", " city")):
+            if cue in text:
+                return kind
+    return "person"
+
+
+def copy_examples(tokenizer, examples, passages, count: int, seed: int):
+    """Prompt + first search action, with the question's entity swapped for a random one.
+
+    The question names a random entity of the right kind, so the only way to predict the query
+    is to copy it from the question: this is what teaches the small model to copy names (trained
+    on the real questions alone, it memorises a few names instead).
+    """
+    from ..data import build_prompt
+    rng = random.Random(seed)
+    pools: Dict[str, List[str]] = {}
+    for title, text in passages.values():
+        pools.setdefault(passage_kind(title, text), []).append(title)
+    slots = []
+    for ex in examples:
+        support = [str(x) for x in ex.extra.get("support", [])]
+        kind = QTYPE_KIND.get(ex.extra.get("qtype", ""))
+        if support and kind and support[0] in passages and passages[support[0]][0] in ex.question:
+            slots.append((ex.question.replace(passages[support[0]][0], "{}"), kind))
+    rows = []
+    for _ in range(count):
+        template, kind = rng.choice(slots)
+        name = rng.choice(pools[kind])
+        ids = tokenizer(build_prompt(template.format(name), tokenizer), add_special_tokens=False)["input_ids"]
+        act = tokenizer(_action(name), add_special_tokens=False)["input_ids"]
+        rows.append((ids + act, [False] * len(ids) + [True] * len(act)))
+    return rows
+
+
+def reading_examples(tokenizer, retriever, examples, passages, count: int, seed: int, spec: "WarmStartSpec"):
+    """Episodes (one search per hop) whose last support passage states a *different* answer.
+
+    Each hop's passage is retrieved as usual, but in the last one the answer (say a birth year)
+    is replaced by another value of the same question type, and the demonstrated answer is that
+    value: no memorised fact predicts it, only reading the passage does.  Loss on every action.
+    """
+    from ..data import build_prompt
+    from ..rollout.agent import search_observation
+    rng = random.Random(seed)
+    usable = []
+    for ex in examples:
+        support = [str(x) for x in ex.extra.get("support", [])]
+        if support and all(x in passages for x in support) and f" {ex.aliases[0]}" in passages[support[-1]][1]:
+            usable.append((ex, support))
+    values: Dict[str, List[str]] = {}
+    for ex, _ in usable:
+        values.setdefault(ex.extra["qtype"], [])
+        if ex.aliases[0] not in values[ex.extra["qtype"]]:
+            values[ex.extra["qtype"]].append(ex.aliases[0])
+    hits: Dict[str, list] = {}
+    rows = []
+    for _ in range(count):
+        ex, support = rng.choice(usable)
+        gold, last = ex.aliases[0], support[-1]
+        value = rng.choice([v for v in values[ex.extra["qtype"]] if v != gold] or [gold])
+        ids = tokenizer(build_prompt(ex.question, tokenizer), add_special_tokens=False)["input_ids"]
+        mask = [False] * len(ids)
+        for pid in support:
+            title = passages[pid][0]
+            if title not in hits:
+                hits[title] = retriever.retrieve([title], spec.topk)[0]
+            docs = [dict(h, document=dict(h["document"], contents=h["document"]["contents"].replace(f" {gold}", f" {value}")))
+                    if str(h["document"]["id"]) == last else h for h in hits[title]]
+            a = tokenizer(_action(title), add_special_tokens=False)["input_ids"]
+            o = tokenizer(search_observation(docs), add_special_tokens=False)["input_ids"][: spec.max_obs_tokens]
+            ids, mask = ids + a + o, mask + [True] * len(a) + [False] * len(o)
+        b = tokenizer(_answer(value), add_special_tokens=False)["input_ids"]
+        rows.append((ids + b, mask + [True] * len(b)))
+    return rows
 
 
 def _action(query: str) -> str:
@@ -117,51 +220,104 @@ def build_examples(tokenizer, retriever, examples, spec: WarmStartSpec):
     return rows
 
 
-def sft(model, rows, spec: WarmStartSpec, pad_id: int, progress: bool = True) -> List[float]:
-    """Next-token cross-entropy on action tokens; AdamW with cosine decay; returns losses."""
+def _batches(rows, batch_size: int) -> List[List[int]]:
+    """Index batches of similar length (little padding)."""
+    by_len = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    return [by_len[b:b + batch_size] for b in range(0, len(by_len), batch_size)]
+
+
+def sft(model, parts, spec: WarmStartSpec, pad_id: int, progress: bool = True) -> Dict[str, List[float]]:
+    """Next-token cross-entropy on action tokens.
+
+    ``parts``: ``(kind, rows, batch_size, first_batches)`` in order.  First, each part's
+    ``first_batches`` batches alone, one part after the other, at the full learning rate: the
+    copy examples teach the model to copy names, then the reading examples to read answers out
+    of passages (mixed in from the start, the demonstrations teach it to memorise instead).
+    Then ``spec.epochs`` epochs in which every part's remaining rows (demonstrations: all of
+    them each epoch; the others: a fresh share per epoch) come in shuffled batches of similar
+    length, at a cosine-decaying rate from half the peak.  Returns the losses of each kind.
+    """
     from tqdm import tqdm
     torch.manual_seed(spec.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    steps = spec.epochs * math.ceil(len(rows) / spec.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    model.train()
-    losses = []
-    bar = tqdm(total=steps, desc="warm-start SFT", disable=not progress)
-    order = list(range(len(rows)))
+    rows: List[Tuple[List[int], List[bool]]] = []
+    plan: List[Tuple[str, List[int]]] = []
+    later = []
+    for kind, part, bs, first in parts:
+        base = len(rows)
+        rows += list(part)
+        n = min(len(part), first * bs)
+        plan += [(kind, list(range(base + b, base + min(n, b + bs)))) for b in range(0, n, bs)]
+        later.append((kind, list(range(base + n, base + len(part))), bs, first == 0))
+    n_first = len(plan)
     for epoch in range(spec.epochs):
-        random.Random(spec.seed + epoch).shuffle(order)
-        for b in range(0, len(order), spec.batch_size):
-            batch = [rows[i] for i in order[b:b + spec.batch_size]]
-            L = max(len(ids) for ids, _ in batch)
-            ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-            att = torch.zeros(len(batch), L, dtype=torch.long)
-            lab = torch.full((len(batch), L), -100, dtype=torch.long)
-            for i, (x, m) in enumerate(batch):
-                ids[i, :len(x)] = torch.tensor(x)
-                att[i, :len(x)] = 1
-                lab[i, :len(x)] = torch.where(torch.tensor(m), torch.tensor(x), torch.tensor(-100))
-            loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(float(loss))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        epoch_batches = []
+        for kind, idx, bs, every_epoch in later:
+            share = idx if every_epoch else idx[epoch::spec.epochs]
+            epoch_batches += [(kind, [share[i] for i in b]) for b in _batches([rows[i] for i in share], bs)]
+        random.Random(spec.seed + epoch).shuffle(epoch_batches)
+        plan += epoch_batches
+    steps, warm = len(plan), 30
+
+    def lr_factor(s: int) -> float:   # warm-up, full rate while copying is learnt, then cosine from half
+        if s < n_first:
+            return min(1.0, (s + 1) / warm)
+        t = (s - n_first) / max(1, steps - n_first)
+        return 0.5 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    model.train()
+    losses: Dict[str, List[float]] = {kind: [] for kind, *_ in parts}
+    bar = tqdm(total=steps, desc="warm-start SFT", disable=not progress)
+    for kind, idx in plan:
+        batch = [rows[i] for i in idx]
+        L = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
+        att = torch.zeros(len(batch), L, dtype=torch.long)
+        lab = torch.full((len(batch), L), -100, dtype=torch.long)
+        for i, (x, m) in enumerate(batch):
+            ids[i, :len(x)] = torch.tensor(x)
+            att[i, :len(x)] = 1
+            lab[i, :len(x)] = torch.where(torch.tensor(m), torch.tensor(x), torch.tensor(-100))
+        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses[kind].append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix({kind: f"{losses[kind][-1]:.3f}"})
     bar.close()
     return losses
 
 
+def copy_accuracy(model, tokenizer, rows, limit: int = 50) -> float:
+    """Share of copy examples whose greedy query (after the action's first words) is the name."""
+    model.eval()
+    head = tokenizer("<think> I need to search", add_special_tokens=False)["input_ids"]
+    ok = 0
+    with torch.no_grad():
+        for ids, mask in rows[:limit]:
+            p = mask.index(True)
+            target = ids[p + len(head):]
+            x = torch.tensor([ids[:p] + head])
+            out = model.generate(x, max_new_tokens=len(target), do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            ok += out[0, x.shape[1]:].tolist() == target
+    model.train()
+    return ok / max(1, min(limit, len(rows)))
+
+
+def _tail_mean(xs: Sequence[float], k: int = 20) -> float:
+    return sum(xs[-k:]) / max(1, min(k, len(xs)))
+
+
 def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progress: bool = True) -> str:
     """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32)."""
-    from ..data import load_examples
     from ..models import world_texts
     from ..sources import bundled_index
     from ..tiny_model import TinyModelSpec, build_tiny_model, load_tokenizer
     from ..retrieval import InProcessRetriever
     from transformers import AutoModelForCausalLM
-    from . import qa_path
 
     torch.manual_seed(spec.seed)
     tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
@@ -172,15 +328,27 @@ def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progre
     tok = load_tokenizer(tmp)
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     retriever = InProcessRetriever.from_dir(bundled_index("bm25"))
-    examples = load_examples(qa_path("train"))
+    # every question of the world the test split does not ask (the training split included)
+    from .generate import practice_questions
+    examples = practice_questions()
     if spec.max_questions:
         examples = examples[: spec.max_questions]
+    passages = _passages()
+    copies = copy_examples(tok, examples, passages, spec.copy_examples, spec.seed) if spec.copy_examples else []
+    held_out = copy_examples(tok, examples, passages, 50, spec.seed + 1) if spec.copy_examples else []
+    reading = reading_examples(tok, retriever, examples, passages, spec.reading_examples, spec.seed, spec)
     rows = build_examples(tok, retriever, examples, spec)
-    losses = sft(model, rows, spec, tok.pad_token_id, progress)
+    losses = sft(model, [("copy", copies, spec.copy_batch_size, spec.copy_first_batches),
+                         ("read", reading, spec.reading_batch_size, spec.reading_first_batches),
+                         ("demo", rows, spec.batch_size, 0)], spec, tok.pad_token_id, progress)
+    info = {"spec": spec.__dict__, "demonstrations": len(rows), "copy_examples": len(copies),
+            "reading_examples": len(reading), "first_loss": losses["demo"][0], "last_loss": _tail_mean(losses["demo"]),
+            "copy_last_loss": _tail_mean(losses["copy"]) if copies else None,
+            "read_last_loss": _tail_mean(losses["read"]) if reading else None,
+            "copy_accuracy": copy_accuracy(model, tok, held_out) if held_out else None}
     model.save_pretrained(tmp)
     with open(os.path.join(tmp, "warmstart.json"), "w") as f:
-        json.dump({"spec": spec.__dict__, "demonstrations": len(rows), "first_loss": losses[0],
-                   "last_loss": sum(losses[-20:]) / min(20, len(losses))}, f, indent=1)
+        json.dump(info, f, indent=1)
     import shutil
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)

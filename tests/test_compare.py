@@ -1,0 +1,82 @@
+"""``tspo-fast compare``: table, figure and reuse of finished runs (the runs themselves are the
+ordinary trainer, exercised by test_trainer.py and test_learning.py)."""
+import json
+import os
+import random
+import shutil
+import subprocess
+
+import pytest
+
+from tspo_fast import compare
+
+
+def _write_run(run_dir, total, em0, em1, rng):
+    os.makedirs(run_dir, exist_ok=True)
+    rows = [{"step": 0, "eval/em": em0, "eval/answer_retrieved": 0.2}]
+    for step in range(1, total + 1):
+        row = {"step": step, "reward/mean": rng.random(), "reward/em": rng.random() / 2,
+               "reward/all_fail_groups": rng.random(), "reward/folr_hit": rng.random()}
+        if step == total:
+            row.update({"eval/em": em1, "eval/answer_retrieved": 0.4})
+        rows.append(row)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
+
+
+def _config(tmp_path, name, steps):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"train:\n  total_steps: {steps}\n")
+    return str(path)
+
+
+def test_compare_reuses_finished_runs_and_summarises(tmp_path, monkeypatch):
+    rng = random.Random(0)
+    out = tmp_path / "cmp"
+    a, b = _config(tmp_path, "a", 6), _config(tmp_path, "b", 6)
+    ems = {("a", 1): (0.1, 0.3), ("a", 2): (0.2, 0.25), ("b", 1): (0.1, 0.15), ("b", 2): (0.2, 0.2)}
+    logs = {k: _write_run(str(out / k[0] / f"seed{k[1]}"), 6, *v, rng) for k, v in ems.items()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(subprocess, "run", no_training)
+    table = compare.compare([a, b], [1, 2], str(out))
+
+    sa = table["a"]["summary"]
+    assert sa["em_before"]["mean"] == pytest.approx(0.15)
+    assert sa["em_after"]["mean"] == pytest.approx(0.275)
+    assert sa["em_gain"]["mean"] == pytest.approx((0.2 + 0.05) / 2)
+    assert sa["em_after"]["std"] == pytest.approx(0.035355339, rel=1e-6)
+    last5 = [r["reward/mean"] for r in logs[("b", 2)] if "reward/mean" in r][-5:]
+    assert table["b"]["per_seed"][1]["reward_last"] == pytest.approx(sum(last5) / 5)
+    md = (out / "compare.md").read_text()
+    assert "| a | 0.150 ± 0.071 | 0.275 ± 0.035 |" in md
+    assert "seed 2: 0.200 → 0.200" in md
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert json.loads((out / "compare.json").read_text())["seeds"] == [1, 2]
+
+
+def test_unfinished_run_is_started_again(tmp_path, monkeypatch):
+    rng = random.Random(1)
+    out = tmp_path / "cmp"
+    a = _config(tmp_path, "a", 6)
+    _write_run(str(out / "a" / "seed1"), 4, 0.1, 0.2, rng)   # stopped at step 4 of 6
+    calls = []
+
+    def fake_train(cmd, check):
+        calls.append(cmd)
+        assert not (out / "a" / "seed1").exists(), "the stale run folder must be cleared first"
+        _write_run(str(out / "a" / "seed1"), 6, 0.1, 0.2, rng)
+    monkeypatch.setattr(subprocess, "run", fake_train)
+    compare.compare([a], [1], str(out), ["train.lr=0.5"])
+    assert len(calls) == 1
+    assert calls[0][-2:] == ["--set", "train.lr=0.5"] and f"output_dir={out / 'a' / 'seed1'}" in calls[0]
+
+
+def test_same_config_names_are_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    a = _config(tmp_path, "a", 2)
+    shutil.copy(a, tmp_path / "x" / "a.yaml")
+    with pytest.raises(ValueError, match="names must differ"):
+        compare.compare([a, str(tmp_path / "x" / "a.yaml")], [1], str(tmp_path / "out"))
