@@ -132,15 +132,8 @@ def plot(out: str, configs: Sequence[str], seeds: Sequence[int], png: str, smoot
                     label=f"{name} ({len(seeds)} seeds)")
             if key == "eval/em":
                 ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.2)
-            ax.set_title(title)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    from .plot import save_panels
+    return save_panels(fig, axes, [title for _, title in panels], png)
 
 
 def compare(configs: Sequence[str], seeds: Sequence[int], out: str, overrides: Sequence[str] = ()) -> Dict[str, dict]:

@@ -27,9 +27,16 @@ def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Optional[Sequence[s
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=label)
-            ax.set_title(title)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
+    return save_panels(fig, axes, [title for _, title in PANELS], out_png)
+
+
+def save_panels(fig, axes, titles: Sequence[str], out_png: str) -> str:
+    """Title, label and grid the per-step panels, put the legend on the first, write the PNG."""
+    import matplotlib.pyplot as plt
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)

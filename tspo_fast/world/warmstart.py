@@ -193,12 +193,12 @@ def demonstration(ex, passages, others: Sequence[str], rng: random.Random) -> Li
     return turns + [(_answer(gold if behaviour == "good" else wrong), None)]
 
 
-def build_examples(tokenizer, retriever, examples, spec: WarmStartSpec):
+def build_examples(tokenizer, retriever, examples, spec: WarmStartSpec, passages=None):
     """Token ids + action mask of every demonstration, laid out as rollouts lay them out."""
     from ..data import build_prompt
     from ..rollout.agent import search_observation
     rng = random.Random(spec.seed)
-    passages = _passages()
+    passages = passages or _passages()
     by_type: Dict[str, List[str]] = {}
     for ex in examples:
         by_type.setdefault(ex.extra.get("qtype", ex.data_source), []).append(ex.aliases[0])
@@ -337,7 +337,7 @@ def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progre
     copies = copy_examples(tok, examples, passages, spec.copy_examples, spec.seed) if spec.copy_examples else []
     held_out = copy_examples(tok, examples, passages, 50, spec.seed + 1) if spec.copy_examples else []
     reading = reading_examples(tok, retriever, examples, passages, spec.reading_examples, spec.seed, spec)
-    rows = build_examples(tok, retriever, examples, spec)
+    rows = build_examples(tok, retriever, examples, spec, passages)
     losses = sft(model, [("copy", copies, spec.copy_batch_size, spec.copy_first_batches),
                          ("read", reading, spec.reading_batch_size, spec.reading_first_batches),
                          ("demo", rows, spec.batch_size, 0)], spec, tok.pad_token_id, progress)
