@@ -16,7 +16,10 @@ def _write_run(run_dir, total, em0, em1, rng):
     rows = [{"step": 0, "eval/em": em0, "eval/answer_retrieved": 0.2}]
     for step in range(1, total + 1):
         row = {"step": step, "reward/mean": rng.random(), "reward/em": rng.random() / 2,
-               "reward/all_fail_groups": rng.random(), "reward/folr_hit": rng.random()}
+               "reward/all_fail_groups": rng.random(), "reward/folr_hit": rng.random(),
+               "rollout/searches": 2 * rng.random()}
+        if step == total // 2:
+            row.update({"eval/em": (em0 + em1) / 2, "eval/answer_retrieved": 0.3})
         if step == total:
             row.update({"eval/em": em1, "eval/answer_retrieved": 0.4})
         rows.append(row)
@@ -48,11 +51,14 @@ def test_compare_reuses_finished_runs_and_summarises(tmp_path, monkeypatch):
     assert sa["em_after"]["mean"] == pytest.approx(0.275)
     assert sa["em_gain"]["mean"] == pytest.approx((0.2 + 0.05) / 2)
     assert sa["em_after"]["std"] == pytest.approx(0.035355339, rel=1e-6)
+    assert table["a"]["per_seed"][0]["em_during"] == pytest.approx((0.2 + 0.3) / 2)
+    assert sa["em_during"]["mean"] == pytest.approx(((0.2 + 0.3) / 2 + (0.225 + 0.25) / 2) / 2)
     last5 = [r["reward/mean"] for r in logs[("b", 2)] if "reward/mean" in r][-5:]
     assert table["b"]["per_seed"][1]["reward_last"] == pytest.approx(sum(last5) / 5)
     md = (out / "compare.md").read_text()
     assert "| a | 0.150 ± 0.071 | 0.275 ± 0.035 |" in md
-    assert "seed 2: 0.200 → 0.200" in md
+    assert "- b, seed 2: 0: 0.200 → 3: 0.200 → 6: 0.200" in md
+    assert "- a, seed 1: 0: 0.100 → 3: 0.200 → 6: 0.300" in md
     assert (out / "compare.png").stat().st_size > 10_000
     assert json.loads((out / "compare.json").read_text())["seeds"] == [1, 2]
 

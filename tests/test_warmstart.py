@@ -15,6 +15,9 @@ def test_warm_start_smoke(tmp_path, monkeypatch):
     out = build_warm_start(str(tmp_path / "warm"), spec, progress=False)
     info = json.load(open(os.path.join(out, "warmstart.json")))
     assert info["demonstrations"] == 48 and info["copy_examples"] == 64
+    assert info["habit_demonstrations"] == 24           # the last stage: one demonstration per question
+    for key in ("search_first_prob_before_habit", "search_first_prob"):
+        assert 0.0 < info[key] < 1.0
     assert 0.0 <= info["copy_accuracy"] <= 1.0
     assert info["last_loss"] < info["first_loss"] - 1.0
     from transformers import AutoModelForCausalLM
@@ -41,6 +44,27 @@ def test_demonstrations_use_the_support_passages():
         if len(turns) == 3 and ex.aliases[0] in turns[-1][0]:   # the good behaviour: both hops, gold answer
             assert [q for _, q in turns[:2]] == [passages[str(s)][0] for s in ex.extra["support"]]
     assert seen == {1, 2, 3}
+
+
+def test_habit_behaviours_answer_from_memory_at_the_given_share():
+    import random
+    from tspo_fast.data import load_examples
+    from tspo_fast.world import qa_path
+    from tspo_fast.world.warmstart import BEHAVIOURS, _passages, demonstration, habit_behaviours
+    for share in (0.0, 0.3, 0.55, 1.0):
+        mix = dict(habit_behaviours(share))
+        assert abs(sum(mix.values()) - 1.0) < 1e-9 and mix["no_search"] == share
+        others = {b: w for b, w in BEHAVIOURS if b != "no_search"}
+        if share < 1.0:   # the searching behaviours keep their proportions
+            ratios = {b: mix[b] / w for b, w in others.items()}
+            assert max(ratios.values()) - min(ratios.values()) < 1e-9
+    passages = _passages()
+    ex = next(e for e in load_examples(qa_path("train")) if e.extra.get("hops") == 2)
+    rng = random.Random(1)
+    turns = [demonstration(ex, passages, ["x", "y"], rng, habit_behaviours(0.55)) for _ in range(2000)]
+    memory = sum(len(t) == 1 and t[0][1] is None for t in turns) / len(turns)
+    assert abs(memory - 0.55) < 0.04
+    assert all(len(demonstration(ex, passages, ["x"], rng, habit_behaviours(1.0))) == 1 for _ in range(20))
 
 
 def test_passage_kinds_match_the_generator():

@@ -4,10 +4,12 @@ Every (config, seed) pair is an ordinary ``tspo-fast train`` run in its own proc
 to ``<out>/<config name>/seed<S>``; a finished run (its metrics log reaches the last step) is
 reused, so an interrupted comparison picks up where it stopped.  At the end the command writes
 
-* ``<out>/compare.png``: test EM (mean over seeds, min-max band) and the training reward
-  (mean over seeds, smoothed) against the step, one colour per config;
+* ``<out>/compare.png``: test EM (mean over seeds, min-max band) and, from the training
+  rollouts, the reward, searches per rollout, the share of all-fail groups and the FOLR hit rate
+  (means over seeds, smoothed) against the step, one colour per config;
 * ``<out>/compare.md`` and ``compare.json``: a table of test EM before and after training
-  (mean +- sample std over seeds, and per seed), train reward, the share of all-fail groups
+  and averaged over the evaluations after step 0 (how fast it learnt; mean +- sample std over
+  seeds, and each seed's EM at every evaluation), train reward, the share of all-fail groups
   and the FOLR hit rate over the last steps, and the wall time of each run.
 
 Runs are sequential (each one uses every core it is given).
@@ -78,13 +80,16 @@ def summarize(out: str, configs: Sequence[str], seeds: Sequence[int], last_k: in
             per_seed.append({
                 "seed": seed,
                 "em_before": evals[0]["eval/em"], "em_after": evals[-1]["eval/em"],
+                # how fast it learnt: the mean test EM over the evaluations after the first
+                "em_during": statistics.fmean(r["eval/em"] for r in evals[1:]) if len(evals) > 1 else float("nan"),
+                "em_path": [(r["step"], r["eval/em"]) for r in evals],
                 "retrieved_after": evals[-1].get("eval/answer_retrieved", float("nan")),
                 "reward_last": statistics.fmean(r["reward/mean"] for r in train),
                 "all_fail_last": statistics.fmean(r["reward/all_fail_groups"] for r in train),
                 "folr_hit_last": statistics.fmean(r["reward/folr_hit"] for r in train),
                 "wall_s": float(open(wall_path).read()) if os.path.exists(wall_path) else float("nan"),
             })
-        agg = {k: _mean_std([s[k] for s in per_seed]) for k in per_seed[0] if k != "seed"}
+        agg = {k: _mean_std([s[k] for s in per_seed]) for k in per_seed[0] if k not in ("seed", "em_path")}
         agg["em_gain"] = _mean_std([s["em_after"] - s["em_before"] for s in per_seed])
         table[name] = {"per_seed": per_seed, "summary": agg}
     return table
@@ -93,18 +98,18 @@ def summarize(out: str, configs: Sequence[str], seeds: Sequence[int], last_k: in
 def markdown(table: Dict[str, dict], last_k: int = 5) -> str:
     def ms(d):
         return f"{d['mean']:.3f} ± {d['std']:.3f}"
-    lines = ["| config | test EM before | test EM after | gain | answer retrieved (after) | "
+    lines = ["| config | test EM before | test EM after | gain | test EM, mean of later evals | answer retrieved (after) | "
              f"train reward (last {last_k}) | all-fail groups (last {last_k}) | FOLR hit (last {last_k}) | wall s/run |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, t in table.items():
         s = t["summary"]
-        lines.append(f"| {name} | {ms(s['em_before'])} | {ms(s['em_after'])} | {ms(s['em_gain'])} | "
+        lines.append(f"| {name} | {ms(s['em_before'])} | {ms(s['em_after'])} | {ms(s['em_gain'])} | {ms(s['em_during'])} | "
                      f"{ms(s['retrieved_after'])} | {ms(s['reward_last'])} | {ms(s['all_fail_last'])} | "
                      f"{ms(s['folr_hit_last'])} | {s['wall_s']['mean']:.0f} |")
-    lines += ["", "Per seed (test EM before → after):", ""]
+    lines += ["", "Per seed, test EM at each evaluation (step: EM):", ""]
     for name, t in table.items():
-        lines.append(f"- {name}: " + ", ".join(f"seed {s['seed']}: {s['em_before']:.3f} → {s['em_after']:.3f}"
-                                              for s in t["per_seed"]))
+        for s in t["per_seed"]:
+            lines.append(f"- {name}, seed {s['seed']}: " + " → ".join(f"{st}: {em:.3f}" for st, em in s["em_path"]))
     return "\n".join(lines) + "\n"
 
 
@@ -113,8 +118,9 @@ def plot(out: str, configs: Sequence[str], seeds: Sequence[int], png: str, smoot
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("eval/em", "test EM (greedy)"), ("reward/mean", "train reward"), ("reward/em", "train EM"),
-              ("reward/all_fail_groups", "all-fail groups")]
+    panels = [("eval/em", "test EM (greedy)"), ("reward/mean", "train reward (outcome)"),
+              ("rollout/searches", "searches per rollout"), ("reward/all_fail_groups", "all-fail groups"),
+              ("reward/folr_hit", "FOLR hit (answer retrieved)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.4))
     for ci, config in enumerate(configs):
         name, color = _name(config), f"C{ci}"

@@ -1,9 +1,9 @@
 """Where models come from: a hub name, a local folder, or a bundled policy.
 
 * ``bundled:warmstart``: the embedded world's warm-start policy (a 1.3M-parameter Qwen2 that
-  follows the protocol and searches well but often answers two-hop questions wrongly), shipped
-  in ``tspo_fast/world/warm_policy``; rebuilt into the cache (``tspo_fast.world.warmstart``,
-  minutes) if the shipped copy is missing.
+  follows the protocol and can search and read, but mostly answers from memory: greedy, it never
+  searches), shipped in ``tspo_fast/world/warm_policy``; rebuilt into the cache
+  (``tspo_fast.world.warmstart``, about 15 minutes with a progress bar) if the shipped copy is missing.
 * ``bundled:tiny``: a random tiny Qwen2 with a tokenizer trained on the world (tests, benchmarks).
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ def warm_start_path() -> str:
     from .world import WARM_POLICY_DIR
     if os.path.exists(os.path.join(WARM_POLICY_DIR, "config.json")):
         return WARM_POLICY_DIR
-    folder = os.path.join(cache_dir(), "warmstart-v1")
+    folder = os.path.join(cache_dir(), "warmstart-v2")
     if not os.path.exists(os.path.join(folder, "config.json")):
         import sys
         from .world.warmstart import build_warm_start

@@ -1,6 +1,6 @@
 """The embedded world's warm-start policy: a tiny Qwen2 supervised on protocol demonstrations.
 
-``python -m tspo_fast.world.warmstart --out DIR`` (13.5 minutes on 2 CPU cores) writes what
+``python -m tspo_fast.world.warmstart --out DIR`` (15 minutes on 2 CPU cores) writes what
 ``bundled:warmstart`` ships in ``tspo_fast/world/warm_policy``.  Every random choice (tokenizer
 corpus order, initialisation, examples, batch order) comes from ``--seed``; two builds on one
 machine and torch version should agree bit for bit (not checked for the shipped weights).
@@ -19,14 +19,20 @@ machine and torch version should agree bit for bit (not checked for the shipped 
    * *demonstrations* of the protocol (think, search, read, answer) for every question of the
      world that the test split does not ask (``generate.practice_questions``), laid out exactly
      as rollouts lay them out (prompt, then per turn the action ids and the observation ids the
-     real BM25 retriever returns), with the rest of the copy and reading examples mixed in.
+     real BM25 retriever returns), with the rest of the copy and reading examples mixed in;
+4. a brief last stage (one demonstration per question, lower rate) in which most demonstrations
+   (``memory_share``, 0.55) answer from memory without searching, with a wrong value of the
+   right type: the habit of a model that was never taught to use its tool.
 
 The demonstrations are deliberately imperfect: some search the wrong entity, some read the
 right passage but answer with a wrong value of the right type, some answer without searching.
-Measured on the first 100 test questions (greedy, ``tspo-fast eval``): EM 0.44 (one-hop 0.63,
-two-hop 0.25), answer retrieved 0.91 (one-hop 1.00, two-hop 0.82).  Two-hop questions fail
-mostly after retrieving the answer (a wrong second search or a wrong read): with sampling,
-whole groups of rollouts fail although some of them retrieved the answer, the case FOLR is for.
+After stage 3 the policy searches first with probability 0.95 and, greedy on the first 100
+test questions, reaches EM 0.44 (answer retrieved 0.91).  Stage 4 turns that around: the shipped
+policy opens with a search with probability 0.25 (``search_first_prob`` in ``warmstart.json``),
+so greedy decoding never searches (test EM 0.06, its memory guesses) while sampled rollouts do now
+and then, and when they do they often retrieve the answer but read it wrongly.  Whole groups of
+rollouts then fail although some of them retrieved the answer: the case FOLR is for.  RL has
+to teach the policy to search, as Search-R1 and TSPO do for an instruction-tuned model.
 """
 from __future__ import annotations
 
@@ -35,12 +41,19 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 BEHAVIOURS = (("good", 0.45), ("wrong_answer", 0.20), ("wrong_query", 0.20), ("no_search", 0.15))
+
+
+def habit_behaviours(memory_share: float) -> Tuple[Tuple[str, float], ...]:
+    """BEHAVIOURS with ``no_search`` (answer from memory) at ``memory_share``, the others rescaled."""
+    rest = [(b, w) for b, w in BEHAVIOURS if b != "no_search"]
+    total = sum(w for _, w in rest)
+    return tuple((b, w * (1.0 - memory_share) / total) for b, w in rest) + (("no_search", memory_share),)
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class WarmStartSpec:
     max_obs_tokens: int = 200
     topk: int = 3
     max_questions: int = 0          # 0: every training question (smaller for smoke tests)
+    memory_share: float = 0.55      # last stage: share of demonstrations answered from memory (0: no stage)
+    habit_lr: float = 1e-3
 
 
 def _passages() -> Dict[str, Tuple[str, str]]:
@@ -176,11 +191,12 @@ def _answer(ans: str) -> str:
     return f"<think> The answer is {ans}. </think>\n<answer> {ans} </answer>"
 
 
-def demonstration(ex, passages, others: Sequence[str], rng: random.Random) -> List[Tuple[str, Optional[str]]]:
+def demonstration(ex, passages, others: Sequence[str], rng: random.Random,
+                  behaviours: Sequence[Tuple[str, float]] = BEHAVIOURS) -> List[Tuple[str, Optional[str]]]:
     """A list of (action text, search query or None) turns for one question."""
     support = [str(s) for s in ex.extra.get("support", [])]
     titles = [passages[s][0] for s in support if s in passages]
-    behaviour = rng.choices([b for b, _ in BEHAVIOURS], weights=[w for _, w in BEHAVIOURS])[0]
+    behaviour = rng.choices([b for b, _ in behaviours], weights=[w for _, w in behaviours])[0]
     gold = ex.aliases[0]
     wrong = rng.choice([o for o in others if o != gold] or [gold])
     if behaviour == "no_search" or not titles:
@@ -193,7 +209,8 @@ def demonstration(ex, passages, others: Sequence[str], rng: random.Random) -> Li
     return turns + [(_answer(gold if behaviour == "good" else wrong), None)]
 
 
-def build_examples(tokenizer, retriever, examples, spec: WarmStartSpec, passages=None):
+def build_examples(tokenizer, retriever, examples, spec: WarmStartSpec, passages=None,
+                   behaviours: Sequence[Tuple[str, float]] = BEHAVIOURS):
     """Token ids + action mask of every demonstration, laid out as rollouts lay them out."""
     from ..data import build_prompt
     from ..rollout.agent import search_observation
@@ -205,7 +222,7 @@ def build_examples(tokenizer, retriever, examples, spec: WarmStartSpec, passages
     rows = []
     for _ in range(spec.demos_per_question):
         for ex in examples:
-            turns = demonstration(ex, passages, by_type[ex.extra.get("qtype", ex.data_source)], rng)
+            turns = demonstration(ex, passages, by_type[ex.extra.get("qtype", ex.data_source)], rng, behaviours)
             ids = tokenizer(build_prompt(ex.question, tokenizer), add_special_tokens=False)["input_ids"]
             mask = [False] * len(ids)
             for action, query in turns:
@@ -307,6 +324,24 @@ def copy_accuracy(model, tokenizer, rows, limit: int = 50) -> float:
     return ok / max(1, min(limit, len(rows)))
 
 
+def search_first_prob(model, tokenizer, examples, limit: int = 200) -> float:
+    """Mean probability that the first action searches (" I need to search") rather than answers
+    (" The answer is"), right after its opening ``<think>``, over the first ``limit`` prompts."""
+    from ..data import build_prompt
+    head = tokenizer("<think>", add_special_tokens=False)["input_ids"]
+    search = tokenizer(" I", add_special_tokens=False)["input_ids"][0]
+    answer = tokenizer(" The", add_special_tokens=False)["input_ids"][0]
+    model.eval()
+    probs = []
+    with torch.no_grad():
+        for ex in examples[:limit]:
+            ids = tokenizer(build_prompt(ex.question, tokenizer), add_special_tokens=False)["input_ids"] + head
+            p = model(torch.tensor([ids])).logits[0, -1].softmax(-1)
+            probs.append(float(p[search] / (p[search] + p[answer])))
+    model.train()
+    return sum(probs) / max(1, len(probs))
+
+
 def _tail_mean(xs: Sequence[float], k: int = 20) -> float:
     return sum(xs[-k:]) / max(1, min(k, len(xs)))
 
@@ -341,11 +376,21 @@ def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progre
     losses = sft(model, [("copy", copies, spec.copy_batch_size, spec.copy_first_batches),
                          ("read", reading, spec.reading_batch_size, spec.reading_first_batches),
                          ("demo", rows, spec.batch_size, 0)], spec, tok.pad_token_id, progress)
+    searching = search_first_prob(model, tok, examples)
+    habit: List[Tuple[List[int], List[bool]]] = []
+    if spec.memory_share > 0:
+        # the last, brief stage: mostly answer from memory.  Greedy decoding then never searches,
+        # sampling still does now and then: RL has to teach the policy to search.
+        stage = replace(spec, seed=spec.seed + 1, demos_per_question=1, lr=spec.habit_lr, epochs=1)
+        habit = build_examples(tok, retriever, examples, stage, passages, habit_behaviours(spec.memory_share))
+        losses.update(sft(model, [("habit", habit, spec.batch_size, 0)], stage, tok.pad_token_id, progress))
     info = {"spec": spec.__dict__, "demonstrations": len(rows), "copy_examples": len(copies),
             "reading_examples": len(reading), "first_loss": losses["demo"][0], "last_loss": _tail_mean(losses["demo"]),
             "copy_last_loss": _tail_mean(losses["copy"]) if copies else None,
             "read_last_loss": _tail_mean(losses["read"]) if reading else None,
-            "copy_accuracy": copy_accuracy(model, tok, held_out) if held_out else None}
+            "copy_accuracy": copy_accuracy(model, tok, held_out) if held_out else None,
+            "habit_demonstrations": len(habit), "search_first_prob_before_habit": searching,
+            "search_first_prob": search_first_prob(model, tok, examples)}
     model.save_pretrained(tmp)
     with open(os.path.join(tmp, "warmstart.json"), "w") as f:
         json.dump(info, f, indent=1)

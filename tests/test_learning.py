@@ -1,0 +1,57 @@
+"""The embedded default learns: README's first run raises greedy test EM by more than seeds vary.
+
+The command is the README's main job as it is (``configs/tiny.yaml``: TSPO from the shipped warm
+start, vLLM rollouts, DeepSpeed ZeRO-3 on the CPU, BM25 over the bundled world, 16 steps, about
+two minutes on 2 cores), with only the seed and the output folder set.  The trainer evaluates
+the policy greedily on the first 100 test questions before the first step and every 4 steps.
+
+The warm start answers from memory under greedy decoding (it never searches, EM ~0.04); with
+sampling it searches about a third of the time.  The run must teach it to search and read.
+
+SPREAD is the final test EM of this very command for seeds 1, 2 and 3, measured once with
+``tspo-fast compare configs/tiny.yaml configs/tiny_grpo.yaml --seeds 1 2 3`` (bench/tiny_compare.md).
+MARGIN, the gain the test demands, is twice the seed-to-seed range of the final EM, so a run that
+did not learn cannot pass by the luck of a seed, and one that learnt as measured passes with room.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 16
+#: final test EM of configs/tiny.yaml per seed (measured 2026-11-26 on a 2-core CPU)
+SPREAD = {1: 0.41, 2: 0.43, 3: 0.38}
+MARGIN = 2 * (max(SPREAD.values()) - min(SPREAD.values()))
+SEED = 4   # not one of the measured seeds
+
+
+def _env(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               VLLM_CPU_KVCACHE_SPACE="1", TSPO_FAST_CACHE=os.environ.get("TSPO_FAST_CACHE", str(tmp_path / "cache")))
+    env.pop("TRITON_INTERPRET", None)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    return env
+
+
+@pytest.mark.timeout(1200)
+def test_tspo_raises_test_em_above_the_seed_spread(tmp_path):
+    assert 0.0 < MARGIN < 0.5
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "tspo_fast.cli", "train", "--config", "configs/tiny.yaml", "--no-plot",
+           "--set", f"output_dir={out}", "--set", f"seed={SEED}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=1100)
+    assert p.returncode == 0, p.stderr[-6000:]
+    with open(out / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    evals = [r for r in rows if "eval/em" in r]
+    assert [r["step"] for r in evals] == list(range(0, STEPS + 1, 4))
+    before, after = evals[0], evals[-1]
+    gain = after["eval/em"] - before["eval/em"]
+    assert gain > MARGIN, (f"test EM {before['eval/em']:.3f} -> {after['eval/em']:.3f}: "
+                           f"the gain is not above the margin {MARGIN:.3f} (seeds 1-3 ended at {SPREAD})")
+    assert after["eval/searches"] > before["eval/searches"]   # it learnt to search
+    assert after["eval/answer_retrieved"] > before["eval/answer_retrieved"]
