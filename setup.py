@@ -1,7 +1,7 @@
 """tspo-fast: a TSPO trainer and Triton kernels for multi-turn search-augmented RL.
 
 Two import packages are installed: ``tspo_fast`` (the trainer) and ``tspo_kernels``
-(the kernels, from the ``kernels/`` folder; they depend on torch and triton only).
+(the kernels; they depend on torch and triton only).
 
 Install torch first (``scripts/install.sh`` does it): on a CPU machine ``torch==2.13.0``
 is the CPU build; letting a dependency pull ``torch`` would fetch a CUDA build.
@@ -17,8 +17,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["tspo_kernels"] + find_packages(include=["tspo_fast", "tspo_fast.*"]),
-    package_dir={"tspo_kernels": "kernels"},
+    packages=find_packages(include=["tspo_kernels", "tspo_fast", "tspo_fast.*"]),
+    
     package_data={"tspo_fast": ["world/data/*.jsonl", "world/warm_policy/*"]},
     install_requires=KERNEL_REQUIRES + [
         "pyyaml",

@@ -6,8 +6,8 @@
 # (a) $OUT/env.txt: date, nvidia-smi, Python / torch / triton versions, the offline installs;
 # (b) installs what the GPU image may lack from the carried wheels in .device_wheels/ (only
 #     packages that are missing: liger-kernel, pytest-benchmark, pytest-timeout, pytest-xdist
-#     and their pure-Python needs) and makes `tspo_kernels` importable (a PYTHONPATH shim that
-#     maps the name to kernels/, nothing built);
+#     and their pure-Python needs) and makes `tspo_kernels` importable (the repository root on
+#     PYTHONPATH, nothing built);
 # (c) the kernel correctness tests (tests/test_first_occurrence.py, test_advantages.py,
 #     test_pg_loss.py) with TRITON_INTERPRET unset, so the compiled kernels run (tests/conftest.py
 #     runs the CPU-built test inputs through the GPU), then a K3 check at large vocabularies
@@ -85,10 +85,8 @@ PKGS="liger-kernel pytest-benchmark pytest-timeout py-cpuinfo pytest-xdist execn
     echo "no wheels in $WHEELS (pass it in the device tool's carry list)"
   fi
 } >> "$OUT/env.txt" 2>&1
-# tspo_kernels is the kernels/ folder under another name: a symlink shim, nothing to build
-mkdir -p "$WORK/pyshim"
-ln -sfn "$PWD/kernels" "$WORK/pyshim/tspo_kernels"
-export PYTHONPATH=$WORK/pyshim${PYTHONPATH:+:$PYTHONPATH}
+# tspo_kernels (and tspo_fast) import from the repository root: nothing to build
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 if [ "$CUDA" = 1 ]; then

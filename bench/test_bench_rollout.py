@@ -25,8 +25,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _tiny import KeywordRetriever  # noqa: E402
 
-from tspo_fast.rollout import PromptItem, RolloutConfig, SearchAgent, sync_weights  # noqa: E402
-from tspo_fast.tiny_model import (TinyModelSpec, build_tiny_model, default_texts, load_tokenizer,  # noqa: E402
+from tspo_fast.config import RolloutConfig  # noqa: E402
+from tspo_fast.data import PromptItem  # noqa: E402
+from tspo_fast.engines.sync import sync_weights  # noqa: E402
+from tspo_fast.env.agent import SearchAgent  # noqa: E402
+from tspo_fast.models.tiny import (TinyModelSpec, build_tiny_model, default_texts, load_tokenizer,  # noqa: E402
                                   search_episode_texts, train_tiny_lm)
 
 QUESTIONS = ["What is the capital of France?", "What is the highest mountain?",
@@ -49,11 +52,10 @@ def _n_params(model) -> int:
 def _rollout_step(engine, tok, policy_params):
     items = [PromptItem(tok(f"Question: {q}\n", add_special_tokens=False)["input_ids"],
                         uid=i) for i, q in enumerate(QUESTIONS)]
-    cfg = RolloutConfig(n=4, max_turns=2, max_new_tokens_per_turn=64, max_obs_tokens=128, seed=0,
-                        max_prompt_tokens=128, max_response_tokens=512)
-    agent = SearchAgent(engine, KeywordRetriever(), tok, cfg)
+    cfg = RolloutConfig(n=4, max_turns=2, max_new_tokens_per_turn=64, max_obs_tokens=128, max_response_tokens=512)
+    agent = SearchAgent(engine, KeywordRetriever(), tok, cfg, max_prompt_tokens=128)
     t0 = time.perf_counter()
-    batch = agent.rollout(items)
+    batch = agent.rollout(items, seed=0)
     t1 = time.perf_counter()
     stats = sync_weights(engine, policy_params())
     t2 = time.perf_counter()
@@ -68,10 +70,10 @@ def test_bench_rollout(benchmark, tiny_dir, kind):
     policy = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     if kind == "vllm":
         pytest.importorskip("vllm")
-        from tspo_fast.rollout.engine_vllm import VLLMEngine
+        from tspo_fast.engines.vllm import VLLMEngine
         engine = VLLMEngine(tiny_dir, max_model_len=1024)
     else:
-        from tspo_fast.rollout.engine_hf import HFEngine
+        from tspo_fast.engines.hf import HFEngine
         engine = HFEngine.from_pretrained(tiny_dir, max_model_len=1024)
     try:
         _rollout_step(engine, tok, policy.named_parameters)  # warm-up
@@ -105,7 +107,7 @@ def test_bench_weight_sync_seconds_per_gb(benchmark, tmp_path):
     pytest.importorskip("vllm")
     from transformers import AutoModelForCausalLM
 
-    from tspo_fast.rollout.engine_vllm import VLLMEngine
+    from tspo_fast.engines.vllm import VLLMEngine
 
     spec = TinyModelSpec(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1536,
                          tie_word_embeddings=False)

@@ -15,10 +15,11 @@ def main(model_dir: str, out_dir: str) -> None:
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    from tspo_fast.rollout import SamplingConfig, sync_weights
-    from tspo_fast.rollout.engine_hf import HFEngine
-    from tspo_fast.rollout.engine_vllm import VLLMEngine
-    from tspo_fast.tiny_model import load_tokenizer
+    from tspo_fast.engines import SamplingConfig
+    from tspo_fast.engines.sync import sync_weights
+    from tspo_fast.engines.hf import HFEngine
+    from tspo_fast.engines.vllm import VLLMEngine
+    from tspo_fast.models.tiny import load_tokenizer
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -7,7 +7,7 @@ import re
 import time
 from typing import Callable, Sequence
 
-from tspo_fast.rollout.engines import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingConfig, find_stop
+from tspo_fast.engines.base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingConfig, find_stop
 
 PASSAGES = [
     {"id": "1", "contents": '"Paris"\nParis is the capital and largest city of France.'},

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 
 def fixed_batch(vocab: int, rows: int = 8, seed: int = 0):
-    from tspo_fast.rollout.batch import Trajectory, collate
+    from tspo_fast.env.batch import Trajectory, collate
     g = torch.Generator().manual_seed(seed)
     trajs = []
     for i in range(rows):
@@ -43,9 +43,9 @@ def main():
 
     from tspo_fast.config import load_config
     from tspo_fast.models import load_causal_lm
-    from tspo_fast.policy import FusedHeadPolicy
-    from tspo_fast.trainer import (compute_logprobs, ds_config, gradient_accumulation_steps, init_distributed,
-                                   ppo_update, rank, world_size)
+    from tspo_fast.training.policy import FusedHeadPolicy
+    from tspo_fast.training.distributed import init_distributed, rank, shutdown, world_size
+    from tspo_fast.training.ppo import compute_logprobs, ds_config, gradient_accumulation_steps, ppo_update
     init_distributed()
     cfg = load_config(None, ["rollout.n=2", "train.prompts_per_step=4", "train.mini_batch_prompts=4",
                              f"train.micro_batch_size={args.micro}", "loss.kl_coef=0.1", "loss.chunk_size=16",
@@ -61,7 +61,7 @@ def main():
     old = old + 0.3 * torch.randn(old.shape, generator=g) * batch.loss_mask   # some tokens clip
     ref = old + 0.2 * torch.randn(old.shape, generator=g) * batch.loss_mask
     per = len(batch) // world_size()
-    from tspo_fast.rollout.batch import RolloutBatch
+    from tspo_fast.env.batch import RolloutBatch
     sl = slice(rank() * per, (rank() + 1) * per)
     part = RolloutBatch(**{k: getattr(batch, k)[sl] for k in RolloutBatch._TENSORS},
                         uids=batch.uids[sl], answer_text=batch.answer_text[sl], action_texts=batch.action_texts[sl],
@@ -74,6 +74,7 @@ def main():
             state[name] = p.detach().clone()
     if rank() == 0:
         torch.save(state, args.out)
+    shutdown()
 
 
 if __name__ == "__main__":

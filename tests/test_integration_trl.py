@@ -18,11 +18,11 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from tspo_fast.integrations.segments import turns_from_action_mask  # noqa: E402
 from tspo_fast.integrations.trl import TSPOGRPOTrainer, outcome_reward_func  # noqa: E402
-from tspo_fast.tiny_model import build_tiny_model, load_tokenizer  # noqa: E402
+from tspo_fast.models.tiny import build_tiny_model, load_tokenizer  # noqa: E402
 from tspo_kernels import reference  # noqa: E402
 
 # scripted trajectories: (action, observation) per turn; the last action answers.  Row r of a
-# generation batch plays SCRIPTS[r % 4]; k* and R follow from the text by SPEC §2.
+# generation batch plays SCRIPTS[r % 4]; k* and R follow from the text by docs/algorithm.md §2.
 SCRIPTS = [
     [("<search> capital of France </search>", "<information> Doc 1 Paris is the capital of France. </information>"),
      ("<answer> Paris </answer>", None)],                                    # k* = 0, R = 1, K = 2
@@ -98,7 +98,7 @@ def test_one_training_step_with_turn_level_advantages(tiny, tmp_path):
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
 
-    # the advantages are SPEC §3's for the scripted (k*, R, K) of every row
+    # the advantages are docs/algorithm.md §3's for the scripted (k*, R, K) of every row
     out, adv = seen["out"], seen["adv"]
     b = adv.shape[0]
     first, outcome, turns = (torch.tensor([EXPECTED[r % 4][i] for r in range(b)]) for i in range(3))

@@ -486,7 +486,18 @@ def test_logprobs_bad_input():
     with pytest.raises(TypeError, match="targets"):
         fused_linear_logprobs(args[0], args[1], args[2].float())
     with pytest.raises(ValueError, match="backend"):
-        fused_linear_logprobs(*args[:3], backend="reference")
+        fused_linear_logprobs(*args[:3], backend="bogus")
+
+
+def test_reference_backend_is_accepted_like_k1_and_k2():
+    """Every kernel takes the same backend names: K3's "reference" is the plain math."""
+    args, kw = make_case(7, 6, 4, 10, torch.float32)
+    torch.testing.assert_close(fused_linear_logprobs(*args[:3], backend="reference"),
+                               fused_linear_logprobs(*args[:3], backend="torch"))
+    ref = fused_linear_pg_loss(*args, **kw, backend="reference")
+    got = fused_linear_pg_loss(*args, **kw, backend="torch")
+    torch.testing.assert_close(ref.loss, got.loss)
+    torch.testing.assert_close(ref.logp, got.logp)
 
 
 @pytest.mark.gpu

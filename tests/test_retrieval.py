@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from tspo_fast.data import load_examples
+from tspo_fast.env.protocol import format_docs
 from tspo_fast.retrieval import (Corpus, CorpusError, IndexError_, IndexMismatchError,
-                                 InProcessRetriever, build_index, format_docs, load_index,
-                                 split_title)
+                                 InProcessRetriever, build_index, load_index, split_title)
 from tspo_fast.retrieval.encoder import DEFAULT_ENCODER, Encoder, canonical_encoder_name
 from tspo_fast.retrieval.index import DenseIndex
 from tspo_fast.world import corpus_path, qa_path

@@ -9,6 +9,7 @@ import statistics
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,8 +18,8 @@ import httpx
 import pytest
 
 from tspo_fast.data import load_examples
-from tspo_fast.retrieval import (HTTPRetriever, InProcessRetriever, RetrieverError, build_index,
-                                 format_docs)
+from tspo_fast.env.protocol import format_docs, search_observation
+from tspo_fast.retrieval import HTTPRetriever, InProcessRetriever, RetrievalError, build_index
 from tspo_fast.retrieval.server import BackgroundServer, ServerLimits, create_app
 from tspo_fast.world import corpus_path, qa_path
 from _world import world_index_dir  # noqa: E402
@@ -113,7 +114,7 @@ def test_malformed_bodies(served):
     r = httpx.post(server.url + "/retrieve", content=chunks())
     assert r.status_code == 413 and "too large" in r.json()["detail"]
     with HTTPRetriever(server.url, retries=3, backoff_s=0.01) as client:  # 4xx: no retries
-        with pytest.raises(RetrieverError, match="rejected the request: HTTP 400.*'topk' must be <= 100"):
+        with pytest.raises(RetrievalError, match="rejected the request: HTTP 400.*'topk' must be <= 100"):
             client.search(["a"], 500)
 
 
@@ -127,11 +128,11 @@ def test_cli_build_serve_and_load(tmp_path, questions):
     """`index build` and `retriever serve` through the CLI, then 64 clients x 50 requests."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     out = tmp_path / "bm25"
-    subprocess.run([sys.executable, "-m", "tspo_fast.retrieval.cli", "index", "build",
+    subprocess.run([sys.executable, "-m", "tspo_fast.cli", "index", "build",
                     "--corpus", str(corpus_path()), "--kind", "bm25", "--out", str(out)],
                    check=True, env=env, timeout=120, capture_output=True)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tspo_fast.retrieval.cli", "retriever", "serve",
+    proc = subprocess.Popen([sys.executable, "-m", "tspo_fast.cli", "retriever", "serve",
                              "--index", str(out), "--host", "127.0.0.1", "--port", str(port),
                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
@@ -193,7 +194,7 @@ def test_down_server_raises_quickly():
     port = _free_port()  # nothing listens there
     client = HTTPRetriever(f"http://127.0.0.1:{port}", timeout_s=2, retries=2, backoff_s=0.05)
     t0 = time.monotonic()
-    with pytest.raises(RetrieverError) as err:
+    with pytest.raises(RetrievalError) as err:
         client.retrieve(["anything"], 3)
     elapsed = time.monotonic() - t0
     msg = str(err.value)
@@ -231,7 +232,7 @@ def test_slow_server_times_out_then_errors_and_5xx_is_retried():
     with BackgroundServer(app) as server:
         client = HTTPRetriever(server.url, timeout_s=0.3, retries=1, backoff_s=0.05)
         t0 = time.monotonic()
-        with pytest.raises(RetrieverError, match=r"failed after 2 attempt\(s\): timed out after 0.3 s"):
+        with pytest.raises(RetrievalError, match=r"failed after 2 attempt\(s\): timed out after 0.3 s"):
             client.retrieve(["q"], 3)
         assert time.monotonic() - t0 < 1.4  # two 0.3 s attempts, not the 1.5 s answer
         client.close()
@@ -242,5 +243,39 @@ def test_slow_server_times_out_then_errors_and_5xx_is_retried():
         assert calls["n"] == 3
         calls["n"] = 0
         stubborn = HTTPRetriever(server.url + "/flaky/retrieve", timeout_s=2, retries=1, backoff_s=0.01)
-        with pytest.raises(RetrieverError, match=r"after 2 attempt\(s\): HTTP 503: warming up"):
+        with pytest.raises(RetrievalError, match=r"after 2 attempt\(s\): HTTP 503: warming up"):
             stubborn.retrieve(["a"], 1)
+
+
+def test_one_call_makes_at_most_retries_plus_one_posts():
+    """One retry layer: a rollout's retrieval over HTTP that keeps failing makes exactly
+    retries + 1 POSTs and raises one RetrievalError naming the turn and the query."""
+    from _tiny import ScriptedEngine  # noqa: E402
+    from tspo_fast.config import RolloutConfig
+    from tspo_fast.data import PromptItem
+    from tspo_fast.env.agent import SearchAgent
+    from tspo_fast.models.tiny import build_tiny_model, load_tokenizer
+
+    app, calls = _slow_and_flaky_app()
+    with BackgroundServer(app) as server, tempfile.TemporaryDirectory() as d:
+        tok = load_tokenizer(build_tiny_model(os.path.join(d, "m")))
+        calls["n"] = -100                        # the flaky endpoint keeps answering 503
+        client = HTTPRetriever(server.url + "/flaky", timeout_s=2, retries=2, backoff_s=0.01)
+        eng = ScriptedEngine(tok, lambda ctx, turn: "<search> capital of Ruritania </search>")
+        agent = SearchAgent(eng, client, tok, RolloutConfig(n=1, max_turns=2))
+        with pytest.raises(RetrievalError, match=r"turn 0 for queries \['capital of Ruritania'\].*after 3 attempt"):
+            agent.rollout([PromptItem(tok("Question: q\n", add_special_tokens=False)["input_ids"], uid="u")])
+        assert calls["n"] == -100 + 3
+        client.close()
+
+
+def test_retriever_query_prints_what_a_rollout_appends(served, questions):
+    """``tspo-fast retriever query`` shows exactly the observation text training appends."""
+    _, server = served
+    url = server.url
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "tspo_fast.cli", "retriever", "query", "--url", url,
+                          questions[0]], check=True, env=env, timeout=120, capture_output=True, text=True).stdout
+    with HTTPRetriever(url, timeout_s=30, retries=0) as client:
+        hits = client.retrieve([questions[0]], 3)[0]
+    assert out == f"# {questions[0]}\n" + search_observation(hits)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from tspo_fast import reward
+from tspo_fast.algo import rewards as reward
 
 
 @pytest.mark.parametrize("text,want", [

@@ -1,4 +1,4 @@
-"""Agent loop tests (SPEC §1): protocol, token-in/token-out, limits, retriever failures.
+"""Agent loop tests (docs/algorithm.md §1): protocol, token-in/token-out, limits, retriever failures.
 
 Fast: a scripted engine (actions chosen by the test) and the real HF engine on a tiny model;
 no vLLM here (see test_engines.py).
@@ -9,9 +9,13 @@ import pytest
 import torch
 
 from _tiny import FailingRetriever, KeywordRetriever, ScriptedEngine, SlowRetriever
-from tspo_fast.rollout import (INVALID_ACTION_OBS, PromptItem, RetrievalError, RolloutConfig, SearchAgent,
-                               collate, format_docs, group_id_of, parse_action, search_observation)
-from tspo_fast.tiny_model import build_tiny_model, load_tokenizer
+from tspo_fast.config import RolloutConfig
+from tspo_fast.data import PromptItem
+from tspo_fast.env.agent import SearchAgent
+from tspo_fast.env.batch import collate, group_id_of
+from tspo_fast.env.protocol import INVALID_ACTION_OBS, format_docs, parse_action, search_observation
+from tspo_fast.retrieval import Resilient, RetrievalError, RetryPolicy
+from tspo_fast.models.tiny import build_tiny_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +38,11 @@ def prompts(tok, questions, uids=None):
     return [PromptItem(tok(f"Question: {q}\n", add_special_tokens=False)["input_ids"],
                        uid=(uids[i] if uids else f"q{i}"), aliases=[f"a{i}"], data_source="nq")
             for i, q in enumerate(questions)]
+
+
+def make_agent(eng, ret, tok, *, topk=3, max_prompt_tokens=2048, **rollout):
+    """The agent with the run's rollout settings ``rollout`` (a RolloutConfig's fields)."""
+    return SearchAgent(eng, ret, tok, RolloutConfig(**rollout), topk=topk, max_prompt_tokens=max_prompt_tokens)
 
 
 def search_then_answer(ctx: str, turn: int) -> str:
@@ -81,9 +90,8 @@ def test_group_id_stable():
 def test_search_then_answer_layout(tok):
     ret = KeywordRetriever()
     eng = ScriptedEngine(tok, search_then_answer)
-    cfg = RolloutConfig(n=2, max_turns=4, topk=2)
     items = prompts(tok, ["capital of France?", "highest mountain?"], uids=["u0", "u1"])
-    batch = SearchAgent(eng, ret, tok, cfg).rollout(items)
+    batch = make_agent(eng, ret, tok, n=2, max_turns=4, topk=2).rollout(items)
     assert len(batch) == 4
     assert eng.calls == [4, 4]                     # one engine call per turn for all active rows
     assert len(ret.calls) == 1 and len(ret.calls[0]) == 4  # all queries of the turn in one call
@@ -125,8 +133,7 @@ def test_invalid_action_then_final_turn_without_search(tok):
     ret = KeywordRetriever()
     pol = (lambda ctx, turn: "I am confused." if turn == 0 else "<search> Berlin </search>")
     eng = ScriptedEngine(tok, pol)
-    cfg = RolloutConfig(n=1, max_turns=3, topk=1)
-    b = SearchAgent(eng, ret, tok, cfg).rollout(prompts(tok, ["q?"]))
+    b = make_agent(eng, ret, tok, n=1, max_turns=3, topk=1).rollout(prompts(tok, ["q?"]))
     assert b.num_turns.tolist() == [4]                          # 3 turns + the final one
     assert b.observation_texts[0][0] == INVALID_ACTION_OBS
     assert b.observation_texts[0][1].startswith("\n\n<information>Doc 1(Title: Berlin)")
@@ -140,13 +147,13 @@ def test_invalid_action_then_final_turn_without_search(tok):
 
 def test_max_turns_zero_is_single_turn(tok):
     eng = ScriptedEngine(tok, lambda c, t: "<search> x </search>")
-    b = SearchAgent(eng, KeywordRetriever(), tok, RolloutConfig(n=1, max_turns=0)).rollout(prompts(tok, ["q"]))
+    b = make_agent(eng, KeywordRetriever(), tok, n=1, max_turns=0).rollout(prompts(tok, ["q"]))
     assert b.num_turns.tolist() == [1] and b.num_searches.tolist() == [0]
 
 
 def test_observation_cut_to_max_obs_tokens(tok):
     eng = ScriptedEngine(tok, search_then_answer)
-    b = SearchAgent(eng, KeywordRetriever(), tok, RolloutConfig(n=1, max_obs_tokens=7)).rollout(
+    b = make_agent(eng, KeywordRetriever(), tok, n=1, max_obs_tokens=7).rollout(
         prompts(tok, ["France?"]))
     assert int(b.is_obs[0].sum()) == 7
     assert b.answer_text == ["Paris"] and not b.truncated[0]
@@ -157,13 +164,11 @@ def test_max_response_tokens_truncates_and_flags(tok):
     eng = ScriptedEngine(tok, search_then_answer)
     a0 = len(tok("<think>I need to look it up.</think>\n<search> capital of France </search>",
                  add_special_tokens=False)["input_ids"])
-    cfg = RolloutConfig(n=1, max_response_tokens=a0 + 5)
-    b = SearchAgent(eng, KeywordRetriever(), tok, cfg).rollout(prompts(tok, ["France?"]))
+    b = make_agent(eng, KeywordRetriever(), tok, n=1, max_response_tokens=a0 + 5).rollout(prompts(tok, ["France?"]))
     assert b.truncated.tolist() == [True] and b.answer_text == [None]
     assert int(b.response_lengths()[0]) == a0 + 5 and int(b.is_obs[0].sum()) == 5
     # an action longer than the remaining budget is cut too
-    cfg = RolloutConfig(n=1, max_response_tokens=4)
-    b = SearchAgent(eng, KeywordRetriever(), tok, cfg).rollout(prompts(tok, ["France?"]))
+    b = make_agent(eng, KeywordRetriever(), tok, n=1, max_response_tokens=4).rollout(prompts(tok, ["France?"]))
     assert b.truncated.tolist() == [True] and int(b.response_lengths()[0]) == 4 and b.num_turns.tolist() == [1]
 
 
@@ -171,22 +176,22 @@ def test_prompt_too_long_names_it(tok):
     eng = ScriptedEngine(tok, search_then_answer)
     items = prompts(tok, ["short", "a much much longer question " * 20], uids=["ok", "nq_train_42"])
     with pytest.raises(ValueError, match=r"nq_train_42.*max_prompt_tokens=16"):
-        SearchAgent(eng, KeywordRetriever(), tok, RolloutConfig(n=1, max_prompt_tokens=16)).rollout(items)
+        make_agent(eng, KeywordRetriever(), tok, n=1, max_prompt_tokens=16).rollout(items)
 
 
 def test_context_limit_checked_against_engine(tok):
     eng = ScriptedEngine(tok, search_then_answer, max_model_len=1024)
     with pytest.raises(ValueError, match="exceed the engine's context"):
-        SearchAgent(eng, KeywordRetriever(), tok, RolloutConfig(max_prompt_tokens=512, max_response_tokens=1024))
+        make_agent(eng, KeywordRetriever(), tok, max_prompt_tokens=512, max_response_tokens=1024)
 
 
 # ---------------------------------------------------------------------------- retriever failures
 @pytest.mark.timeout(30)
 def test_failing_retriever_clear_error_after_retries(tok):
     ret = FailingRetriever()
-    cfg = RolloutConfig(n=2, retrieval_retries=2, retrieval_backoff_s=0.01)
-    agent = SearchAgent(ScriptedEngine(tok, search_then_answer), ret, tok, cfg)
-    with pytest.raises(RetrievalError, match=r"turn 0 after 3 attempt.*capital of France.*ConnectionError"):
+    policy = RetryPolicy(retries=2, backoff_s=0.01, timeout_s=None)
+    agent = make_agent(ScriptedEngine(tok, search_then_answer), Resilient(ret, policy), tok, n=2)
+    with pytest.raises(RetrievalError, match=r"turn 0 for queries.*capital of France.*after 3 attempt.*ConnectionError"):
         agent.rollout(prompts(tok, ["France?"]))
     assert ret.attempts == 3
 
@@ -194,18 +199,18 @@ def test_failing_retriever_clear_error_after_retries(tok):
 @pytest.mark.timeout(30)
 def test_slow_retriever_times_out_with_clear_error(tok):
     ret = SlowRetriever(delay=60, timeout=0.2)
-    cfg = RolloutConfig(n=1, retrieval_retries=1, retrieval_backoff_s=0.01)
-    agent = SearchAgent(ScriptedEngine(tok, search_then_answer), ret, tok, cfg)
-    with pytest.raises(RetrievalError, match=r"turn 0 after 2 attempt.*TimeoutError"):
+    policy = RetryPolicy(retries=1, backoff_s=0.01, timeout_s=None)
+    agent = make_agent(ScriptedEngine(tok, search_then_answer), Resilient(ret, policy), tok, n=1)
+    with pytest.raises(RetrievalError, match=r"turn 0 .*after 2 attempt.*TimeoutError"):
         agent.rollout(prompts(tok, ["France?"]))
     assert ret.attempts == 2
 
 
 @pytest.mark.timeout(30)
-def test_hanging_retriever_capped_by_agent_timeout(tok):
+def test_hanging_retriever_capped_by_the_retry_layer(tok):
     ret = SlowRetriever(delay=60, timeout=None)  # no timeout of its own
-    cfg = RolloutConfig(n=1, retrieval_retries=0, retrieval_timeout_s=0.3)
-    agent = SearchAgent(ScriptedEngine(tok, search_then_answer), ret, tok, cfg)
+    agent = make_agent(ScriptedEngine(tok, search_then_answer), Resilient(ret, RetryPolicy(retries=0, timeout_s=0.3)),
+                       tok, n=1)
     with pytest.raises(RetrievalError, match=r"did not answer within 0.3 s"):
         agent.rollout(prompts(tok, ["France?"]))
 
@@ -214,9 +219,8 @@ def test_retriever_wrong_length_is_an_error(tok):
     class Short(KeywordRetriever):
         def retrieve(self, queries, topk):
             return super().retrieve(queries, topk)[:-1]
-    cfg = RolloutConfig(n=2, retrieval_retries=0)
     with pytest.raises(RetrievalError, match="for 2 queries"):
-        SearchAgent(ScriptedEngine(tok, search_then_answer), Short(), tok, cfg).rollout(prompts(tok, ["F"]))
+        make_agent(ScriptedEngine(tok, search_then_answer), Short(), tok, n=2).rollout(prompts(tok, ["F"]))
 
 
 # ---------------------------------------------------------------------------- tokenizers
@@ -224,7 +228,7 @@ def test_tags_missing_from_vocab_still_work(notag_tok):
     tok = notag_tok
     assert "</search>" not in tok.get_vocab() and len(tok("</search>", add_special_tokens=False)["input_ids"]) > 1
     eng = ScriptedEngine(tok, search_then_answer)
-    b = SearchAgent(eng, KeywordRetriever(), tok, RolloutConfig(n=1)).rollout(prompts(tok, ["France?"]))
+    b = make_agent(eng, KeywordRetriever(), tok, n=1).rollout(prompts(tok, ["France?"]))
     assert b.answer_text == ["Paris"] and b.num_searches.tolist() == [1]
     assert b.action_texts[0][0].endswith("</search>")
 
@@ -239,12 +243,12 @@ def _recompute_logp(model, batch):
 
 @pytest.mark.timeout(120)
 def test_hf_engine_rollout_token_in_token_out(tiny_dir, tok):
-    from tspo_fast.rollout.engine_hf import HFEngine
+    from tspo_fast.engines.hf import HFEngine
 
     eng = HFEngine.from_pretrained(tiny_dir)
-    cfg = RolloutConfig(n=3, max_turns=2, max_new_tokens_per_turn=24, max_obs_tokens=40, seed=1,
-                        max_prompt_tokens=64, max_response_tokens=256)
-    b = SearchAgent(eng, KeywordRetriever(), tok, cfg).rollout(prompts(tok, ["France?", "mountain"]))
+    agent = make_agent(eng, KeywordRetriever(), tok, n=3, max_turns=2, max_new_tokens_per_turn=24, max_obs_tokens=40,
+                       max_prompt_tokens=64, max_response_tokens=256)
+    b = agent.rollout(prompts(tok, ["France?", "mountain"]), seed=1)
     assert len(b) == 6 and (b.num_turns >= 1).all() and (b.num_turns <= 3).all()
     # every row's prompt is intact, and the engine's log-probs are the model's log-probs of
     # exactly those ids in that context: the sequence is what was sampled, nothing re-encoded
@@ -258,7 +262,7 @@ def test_hf_engine_rollout_token_in_token_out(tiny_dir, tok):
 
 
 def test_collate_padding_multiple(tok):
-    from tspo_fast.rollout import Trajectory
+    from tspo_fast.env.batch import Trajectory
     t1 = Trajectory([1, 2, 3], "a"); t1.append([4, 5], 0, False, [-1.0, -2.0]); t1.append([6], 0, True)
     t2 = Trajectory([7], 5)
     b = collate([t1, t2], pad_id=0, pad_to_multiple=8)
@@ -273,8 +277,8 @@ def test_sync_weights_into_hf_engine(tiny_dir):
     """sync_weights with plain parameters into the HF engine, several buckets, tied embeddings."""
     from transformers import AutoModelForCausalLM
 
-    from tspo_fast.rollout import sync_weights
-    from tspo_fast.rollout.engine_hf import HFEngine
+    from tspo_fast.engines.sync import sync_weights
+    from tspo_fast.engines.hf import HFEngine
 
     eng = HFEngine.from_pretrained(tiny_dir)
     policy = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)

@@ -13,8 +13,9 @@ import socket
 import pytest
 import torch
 
-from tspo_fast.rollout import SamplingConfig, sync_weights
-from tspo_fast.tiny_model import TinyModelSpec, build_tiny_model, load_tokenizer
+from tspo_fast.engines import SamplingConfig
+from tspo_fast.engines.sync import sync_weights
+from tspo_fast.models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("vllm")
@@ -55,7 +56,7 @@ def ds_engine(tiny_dir):
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_dir, ds_engine):
-    from tspo_fast.rollout.engine_vllm import VLLMEngine
+    from tspo_fast.engines.vllm import VLLMEngine
     eng = VLLMEngine(tiny_dir, max_model_len=512)
     yield eng
     eng.close()
@@ -63,7 +64,7 @@ def vllm_engine(tiny_dir, ds_engine):
 
 def _hf_greedy(state_dict, tiny_dir, prompts, n=24):
     from transformers import AutoModelForCausalLM
-    from tspo_fast.rollout.engine_hf import HFEngine
+    from tspo_fast.engines.hf import HFEngine
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     if state_dict is not None:
@@ -111,7 +112,7 @@ def test_sync_after_optimizer_step_matches_hf(ds_engine, vllm_engine, tiny_dir):
 
 def test_cpu_gemm_patch_in_place(vllm_engine):
     """The patch works: every vLLM linear layer computes F.linear on its live, full weight."""
-    from tspo_fast.rollout import vllm_patches
+    from tspo_fast.engines import vllm_patches
 
     if not vllm_patches.is_cpu_platform():
         pytest.skip("CPU-only patch")
@@ -131,7 +132,7 @@ def test_cpu_gemm_patch_in_place(vllm_engine):
 def test_cpu_gemm_patch_still_needed():
     """Fails when vLLM's own CPU dispatch starts honouring weight updates (patch obsolete)."""
     import vllm
-    from tspo_fast.rollout import vllm_patches
+    from tspo_fast.engines import vllm_patches
 
     if not vllm_patches.is_cpu_platform():
         pytest.skip("CPU-only patch")
@@ -153,7 +154,7 @@ def test_cpu_gemm_patch_still_needed():
                                         torch.nn.functional.linear(x, new_w, lin.bias), atol=1e-4)
     assert not honours_update, (
         f"vLLM {vllm.__version__}'s CPU GEMM dispatch now follows weight updates: the patch in "
-        f"tspo_fast/rollout/vllm_patches.py (written for {vllm_patches.WRITTEN_FOR_VLLM}) may be dropped")
+        f"tspo_fast/engines/vllm_patches.py (written for {vllm_patches.WRITTEN_FOR_VLLM}) may be dropped")
 
 
 @pytest.mark.slow

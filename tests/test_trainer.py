@@ -104,9 +104,9 @@ def test_resume_reaches_the_same_weights(train_env, tmp_path):
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
 def test_update_is_exact_across_micro_batches_and_world_sizes(train_env, tmp_path, agg):
-    """1x8, 4x2 micro-batches on one rank and 2 ranks x 2x1 give the same weights (SPEC §4 aggregation)."""
+    """1x8, 4x2 micro-batches on one rank and 2 ranks x 2x1 give the same weights (docs/algorithm.md §4 aggregation)."""
     model = str(tmp_path / "tiny")
-    _run([sys.executable, "-c", f"from tspo_fast.tiny_model import build_tiny_model; build_tiny_model({model!r})"], train_env)
+    _run([sys.executable, "-c", f"from tspo_fast.models.tiny import build_tiny_model; build_tiny_model({model!r})"], train_env)
     outs = {}
     for name, launcher, micro in (("ws1_m8", [sys.executable], 8), ("ws1_m2", [sys.executable], 2),
                                   ("ws2_m1", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], 1)):

@@ -1,17 +1,28 @@
-"""Typed training configuration: dataclasses, YAML loading, ``--set a.b=c`` overrides, and
-validation whose messages name the offending field (``rollout.n: must be >= 1, got 0``).
+"""Typed run configuration: one settings object per concern (dataclasses), YAML loading,
+``--set a.b=c`` overrides, and validation whose messages name the offending field
+(``rollout.n: must be >= 1, got 0``).
 
-Every option of SPEC.md is a field here with the spec's default.
+Every option of docs/algorithm.md is a field here with its default.  Fields that name an
+extension (``advantage.mode``, ``retrieval.kind``, ``rollout.engine``) are checked against the
+registries, so a registered extension is a valid value (README, "Extending").
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
+
+from tspo_kernels import ADV_NORMS, FOLR_SOURCES
+
+from .algo.advantages import ESTIMATORS
+from .algo.rewards import OUTCOMES
+from .engines.base import ENGINES
+from .retrieval.base import RETRIEVERS
 
 
 class ConfigError(ValueError):
@@ -37,17 +48,18 @@ class DataConfig:
 
 @dataclass
 class RetrievalConfig:
-    kind: str = "inprocess"             # inprocess | http
+    kind: str = "inprocess"             # a registered retriever: inprocess | http
     index: str = "bundled:bm25"         # index folder for in-process retrieval
     url: str = "http://127.0.0.1:8000/retrieve"
     topk: int = 3
-    timeout_s: float = 30.0
-    retries: int = 2
+    timeout_s: float = 30.0             # one attempt's wall-clock limit
+    retries: int = 2                    # extra attempts after a failed one (the one retry layer)
+    backoff_s: float = 0.25             # wait before the first retry, doubled each retry
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"                  # vllm | hf
+    engine: str = "hf"                  # a registered engine: vllm | hf
     n: int = 5
     max_turns: int = 4
     max_new_tokens_per_turn: int = 500
@@ -62,14 +74,14 @@ class RolloutConfig:
 
 @dataclass
 class RewardConfig:
-    outcome: str = "em"                 # em | f1
+    outcome: str = "em"                 # em | f1 (tspo_fast.algo.rewards.OUTCOMES)
     folr_alpha: float = 0.5
     folr_source: str = "observation"    # observation | action | any
 
 
 @dataclass
 class AdvantageConfig:
-    mode: str = "tspo"                  # tspo | grpo
+    mode: str = "tspo"                  # a registered estimator: tspo | grpo (tspo_fast.algo.advantages)
     norm: str = "group"                 # group | turn
     gamma: float = 1.0
     eps: float = 1e-6
@@ -156,11 +168,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ConfigError(f"{where}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
@@ -236,30 +250,42 @@ def _one_of(value: Any, where: str, allowed: Sequence[str]) -> None:
     _check(value in allowed, where, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def check_rollout(r: RolloutConfig, where: str = "rollout") -> RolloutConfig:
+    """Validate a :class:`RolloutConfig` (also when the agent is built from one directly)."""
+    _one_of(r.engine, f"{where}.engine", ENGINES.names())
+    _check(r.n >= 1, f"{where}.n", f"must be >= 1, got {r.n}")
+    _check(r.max_turns >= 0, f"{where}.max_turns", f"must be >= 0, got {r.max_turns}")
+    for name in ("max_new_tokens_per_turn", "max_response_tokens"):
+        _check(getattr(r, name) >= 1, f"{where}.{name}", f"must be >= 1, got {getattr(r, name)}")
+    _check(r.max_obs_tokens >= 0, f"{where}.max_obs_tokens", f"must be >= 0, got {r.max_obs_tokens}")
+    _check(r.temperature > 0, f"{where}.temperature", f"must be > 0, got {r.temperature}")
+    _check(0 < r.top_p <= 1, f"{where}.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(r.tensor_parallel_size >= 1, f"{where}.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
+    _check(0 < r.gpu_memory_utilization <= 1, f"{where}.gpu_memory_utilization",
+           f"must be in (0, 1], got {r.gpu_memory_utilization}")
+    _check(r.sync_bucket_mb > 0, f"{where}.sync_bucket_mb", f"must be > 0, got {r.sync_bucket_mb}")
+    return r
+
+
 def validate(cfg: Config) -> Config:
     _one_of(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
     _check(bool(cfg.model.path), "model.path", "must name a model folder or hub id")
+    _check(bool(cfg.output_dir.strip()), "output_dir", "must name a folder")
     _check(len(cfg.data.train_files) > 0, "data.train_files", "needs at least one file")
     _one_of(cfg.data.chat_template, "data.chat_template", ("auto", "never"))
     _check(cfg.data.max_prompt_tokens >= 8, "data.max_prompt_tokens", f"must be >= 8, got {cfg.data.max_prompt_tokens}")
-    _one_of(cfg.retrieval.kind, "retrieval.kind", ("inprocess", "http"))
+    _check(cfg.data.eval_limit >= 0, "data.eval_limit", f"must be >= 0 (0 = every test question), got {cfg.data.eval_limit}")
+    _one_of(cfg.retrieval.kind, "retrieval.kind", RETRIEVERS.names())
     _check(1 <= cfg.retrieval.topk <= 100, "retrieval.topk", f"must be in [1, 100], got {cfg.retrieval.topk}")
     _check(cfg.retrieval.timeout_s > 0, "retrieval.timeout_s", f"must be > 0, got {cfg.retrieval.timeout_s}")
     _check(cfg.retrieval.retries >= 0, "retrieval.retries", f"must be >= 0, got {cfg.retrieval.retries}")
-    r = cfg.rollout
-    _one_of(r.engine, "rollout.engine", ("vllm", "hf"))
-    _check(r.n >= 1, "rollout.n", f"must be >= 1, got {r.n}")
-    _check(r.max_turns >= 1, "rollout.max_turns", f"must be >= 1, got {r.max_turns}")
-    for name in ("max_new_tokens_per_turn", "max_obs_tokens", "max_response_tokens"):
-        _check(getattr(r, name) >= 1, f"rollout.{name}", f"must be >= 1, got {getattr(r, name)}")
-    _check(r.temperature > 0, "rollout.temperature", f"must be > 0, got {r.temperature}")
-    _check(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
-    _check(r.sync_bucket_mb > 0, "rollout.sync_bucket_mb", f"must be > 0, got {r.sync_bucket_mb}")
-    _one_of(cfg.reward.outcome, "reward.outcome", ("em", "f1"))
-    _one_of(cfg.reward.folr_source, "reward.folr_source", ("observation", "action", "any"))
+    _check(cfg.retrieval.backoff_s >= 0, "retrieval.backoff_s", f"must be >= 0, got {cfg.retrieval.backoff_s}")
+    check_rollout(cfg.rollout)
+    _one_of(cfg.reward.outcome, "reward.outcome", OUTCOMES)
+    _one_of(cfg.reward.folr_source, "reward.folr_source", FOLR_SOURCES)
     _check(cfg.reward.folr_alpha >= 0, "reward.folr_alpha", f"must be >= 0, got {cfg.reward.folr_alpha}")
-    _one_of(cfg.advantage.mode, "advantage.mode", ("tspo", "grpo"))
-    _one_of(cfg.advantage.norm, "advantage.norm", ("group", "turn"))
+    _one_of(cfg.advantage.mode, "advantage.mode", ESTIMATORS.names())
+    _one_of(cfg.advantage.norm, "advantage.norm", ADV_NORMS)
     _check(0 <= cfg.advantage.gamma <= 1, "advantage.gamma", f"must be in [0, 1], got {cfg.advantage.gamma}")
     _check(cfg.advantage.eps > 0, "advantage.eps", f"must be > 0, got {cfg.advantage.eps}")
     lo = cfg.loss
@@ -267,6 +293,7 @@ def validate(cfg: Config) -> Config:
     _check(lo.eps_high >= 0, "loss.eps_high", f"must be >= 0, got {lo.eps_high}")
     _check(lo.dual_clip is None or lo.dual_clip > 1, "loss.dual_clip", f"must be > 1 or null, got {lo.dual_clip}")
     _check(lo.kl_coef >= 0, "loss.kl_coef", f"must be >= 0, got {lo.kl_coef}")
+    _check(lo.kl_clamp > 0, "loss.kl_clamp", f"must be > 0, got {lo.kl_clamp}")
     _check(lo.tis_cap is None or lo.tis_cap > 0, "loss.tis_cap", f"must be > 0 or null, got {lo.tis_cap}")
     _one_of(lo.agg, "loss.agg", ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"))
     _check(lo.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {lo.chunk_size}")
@@ -279,10 +306,14 @@ def validate(cfg: Config) -> Config:
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
     _check(t.ppo_epochs >= 1, "train.ppo_epochs", f"must be >= 1, got {t.ppo_epochs}")
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     _one_of(t.zero_stage, "train.zero_stage", (0, 1, 2, 3))
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
+    _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
+    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
     return cfg
 
 

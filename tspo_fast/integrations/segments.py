@@ -3,7 +3,7 @@
 Frameworks mark, per response token, whether the policy generated it (TRL: ``tool_mask`` = 1,
 or ``env_mask`` from a ``rollout_func``; veRL: ``response_mask`` = 1) or the environment
 appended it (tool / retrieval output: 0).  TSPO needs per-token turn ids: turn k is the k-th
-run of generated tokens together with the observation run that follows it (SPEC §1).
+run of generated tokens together with the observation run that follows it (docs/algorithm.md §1).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 ``generate``, tools, environments or a ``rollout_func``), reward functions, reference model
 and logging, and replaces two things:
 
-1. **Advantages** (SPEC §2-§3).  After TRL has generated and scored a batch, turns are read
+1. **Advantages** (docs/algorithm.md §2-§3).  After TRL has generated and scored a batch, turns are read
    off TRL's ``tool_mask`` (1 = policy tokens, 0 = tool / environment output; a
    ``rollout_func`` sets it through its ``env_mask`` key): turn k = the k-th run of policy
    tokens and the observation that follows it.  The outcome R_i is TRL's weighted sum of the
@@ -12,7 +12,7 @@ and logging, and replaces two things:
    token ids and the example's gold answers (dataset column ``answers_column``).  Kernel K2
    turns (R, k*, K, prompt group) into per-turn advantages, which are written on each turn's
    policy tokens as a (B, C) tensor (TRL's loss accepts (B, C) advantages).
-2. **Loss** (SPEC §4).  ``compute_loss`` runs the model body and hands the final hidden states
+2. **Loss** (docs/algorithm.md §4).  ``compute_loss`` runs the model body and hands the final hidden states
    of the trained tokens and the LM-head weight to kernel K3 (``fused_linear_pg_loss``):
    the clipped surrogate, KL and its gradient without (N, V) logits and without recomputing
    the head in backward.  The head is called as a module (its ``forward`` is swapped for the
@@ -32,9 +32,11 @@ import types
 from typing import Any, Dict, List, Optional
 
 import torch
+from torch.distributed.tensor import DTensor
 
 import tspo_kernels as tk
 
+from ..algo.rewards import outcome_reward
 from .segments import Turns, turns_from_action_mask
 
 try:
@@ -59,10 +61,8 @@ def _text(completion) -> str:
 
 
 def outcome_reward_func(kind: str = "em", answers_column: str = "golden_answers"):
-    """A TRL reward function giving SPEC §2's outcome R_i: EM (``kind="em"``) or token F1
+    """A TRL reward function giving docs/algorithm.md §2's outcome R_i: EM (``kind="em"``) or token F1
     (``"f1"``) of the last ``<answer>...</answer>`` against the aliases in ``answers_column``."""
-    from ..reward import outcome_reward
-
     if kind not in ("em", "f1"):
         raise ValueError(f"kind must be 'em' or 'f1', got {kind!r}")
 
@@ -101,10 +101,6 @@ def turn_level_advantages(outcome: torch.Tensor, first_turn: torch.Tensor, num_t
 
 
 def _is_dtensor(x) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - old torch
-        return False
     return isinstance(x, DTensor)
 
 
@@ -130,11 +126,11 @@ class TSPOGRPOTrainer(GRPOTrainer):
 
     answers_column   dataset column with the gold answer aliases (list of str, or str);
                      needed unless ``folr_alpha == 0`` or ``advantage_mode == "grpo"``
-    folr_alpha       FOLR partial reward alpha (SPEC §2; 0.5)
+    folr_alpha       FOLR partial reward alpha (docs/algorithm.md §2; 0.5)
     folr_source      where K1 looks: "observation" (default), "action" or "any"
     gamma, advantage_mode ("tspo" | "grpo"), advantage_norm ("group" | "turn"), advantage_eps
-                     SPEC §3 options of K2
-    kl_clamp         K3's clamp of the k3 KL (SPEC §4; TRL itself does not clamp)
+                     docs/algorithm.md §3 options of K2
+    kl_clamp         K3's clamp of the k3 KL (docs/algorithm.md §4; TRL itself does not clamp)
     chunk_size       K3 token rows per chunk (None: automatic)
     """
 
@@ -204,16 +200,13 @@ class TSPOGRPOTrainer(GRPOTrainer):
         b = completion_ids.shape[0]
         if self.folr_alpha == 0.0 or self.tspo_k2["mode"] == "grpo":
             return torch.full((b,), -1, dtype=torch.long, device=completion_ids.device)
-        variants = []
         for x in inputs:
             if self.answers_column not in x:
                 raise KeyError(f"TSPO's FOLR reward needs the gold answers of each example: column "
                                f"{self.answers_column!r} is missing (columns: {sorted(x)}); pass answers_column=...")
-            aliases = x[self.answers_column]
-            aliases = [aliases] if isinstance(aliases, str) else list(aliases)
-            variants.append(tk.answer_variants(self._tokenizer, aliases))
-        patterns = tk.pack_patterns(variants, device=completion_ids.device)
-        k_star, _ = tk.first_occurrence(completion_ids, turns.turn_id, turns.is_obs, patterns, source=self.folr_source)
+        k_star, _ = tk.first_occurrence_of_aliases(completion_ids, turns.turn_id, turns.is_obs,
+                                                   [x[self.answers_column] for x in inputs], self._tokenizer,
+                                                   source=self.folr_source)
         return k_star
 
     def _tspo_advantages(self, inputs, out: Dict[str, Any]) -> torch.Tensor:

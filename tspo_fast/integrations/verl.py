@@ -6,7 +6,7 @@ and nothing else, so TSPO's per-turn rewards travel inside ``token_level_rewards
 
 * turns are the runs of ``response_mask == 1`` (veRL's multi-turn agent loop sets 0 on tool /
   environment tokens): turn k = the k-th run of policy tokens and the observation after it;
-* :func:`folr_token_level_rewards` writes SPEC §2's turn rewards there: FOLR's ``alpha`` on the
+* :func:`folr_token_level_rewards` writes docs/algorithm.md §2's turn rewards there: FOLR's ``alpha`` on the
   last policy token of turn k*, the outcome R on the last policy token of the last turn.
   :func:`folr_first_turn` finds k* from the response token ids with kernel K1; the reward
   manager ``"tspo"`` does both: ``TSPORewardLoopManager`` for veRL's reward loop (0.9), a
@@ -14,7 +14,7 @@ and nothing else, so TSPO's per-turn rewards travel inside ``token_level_rewards
   ``AbstractRewardManager`` interface;
 * :func:`compute_tspo_advantage` (registered as ``"tspo"`` when veRL is importable: set
   ``algorithm.adv_estimator=tspo``) sums the rewards of each turn, recovers (R, k*, K) and runs
-  kernel K2: SPEC §3's turn-level, group-normalised advantages on every policy token.
+  kernel K2: docs/algorithm.md §3's turn-level, group-normalised advantages on every policy token.
 
 A trajectory whose last turn is also its first-occurrence turn carries ``R + alpha`` there; it
 is read back as outcome ``R + alpha`` with no k*, which gives the same returns, hence the same
@@ -28,6 +28,7 @@ import torch
 
 import tspo_kernels as tk
 
+from ..algo.rewards import outcome_reward
 from .segments import Turns, turns_from_action_mask
 
 __all__ = ["FolrScore", "TSPORewardLoopManager", "TSPORewardManager", "compute_tspo_advantage", "folr_rm_scores",
@@ -68,9 +69,9 @@ def turn_rewards(token_level_rewards: torch.Tensor, response_mask: torch.Tensor)
 def compute_tspo_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, index: Any,
                            config: Any = None, *, alpha: float = 0.5, gamma: float = 1.0, norm: str = "group",
                            eps: float = 1e-6, atol: float = 1e-5, **unused) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SPEC §3 TSPO advantages for a veRL batch: ``(advantages, returns)``, both (bs, L) float32.
+    """docs/algorithm.md §3 TSPO advantages for a veRL batch: ``(advantages, returns)``, both (bs, L) float32.
 
-    token_level_rewards (bs, L) float: SPEC §2 turn rewards as :func:`folr_token_level_rewards`
+    token_level_rewards (bs, L) float: docs/algorithm.md §2 turn rewards as :func:`folr_token_level_rewards`
     places them (a plain outcome reward on the last token is TSPO with no FOLR hit).
     response_mask (bs, L): 1 on policy tokens.  index: (bs,) prompt uids (veRL's
     ``non_tensor_batch["uid"]``).  ``config`` (veRL's AlgoConfig) is accepted and unused: the
@@ -102,7 +103,7 @@ def compute_tspo_advantage(token_level_rewards: torch.Tensor, response_mask: tor
 
 def folr_token_level_rewards(outcome: torch.Tensor, first_turn: torch.Tensor, response_mask: torch.Tensor,
                              alpha: float = 0.5) -> torch.Tensor:
-    """(bs, L) float32 token-level rewards carrying SPEC §2's turn rewards.
+    """(bs, L) float32 token-level rewards carrying docs/algorithm.md §2's turn rewards.
 
     outcome (bs,) float R_i; first_turn (bs,) int k*_i (-1: none); response_mask (bs, L).
     alpha goes on the last policy token of turn k*, R_i on the last policy token of the row.
@@ -130,12 +131,9 @@ def folr_first_turn(response_ids: torch.Tensor, response_mask: torch.Tensor, ali
     observation at the end of a truncated response is searched too.  aliases: per row, the gold
     answers (veRL: ``reward_model["ground_truth"]["target"]``).  tokenizer: the policy's.
     """
-    if len(aliases) != response_ids.shape[0]:
-        raise ValueError(f"aliases has {len(aliases)} rows but response_ids has {response_ids.shape[0]}")
     turns = turns_from_action_mask(response_mask, valid_mask)
-    variants = [tk.answer_variants(tokenizer, [a] if isinstance(a, str) else list(a)) for a in aliases]
-    k_star, _ = tk.first_occurrence(response_ids, turns.turn_id, turns.is_obs,
-                                    tk.pack_patterns(variants, device=response_ids.device), source=source)
+    k_star, _ = tk.first_occurrence_of_aliases(response_ids, turns.turn_id, turns.is_obs, aliases, tokenizer,
+                                               source=source)
     return k_star
 
 
@@ -153,7 +151,7 @@ def _aliases(ground_truth: Any) -> list:
 
 
 class TSPORewardManager:
-    """veRL reward manager (veRL 0.9's ``AbstractRewardManager`` interface) writing SPEC §2's
+    """veRL reward manager (veRL 0.9's ``AbstractRewardManager`` interface) writing docs/algorithm.md §2's
     turn rewards into ``token_level_rewards`` for :func:`compute_tspo_advantage`.
 
     Per row: R_i = ``compute_score(data_source=, solution_str=, ground_truth=, extra_info=)`` when
@@ -175,8 +173,6 @@ class TSPORewardManager:
         self.outcome = outcome
 
     def __call__(self, data: Any, return_dict: bool = False):
-        from ..reward import outcome_reward
-
         responses = data.batch["responses"]
         L = responses.shape[1]
         valid = data.batch["attention_mask"][:, -L:].bool()

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import pyarrow as pa
+import pyarrow.json as pj
+
 __all__ = ["Corpus", "CorpusError", "split_title"]
 
 
@@ -44,9 +47,6 @@ class Corpus:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Corpus":
         """Read a JSONL corpus with pyarrow; ``id`` may be a string or an integer column."""
-        import pyarrow as pa
-        import pyarrow.json as pj
-
         p = Path(path)
         if not p.is_file():
             raise CorpusError(f"corpus file not found: {p}")
@@ -73,8 +73,6 @@ class Corpus:
     @classmethod
     def from_docs(cls, docs: Sequence[dict]) -> "Corpus":
         """An in-memory corpus from ``[{"id", "contents"}, ...]`` (tests, small tools)."""
-        import pyarrow as pa
-
         return cls(ids=pa.chunked_array([pa.array([str(d["id"]) for d in docs], pa.string())]),
                    contents=pa.chunked_array([pa.array([d["contents"] for d in docs], pa.string())]))
 
@@ -87,8 +85,6 @@ class Corpus:
         """The documents at the given row numbers, as ``{"id", "contents"}`` dicts."""
         if len(rows) == 0:
             return []
-        import pyarrow as pa
-
         idx = pa.array(rows, pa.int64())
         return [{"id": i, "contents": c}
                 for i, c in zip(self.ids.take(idx).to_pylist(), self.contents.take(idx).to_pylist())]

@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import AutoModel, AutoTokenizer
 
 __all__ = ["DEFAULT_ENCODER", "Encoder", "EncoderError", "resolve_encoder", "canonical_encoder_name"]
 
@@ -90,9 +93,6 @@ class Encoder:
              max_length: int = 256, batch_size: int = 64, fp16: bool = False,
              query_prefix: str = "query: ", passage_prefix: str = "passage: ") -> "Encoder":
         """Load an encoder by hub name or local path (default: :data:`DEFAULT_ENCODER`)."""
-        import torch
-        from transformers import AutoModel, AutoTokenizer
-
         name, where = resolve_encoder(name_or_path)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -116,15 +116,11 @@ class Encoder:
         return int(self.model.config.hidden_size)
 
     def _encode(self, texts: Sequence[str], prefix: str, progress: bool = False) -> np.ndarray:
-        import torch
-
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         # similar lengths in one batch: less padding (results do not depend on the order)
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         starts = range(0, len(texts), self.batch_size)
         if progress:
-            from tqdm import tqdm
-
             starts = tqdm(starts, desc="encoding passages", unit="batch")
         for s in starts:
             rows = order[s:s + self.batch_size]

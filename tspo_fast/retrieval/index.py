@@ -17,10 +17,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+import bm25s
 import numpy as np
+from tqdm import tqdm
 
-from tspo_fast.retrieval.corpus import Corpus
-from tspo_fast.retrieval.encoder import Encoder, canonical_encoder_name
+from .corpus import Corpus
+from .encoder import Encoder, canonical_encoder_name
 
 __all__ = ["FORMAT_VERSION", "IndexMeta", "IndexError_", "IndexMismatchError", "BM25Index",
            "DenseIndex", "make_faiss_index", "build_index", "load_index", "read_meta"]
@@ -31,6 +33,16 @@ META_FILE = "meta.json"
 FAISS_FILE = "index.faiss"
 BM25_DIR = "bm25"
 FAISS_KINDS = ("flat", "ivf", "hnsw")
+
+
+def _faiss():
+    """faiss (an optional extra: ``faiss-cpu`` in ``tspo-fast[cpu]``, ``faiss-gpu-cu12`` in ``[gpu]``)."""
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError("dense retrieval needs faiss: pip install 'tspo-fast[cpu]' (faiss-cpu) "
+                          "or 'tspo-fast[gpu]' (faiss-gpu-cu12)") from e
+    return faiss
 
 
 class IndexError_(RuntimeError):
@@ -98,8 +110,6 @@ class BM25Index:
     @classmethod
     def build(cls, texts: Sequence[str], k1: float = 0.9, b: float = 0.4,
               stopwords: str = "en", progress: bool = True) -> "BM25Index":
-        import bm25s
-
         tokens = bm25s.tokenize(list(texts), stopwords=stopwords, show_progress=progress)
         model = bm25s.BM25(k1=k1, b=b)
         model.index(tokens, show_progress=progress)
@@ -112,8 +122,6 @@ class BM25Index:
 
     @classmethod
     def load(cls, index_dir: Path, meta: IndexMeta) -> "BM25Index":
-        import bm25s
-
         d = index_dir / BM25_DIR
         if not d.is_dir():
             raise IndexError_(f"{index_dir}: BM25 index files ({BM25_DIR}/) are missing")
@@ -121,8 +129,6 @@ class BM25Index:
 
     def search(self, queries: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each (len(queries), min(topk, corpus size)), best first."""
-        import bm25s
-
         k = min(topk, self.meta.corpus_size)
         if not queries or k <= 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
@@ -144,8 +150,7 @@ def default_nlist(n: int) -> int:
 def make_faiss_index(dim: int, kind: str = "flat", n: int | None = None, *, nlist: int | None = None,
                      hnsw_m: int = 32, ef_construction: int = 80) -> Any:
     """An empty inner-product faiss index of the given kind (IVF needs ``train`` before ``add``)."""
-    import faiss
-
+    faiss = _faiss()
     if kind == "flat":
         return faiss.IndexFlatIP(dim)
     if kind == "ivf":
@@ -168,8 +173,7 @@ def tune_faiss_cpu(query_bs: int = 256, database_bs: int = 32768, blas_threshold
     larger blocks is 3-7x faster on a 2-core AVX2 machine.  The scratch buffer is
     ``query_bs * database_bs`` floats (32 MB by default).  Process-wide faiss setting.
     """
-    import faiss
-
+    faiss = _faiss()
     if hasattr(faiss, "cvar") and hasattr(faiss.cvar, "distance_compute_blas_threshold"):
         faiss.cvar.distance_compute_blas_threshold = blas_threshold
         faiss.cvar.distance_compute_blas_query_bs = query_bs
@@ -178,8 +182,7 @@ def tune_faiss_cpu(query_bs: int = 256, database_bs: int = 32768, blas_threshold
 
 def set_search_params(index: Any, params: dict) -> None:
     """Apply nprobe (IVF) / efSearch (HNSW) from ``params`` to a faiss index."""
-    import faiss
-
+    faiss = _faiss()
     tune_faiss_cpu()
     ivf = faiss.try_extract_index_ivf(index) if hasattr(faiss, "try_extract_index_ivf") else None
     if ivf is not None and "nprobe" in params:
@@ -189,8 +192,7 @@ def set_search_params(index: Any, params: dict) -> None:
 
 
 def _maybe_gpu(index: Any, kind: str, use_gpu: bool | None) -> Any:
-    import faiss
-
+    faiss = _faiss()
     n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if use_gpu is False or n_gpus == 0 or kind == "hnsw":  # faiss has no GPU HNSW
         if use_gpu and n_gpus == 0:
@@ -214,8 +216,6 @@ class DenseIndex:
               chunk: int = 8192, nlist: int | None = None, nprobe: int | None = None,
               hnsw_m: int = 32, ef_search: int = 64, progress: bool = True) -> "DenseIndex":
         """Encode the corpus in chunks (``passage: `` prefix) and add it to a new faiss index."""
-        from tqdm import tqdm
-
         n = len(corpus)
         if faiss_kind not in FAISS_KINDS:
             raise ValueError(f"unknown faiss index kind {faiss_kind!r} (expected one of {FAISS_KINDS})")
@@ -247,8 +247,7 @@ class DenseIndex:
         return cls(index, encoder, meta)
 
     def save(self, out_dir: Path) -> None:
-        import faiss
-
+        faiss = _faiss()
         index = self.index
         if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
             index = faiss.index_gpu_to_cpu(index)
@@ -257,8 +256,7 @@ class DenseIndex:
     @classmethod
     def load(cls, index_dir: Path, meta: IndexMeta, encoder: Encoder | str | None = None,
              use_gpu: bool | None = None) -> "DenseIndex":
-        import faiss
-
+        faiss = _faiss()
         if isinstance(encoder, Encoder):
             enc_name = encoder.name
         else:

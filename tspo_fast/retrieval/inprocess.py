@@ -6,12 +6,13 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-from tspo_fast.retrieval.base import Hit, check_request
-from tspo_fast.retrieval.corpus import Corpus
-from tspo_fast.retrieval.encoder import Encoder
-from tspo_fast.retrieval.index import BM25Index, DenseIndex, IndexMismatchError, load_index, read_meta
+from .base import Hit, check_request
+from .bundled import resolve_index
+from .corpus import Corpus
+from .encoder import Encoder
+from .index import BM25Index, DenseIndex, IndexMismatchError, load_index, read_meta
 
-__all__ = ["InProcessRetriever"]
+__all__ = ["InProcessRetriever", "from_config"]
 
 
 class InProcessRetriever:
@@ -77,3 +78,8 @@ class InProcessRetriever:
         check_request(queries, topk)
         docs, scores = self.search(queries, topk)
         return [[{"document": d, "score": s} for d, s in zip(ds, ss)] for ds, ss in zip(docs, scores)]
+
+
+def from_config(cfg) -> InProcessRetriever:
+    """``retrieval.kind: inprocess``: the index folder ``retrieval.index`` (or ``bundled:bm25``)."""
+    return InProcessRetriever.from_dir(resolve_index(cfg.index))

@@ -16,10 +16,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import Request  # module level: FastAPI resolves the endpoint's annotations here
+import uvicorn
+from fastapi import FastAPI, Request  # module level: FastAPI resolves the endpoint's annotations here
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from tspo_fast.retrieval.base import check_request
-from tspo_fast.retrieval.inprocess import InProcessRetriever
+from .base import check_request
+from .inprocess import InProcessRetriever
 
 __all__ = ["ServerLimits", "create_app", "serve", "BackgroundServer"]
 
@@ -40,16 +43,11 @@ class ServerLimits:
 
 
 def _error(status: int, message: str):
-    from fastapi.responses import JSONResponse
-
     return JSONResponse(status_code=status, content={"detail": message})
 
 
 def create_app(retriever: InProcessRetriever, limits: ServerLimits = ServerLimits()) -> Any:
     """The FastAPI app serving ``retriever``."""
-    from fastapi import FastAPI
-    from starlette.concurrency import run_in_threadpool
-
     app = FastAPI(title="tspo-fast retriever", version="1")
     app.state.retriever = retriever
     app.state.limits = limits
@@ -114,8 +112,6 @@ def create_app(retriever: InProcessRetriever, limits: ServerLimits = ServerLimit
 def serve(retriever: InProcessRetriever, host: str = "127.0.0.1", port: int = 8000,
           limits: ServerLimits = ServerLimits(), log_level: str = "info") -> None:
     """Serve ``retriever`` with uvicorn until interrupted."""
-    import uvicorn
-
     uvicorn.run(create_app(retriever, limits), host=host, port=port, log_level=log_level,
                 access_log=False, backlog=2048, timeout_keep_alive=KEEP_ALIVE_S)
 
@@ -129,8 +125,6 @@ class BackgroundServer:
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
-        import uvicorn
-
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))

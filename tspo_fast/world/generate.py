@@ -26,8 +26,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tspo_fast.data import QAExample, to_searchr1_row
-from tspo_fast.world import DATA_DIR
+from ..data.qa import QAExample, to_searchr1_row
+from . import DATA_DIR
 
 SEED = 20261126
 N_COUNTRIES = 12

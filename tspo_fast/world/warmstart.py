@@ -41,10 +41,22 @@ import json
 import math
 import os
 import random
+import shutil
 from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from ..data import build_prompt
+from ..env.protocol import search_observation
+from ..models import world_texts
+from ..models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer
+from ..retrieval import InProcessRetriever
+from ..retrieval.bundled import bundled_index
+from . import corpus_path
+from .generate import practice_questions
 
 BEHAVIOURS = (("good", 0.45), ("wrong_answer", 0.20), ("wrong_query", 0.20), ("no_search", 0.15))
 
@@ -83,7 +95,6 @@ class WarmStartSpec:
 
 
 def _passages() -> Dict[str, Tuple[str, str]]:
-    from . import corpus_path
     out = {}
     with open(corpus_path(), encoding="utf-8") as f:
         for line in f:
@@ -120,7 +131,6 @@ def copy_examples(tokenizer, examples, passages, count: int, seed: int):
     is to copy it from the question: this is what teaches the small model to copy names (trained
     on the real questions alone, it memorises a few names instead).
     """
-    from ..data import build_prompt
     rng = random.Random(seed)
     pools: Dict[str, List[str]] = {}
     for title, text in passages.values():
@@ -148,8 +158,6 @@ def reading_examples(tokenizer, retriever, examples, passages, count: int, seed:
     is replaced by another value of the same question type, and the demonstrated answer is that
     value: no memorised fact predicts it, only reading the passage does.  Loss on every action.
     """
-    from ..data import build_prompt
-    from ..rollout.agent import search_observation
     rng = random.Random(seed)
     usable = []
     for ex in examples:
@@ -212,8 +220,6 @@ def demonstration(ex, passages, others: Sequence[str], rng: random.Random,
 def build_examples(tokenizer, retriever, examples, spec: WarmStartSpec, passages=None,
                    behaviours: Sequence[Tuple[str, float]] = BEHAVIOURS):
     """Token ids + action mask of every demonstration, laid out as rollouts lay them out."""
-    from ..data import build_prompt
-    from ..rollout.agent import search_observation
     rng = random.Random(spec.seed)
     passages = passages or _passages()
     by_type: Dict[str, List[str]] = {}
@@ -254,7 +260,6 @@ def sft(model, parts, spec: WarmStartSpec, pad_id: int, progress: bool = True) -
     them each epoch; the others: a fresh share per epoch) come in shuffled batches of similar
     length, at a cosine-decaying rate from half the peak.  Returns the losses of each kind.
     """
-    from tqdm import tqdm
     torch.manual_seed(spec.seed)
     rows: List[Tuple[List[int], List[bool]]] = []
     plan: List[Tuple[str, List[int]]] = []
@@ -327,7 +332,6 @@ def copy_accuracy(model, tokenizer, rows, limit: int = 50) -> float:
 def search_first_prob(model, tokenizer, examples, limit: int = 200) -> float:
     """Mean probability that the first action searches (" I need to search") rather than answers
     (" The answer is"), right after its opening ``<think>``, over the first ``limit`` prompts."""
-    from ..data import build_prompt
     head = tokenizer("<think>", add_special_tokens=False)["input_ids"]
     search = tokenizer(" I", add_special_tokens=False)["input_ids"][0]
     answer = tokenizer(" The", add_special_tokens=False)["input_ids"][0]
@@ -348,11 +352,6 @@ def _tail_mean(xs: Sequence[float], k: int = 20) -> float:
 
 def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progress: bool = True) -> str:
     """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32)."""
-    from ..models import world_texts
-    from ..sources import bundled_index
-    from ..tiny_model import TinyModelSpec, build_tiny_model, load_tokenizer
-    from ..retrieval import InProcessRetriever
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(spec.seed)
     tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
@@ -364,7 +363,6 @@ def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progre
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     retriever = InProcessRetriever.from_dir(bundled_index("bm25"))
     # every question of the world the test split does not ask (the training split included)
-    from .generate import practice_questions
     examples = practice_questions()
     if spec.max_questions:
         examples = examples[: spec.max_questions]
@@ -394,7 +392,6 @@ def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progre
     model.save_pretrained(tmp)
     with open(os.path.join(tmp, "warmstart.json"), "w") as f:
         json.dump(info, f, indent=1)
-    import shutil
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return out_dir

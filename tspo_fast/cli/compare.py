@@ -1,0 +1,187 @@
+"""``tspo-fast compare A.yaml B.yaml``: train each config over several seeds and compare them.
+
+Every (config, seed) pair is an ordinary ``tspo-fast train`` run in its own process, written
+to ``<out>/<config name>/seed<S>``; a finished run (its metrics log reaches the last step) is
+reused, so an interrupted comparison picks up where it stopped.  At the end the command writes
+
+* ``<out>/compare.png``: test EM (mean over seeds, min-max band) and, from the training
+  rollouts, the reward, searches per rollout, the share of all-fail groups and the FOLR hit rate
+  (means over seeds, smoothed) against the step, one colour per config;
+* ``<out>/compare.md`` and ``compare.json``: a table of test EM before and after training
+  and averaged over the evaluations after step 0 (how fast it learnt; mean +- sample std over
+  seeds, and each seed's EM at every evaluation), train reward, the share of all-fail groups
+  and the FOLR hit rate over the last steps, and the wall time of each run.
+
+Runs are sequential (each one uses every core it is given).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from tqdm import tqdm
+
+from ..config import load_config
+from ..training.metrics import read_metrics
+from ..training.plots import plt, save_panels
+
+
+def _name(config: str) -> str:
+    return os.path.splitext(os.path.basename(config))[0]
+
+
+def _finished(run_dir: str, total_steps: int) -> bool:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return False
+    return any(r.get("step") == total_steps and "eval/em" in r for r in read_metrics(path))
+
+
+def _train(cmd: List[str]) -> None:
+    """One training run in a fresh process (its own cores, its own DeepSpeed world)."""
+    subprocess.run(cmd, check=True)
+
+
+def run_one(config: str, seed: int, run_dir: str, overrides: Sequence[str], total_steps: int) -> float:
+    """Train ``config`` with ``seed`` into ``run_dir`` (a fresh process); return wall seconds."""
+    if _finished(run_dir, total_steps):
+        return float("nan")
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):  # an unfinished run: start it again
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-m", "tspo_fast.cli", "train", "--config", config, "--no-plot",
+           "--set", f"seed={seed}", "--set", f"output_dir={run_dir}"]
+    for o in overrides:
+        cmd += ["--set", o]
+    t0 = time.perf_counter()
+    _train(cmd)
+    wall = time.perf_counter() - t0
+    with open(os.path.join(run_dir, "wall_s.txt"), "w") as f:
+        f.write(f"{wall:.1f}\n")
+    return wall
+
+
+def _mean_std(xs: Sequence[float]) -> Dict[str, float]:
+    xs = [x for x in xs if x == x]
+    if not xs:
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
+
+
+def summarize(out: str, configs: Sequence[str], seeds: Sequence[int], last_k: int = 5) -> Dict[str, dict]:
+    """Per config: test EM at the first and last evaluation, and train statistics of the last steps."""
+    table: Dict[str, dict] = {}
+    for config in configs:
+        name = _name(config)
+        per_seed = []
+        for seed in seeds:
+            run_dir = os.path.join(out, name, f"seed{seed}")
+            rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+            evals = [r for r in rows if "eval/em" in r]
+            train = [r for r in rows if "reward/mean" in r][-last_k:]
+            wall_path = os.path.join(run_dir, "wall_s.txt")
+            per_seed.append({
+                "seed": seed,
+                "em_before": evals[0]["eval/em"], "em_after": evals[-1]["eval/em"],
+                # how fast it learnt: the mean test EM over the evaluations after the first
+                "em_during": statistics.fmean(r["eval/em"] for r in evals[1:]) if len(evals) > 1 else float("nan"),
+                "em_path": [(r["step"], r["eval/em"]) for r in evals],
+                "retrieved_after": evals[-1].get("eval/answer_retrieved", float("nan")),
+                "reward_last": statistics.fmean(r["reward/mean"] for r in train),
+                "all_fail_last": statistics.fmean(r["reward/all_fail_groups"] for r in train),
+                "folr_hit_last": statistics.fmean(r["reward/folr_hit"] for r in train),
+                "wall_s": float(open(wall_path).read()) if os.path.exists(wall_path) else float("nan"),
+            })
+        agg = {k: _mean_std([s[k] for s in per_seed]) for k in per_seed[0] if k not in ("seed", "em_path")}
+        agg["em_gain"] = _mean_std([s["em_after"] - s["em_before"] for s in per_seed])
+        table[name] = {"per_seed": per_seed, "summary": agg}
+    return table
+
+
+def markdown(table: Dict[str, dict], last_k: int = 5) -> str:
+    def ms(d):
+        return f"{d['mean']:.3f} ± {d['std']:.3f}"
+    lines = ["| config | test EM before | test EM after | gain | test EM, mean of later evals | answer retrieved (after) | "
+             f"train reward (last {last_k}) | all-fail groups (last {last_k}) | FOLR hit (last {last_k}) | wall s/run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, t in table.items():
+        s = t["summary"]
+        lines.append(f"| {name} | {ms(s['em_before'])} | {ms(s['em_after'])} | {ms(s['em_gain'])} | {ms(s['em_during'])} | "
+                     f"{ms(s['retrieved_after'])} | {ms(s['reward_last'])} | {ms(s['all_fail_last'])} | "
+                     f"{ms(s['folr_hit_last'])} | {s['wall_s']['mean']:.0f} |")
+    lines += ["", "Per seed, test EM at each evaluation (step: EM):", ""]
+    for name, t in table.items():
+        for s in t["per_seed"]:
+            lines.append(f"- {name}, seed {s['seed']}: " + " → ".join(f"{st}: {em:.3f}" for st, em in s["em_path"]))
+    return "\n".join(lines) + "\n"
+
+
+def plot(out: str, configs: Sequence[str], seeds: Sequence[int], png: str, smooth: int = 3) -> str:
+    panels = [("eval/em", "test EM (greedy)"), ("reward/mean", "train reward (outcome)"),
+              ("rollout/searches", "searches per rollout"), ("reward/all_fail_groups", "all-fail groups"),
+              ("reward/folr_hit", "FOLR hit (answer retrieved)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.4))
+    for ci, config in enumerate(configs):
+        name, color = _name(config), f"C{ci}"
+        runs = [read_metrics(os.path.join(out, name, f"seed{s}", "metrics.jsonl")) for s in seeds]
+        for ax, (key, title) in zip(axes, panels):
+            series = [{r["step"]: r[key] for r in rows if key in r} for rows in runs]
+            steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+            if not steps:
+                continue
+            vals = [[s[st] for s in series] for st in steps]
+            mean = [statistics.fmean(v) for v in vals]
+            if key != "eval/em" and smooth > 1:  # trailing moving average of the noisy train curves
+                mean = [statistics.fmean(mean[max(0, i - smooth + 1):i + 1]) for i in range(len(mean))]
+            ax.plot(steps, mean, color=color, marker="o" if key == "eval/em" else None, ms=4,
+                    label=f"{name} ({len(seeds)} seeds)")
+            if key == "eval/em":
+                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.2)
+    return save_panels(fig, axes, [title for _, title in panels], png)
+
+
+def compare(configs: Sequence[str], seeds: Sequence[int], out: str, overrides: Sequence[str] = ()) -> Dict[str, dict]:
+    names = [_name(c) for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"compare: config file names must differ (got {names})")
+    totals = {c: load_config(c, list(overrides)).train.total_steps for c in configs}
+    jobs = [(c, s) for c in configs for s in seeds]
+    bar = tqdm(jobs, desc="compare", unit="run")
+    for config, seed in bar:
+        bar.set_postfix(config=_name(config), seed=seed)
+        run_one(config, seed, os.path.join(out, _name(config), f"seed{seed}"), overrides, totals[config])
+    table = summarize(out, configs, seeds)
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump({"configs": list(configs), "seeds": list(seeds), "overrides": list(overrides), "table": table}, f, indent=1)
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write(markdown(table))
+    plot(out, configs, seeds, os.path.join(out, "compare.png"))
+    return table
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="tspo-fast compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="+", help="two or more YAML configs (their file names label them)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--out", default="runs/compare")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field in every config (repeatable)")
+    args = ap.parse_args(argv)
+    for c in args.configs:
+        if not os.path.exists(c):
+            ap.error(f"config not found: {c}")
+    table = compare(args.configs, args.seeds, args.out, args.overrides)
+    print(markdown(table))
+    print("figure:", os.path.join(args.out, "compare.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""``tspo-fast eval --config CFG --checkpoint PATH``: greedy evaluation of a policy.
+
+PATH is a Hugging Face model folder (e.g. written by ``train --export``) or a training
+checkpoint folder (``<output_dir>/checkpoints/step_N`` or the ``checkpoints`` folder itself,
+which means its latest).  A checkpoint's weights are read from its DeepSpeed files (no
+optimizer, no distributed start) and loaded into the rollout engine of ``model.path``.
+Prints a table and writes ``--out`` (JSON).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Dict, List, Optional
+
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from transformers import AutoConfig
+
+from ..config import load_config
+from ..data import load_split
+from ..models import load_tokenizer, resolve_model_path
+from ..training.builders import build_rollout
+from ..training.checkpoint import latest_checkpoint
+from ..training.evaluate import evaluate, format_table, write_result
+
+__all__ = ["main", "checkpoint_weights"]
+
+
+def checkpoint_weights(folder: str, model_path: str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """The policy weights of a training checkpoint folder, with Hugging Face names (a tied LM
+    head is the embedding: it is not listed twice)."""
+    state = get_fp32_state_dict_from_zero_checkpoint(folder, tag="ds")
+    prefix = "lm."
+    out = {k[len(prefix):] if k.startswith(prefix) else k: v.to(dtype) for k, v in state.items()}
+    if getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False):
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="tspo-fast eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--checkpoint", default=None, help="HF folder or training checkpoint (default: model.path)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N test questions")
+    ap.add_argument("--out", default=None, help="JSON result path (default: <output_dir>/eval.json)")
+    args = ap.parse_args(argv)
+
+    cfg = load_config(args.config, args.overrides)
+    ck = args.checkpoint
+    if ck is not None and not os.path.exists(ck):
+        raise FileNotFoundError(f"--checkpoint: {ck} does not exist")
+    weights = None
+    if ck is None or os.path.exists(os.path.join(ck, "config.json")):   # a model folder
+        path = resolve_model_path(ck or cfg.model.path)
+    else:                                                                # a training checkpoint
+        folder = latest_checkpoint(ck) if os.path.exists(os.path.join(ck, "latest")) else ck
+        path = resolve_model_path(cfg.model.path)
+        weights = checkpoint_weights(folder, path, getattr(torch, cfg.model.dtype))
+    tok = load_tokenizer(path)
+    agent = build_rollout(cfg, path, tok)
+    if weights is not None:
+        agent.engine.load_weights(weights.items())
+        agent.engine.reset_prefix_cache()
+    result = evaluate(agent, tok, load_split(cfg.data.test_files), chat_template=cfg.data.chat_template,
+                      limit=args.limit or cfg.data.eval_limit or None, folr_source=cfg.reward.folr_source)
+    print(format_table(result))
+    out = args.out or os.path.join(cfg.output_dir, "eval.json")
+    write_result(result, out)
+    print("wrote", out)
+    return 0

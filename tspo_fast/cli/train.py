@@ -1,0 +1,45 @@
+"""``tspo-fast train``: train a policy from a YAML config (the body of ``tspo_fast/train.py``)."""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional
+
+from ..config import load_config
+from ..training.checkpoint import export_hf
+from ..training.plots import plot_runs
+from ..training.trainer import Trainer
+
+__all__ = ["build_parser", "main", "DEFAULT_CONFIG"]
+
+#: the embedded default, ``configs/tiny.yaml`` of the repository
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              "configs", "tiny.yaml")
+
+
+def build_parser(prog: str = "tspo-fast train") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Train a search agent with TSPO (or the GRPO baseline)")
+    ap.add_argument("--config", default=None, help="YAML config (default: the embedded tiny config)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config field, e.g. --set advantage.mode=grpo (repeatable)")
+    ap.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/latest")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (this run)")
+    ap.add_argument("--export", default=None, help="write the final policy in Hugging Face format here")
+    ap.add_argument("--no-plot", action="store_true", help="do not draw <output_dir>/curves.png at the end")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "tspo-fast train") -> int:
+    args = build_parser(prog).parse_args(argv)
+    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    trainer = Trainer(cfg, resume=args.resume)
+    last = trainer.fit(max_steps=args.max_steps)
+    if trainer.rank == 0 and last:
+        print("final step", trainer.step, {k: round(v, 4) for k, v in last.items() if isinstance(v, float)})
+    if args.export:
+        export_hf(trainer.actor, trainer.lm, trainer.tokenizer, args.export)
+    if trainer.rank == 0 and not args.no_plot:
+        print("curves:", plot_runs([cfg.output_dir], os.path.join(cfg.output_dir, "curves.png")))
+    trainer.close()
+    return 0

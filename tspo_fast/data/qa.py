@@ -1,0 +1,341 @@
+"""Question-answering data: loading, converting and prompt building (docs/algorithm.md §1, §6).
+
+Two on-disk layouts are understood, both as JSONL and as parquet:
+
+* **Search-R1** rows: ``data_source``, ``prompt`` (a list of ``{role, content}`` messages),
+  ``reward_model.ground_truth.target`` (the gold aliases), ``extra_info.index``; Search-R1's
+  own files also keep the original ``id``, ``question`` and ``golden_answers`` columns, which
+  are used when present.
+* **FlashRAG** rows: ``{id, question, golden_answers}`` (``data_source`` is taken from the
+  argument, or from the file name).
+
+Every row becomes a :class:`QAExample`.  Files are read with ``pyarrow`` (JSONL and parquet);
+errors name the file and the 0-based row (blank lines in JSONL are not counted).
+
+The prompt is Search-R1's ``make_prefix`` text: one line, ending in ``"\\n"``, with the question
+stripped and a ``?`` appended if missing.  :func:`build_prompt` wraps it in the tokenizer's
+chat template (``add_generation_prompt=True``) when the tokenizer has one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pyarrow as pa
+import pyarrow.json as pj
+import pyarrow.parquet as pq
+
+__all__ = [
+    "PROMPT_TEMPLATE",
+    "QAExample",
+    "DataError",
+    "normalize_question",
+    "prompt_text",
+    "build_prompt",
+    "question_from_prompt",
+    "read_rows",
+    "write_rows",
+    "detect_layout",
+    "load_examples",
+    "examples_from_rows",
+    "to_searchr1_row",
+    "to_flashrag_row",
+    "convert_file",
+]
+
+#: Search-R1's instruction (``scripts/data_process/nq_search.py``, template ``base``), verbatim:
+#: a single line; the question follows ``Question: `` and the text ends in a newline.
+PROMPT_TEMPLATE = (
+    "Answer the given question. "
+    "You must conduct reasoning inside <think> and </think> first every time you get new "
+    "information. "
+    "After reasoning, if you find you lack some knowledge, you can call a search engine by "
+    "<search> query </search> and it will return the top searched results between "
+    "<information> and </information>. "
+    "You can search as many times as your want. "
+    "If you find no further external knowledge needed, you can directly provide the answer "
+    "inside <answer> and </answer>, without detailed illustrations. "
+    "For example, <answer> Beijing </answer>. Question: {question}\n"
+)
+
+_QUESTION_MARKER = "Question: "
+
+
+class DataError(ValueError):
+    """A data file is missing, unreadable, or has a row that lacks a required field."""
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """One question with its gold aliases.
+
+    Attributes:
+        uid: stable unique id, ``"{data_source}/{id}"``; used as the rollout group id.
+        question: the question, stripped, ending in ``?``.
+        aliases: the gold answers (non-empty); any of them counts as correct.
+        data_source: the dataset name (``nq``, ``hotpotqa``, ``world_2hop``, ...).
+        index: the row's ``extra_info.index`` (Search-R1) or its position in the file.
+        split: ``extra_info.split`` when known (``train``/``test``), else ``""``.
+        id: the row's own id (``id`` column), or ``str(index)`` when there is none.
+        extra: the remaining ``extra_info`` fields (e.g. ``hops``, ``support`` in the world).
+    """
+
+    uid: str
+    question: str
+    aliases: tuple[str, ...]
+    data_source: str
+    index: int = 0
+    split: str = ""
+    id: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def prompt(self, tokenizer: Any = None) -> str:
+        """The episode prompt for this question (see :func:`build_prompt`)."""
+        return build_prompt(self.question, tokenizer)
+
+
+# --------------------------------------------------------------------------------------------
+# prompts
+
+
+def normalize_question(question: str) -> str:
+    """Strip the question and append ``?`` if it does not end with one (Search-R1's rule)."""
+    q = question.strip()
+    if q and not q.endswith("?"):
+        q += "?"
+    return q
+
+
+def prompt_text(question: str) -> str:
+    """The raw (un-templated) prompt of docs/algorithm.md §1 for ``question``."""
+    return PROMPT_TEMPLATE.format(question=normalize_question(question))
+
+
+def build_prompt(question: str, tokenizer: Any = None) -> str:
+    """The prompt string the policy sees.
+
+    With a tokenizer that has a chat template, the raw prompt becomes one user message and
+    the template is applied with ``add_generation_prompt=True`` (not tokenized); otherwise
+    (no tokenizer, or no template) the raw prompt is returned.
+    """
+    text = prompt_text(question)
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
+    return text
+
+
+def question_from_prompt(content: str) -> str:
+    """Recover the question from a Search-R1 prompt message (text after the last ``Question: ``)."""
+    pos = content.rfind(_QUESTION_MARKER)
+    q = content[pos + len(_QUESTION_MARKER):] if pos >= 0 else content
+    return q.strip()
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.suffix.lower() in {".parquet", ".pq"}
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a JSONL or parquet file into a list of dicts (``pyarrow``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    try:
+        table = pq.read_table(p) if _is_parquet(p) else pj.read_json(p)
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow raises ArrowInvalid with the row number in the message
+        raise DataError(f"{p}: cannot read as {'parquet' if _is_parquet(p) else 'JSONL'}: {e}") from e
+    return table.to_pylist()
+
+
+def write_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Write rows as JSONL (one compact JSON object per line) or parquet, by the suffix."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if _is_parquet(p):
+        pq.write_table(pa.Table.from_pylist(list(rows)), p)
+    else:
+        with open(p, "w", encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return p
+
+
+def detect_layout(row: dict[str, Any]) -> str:
+    """``"searchr1"`` when the row has ``prompt`` or ``reward_model``, else ``"flashrag"``."""
+    if "prompt" in row or "reward_model" in row:
+        return "searchr1"
+    return "flashrag"
+
+
+def _where(path: Any, i: int) -> str:
+    return f"{path}: row {i}"
+
+
+def _aliases(value: Any, path: Any, i: int, field_name: str) -> tuple[str, ...]:
+    if value is None:
+        raise DataError(f"{_where(path, i)}: missing field '{field_name}'")
+    if isinstance(value, str):
+        value = [value]
+    try:
+        aliases = tuple(str(a) for a in value if a is not None and str(a).strip())
+    except TypeError:
+        raise DataError(f"{_where(path, i)}: field '{field_name}' must be a list of strings, "
+                        f"got {type(value).__name__}") from None
+    if not aliases:
+        raise DataError(f"{_where(path, i)}: field '{field_name}' is an empty alias list")
+    return aliases
+
+
+def _searchr1_example(row: dict[str, Any], path: Any, i: int, default_source: str) -> QAExample:
+    rm = row.get("reward_model")
+    gt = rm.get("ground_truth") if isinstance(rm, dict) else None
+    target = gt.get("target") if isinstance(gt, dict) else None
+    if target is None and row.get("golden_answers") is not None:
+        target = row["golden_answers"]
+    aliases = _aliases(target, path, i, "reward_model.ground_truth.target")
+
+    question = row.get("question")
+    if not question:
+        prompt = row.get("prompt")
+        if not prompt:
+            raise DataError(f"{_where(path, i)}: missing field 'prompt' (and no 'question')")
+        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        if not users or not users[-1].get("content"):
+            raise DataError(f"{_where(path, i)}: field 'prompt' has no user message with content")
+        question = question_from_prompt(users[-1]["content"])
+    question = normalize_question(str(question))
+    if question in ("", "?"):
+        raise DataError(f"{_where(path, i)}: empty question")
+
+    data_source = row.get("data_source") or default_source
+    if not data_source:
+        raise DataError(f"{_where(path, i)}: missing field 'data_source'")
+    extra = {k: v for k, v in (row.get("extra_info") or {}).items() if v is not None}
+    if extra.get("index") is None:
+        raise DataError(f"{_where(path, i)}: missing field 'extra_info.index'")
+    index = int(extra.pop("index"))
+    split = str(extra.pop("split", "") or "")
+    rid = str(row["id"]) if row.get("id") is not None else str(index)
+    return QAExample(uid=f"{data_source}/{rid}", question=question, aliases=aliases,
+                     data_source=str(data_source), index=index, split=split, id=rid, extra=extra)
+
+
+def _flashrag_example(row: dict[str, Any], path: Any, i: int, default_source: str) -> QAExample:
+    question = row.get("question")
+    if question is None or not str(question).strip():
+        raise DataError(f"{_where(path, i)}: missing field 'question'")
+    aliases = _aliases(row.get("golden_answers"), path, i, "golden_answers")
+    data_source = row.get("data_source") or default_source
+    if not data_source:
+        raise DataError(f"{_where(path, i)}: no data_source (pass data_source=...)")
+    rid = str(row["id"]) if row.get("id") is not None else str(i)
+    meta = row.get("metadata")
+    extra = {k: v for k, v in meta.items() if v is not None} if isinstance(meta, dict) else {}
+    index = int(extra.pop("index", i))
+    return QAExample(uid=f"{data_source}/{rid}", question=normalize_question(str(question)),
+                     aliases=aliases, data_source=str(data_source), index=index,
+                     split=str(row.get("split") or ""), id=rid, extra=extra)
+
+
+def examples_from_rows(rows: Iterable[dict[str, Any]], *, source: Any = "<rows>",
+                       data_source: str = "", layout: str = "auto") -> list[QAExample]:
+    """Turn rows (either layout) into examples; ``source`` names them in error messages."""
+    out = []
+    for i, row in enumerate(rows):
+        kind = detect_layout(row) if layout == "auto" else layout
+        if kind == "searchr1":
+            out.append(_searchr1_example(row, source, i, data_source))
+        elif kind == "flashrag":
+            out.append(_flashrag_example(row, source, i, data_source))
+        else:
+            raise ValueError(f"unknown layout {layout!r} (expected auto, searchr1 or flashrag)")
+    return out
+
+
+def load_examples(path: str | os.PathLike, *, data_source: str | None = None,
+                  layout: str = "auto", limit: int | None = None) -> list[QAExample]:
+    """Load a Search-R1 or FlashRAG file (JSONL or parquet) as :class:`QAExample` s.
+
+    Args:
+        path: the file.
+        data_source: used for rows without a ``data_source`` (FlashRAG); defaults to the file
+            stem's parent folder name for FlashRAG files named ``test.jsonl`` etc., else the stem.
+        layout: ``auto`` (per row), ``searchr1`` or ``flashrag``.
+        limit: keep only the first ``limit`` examples.
+    """
+    p = Path(path)
+    rows = read_rows(p)
+    if limit is not None:
+        rows = rows[:limit]
+    if data_source is None:
+        generic = {"train", "test", "dev", "val", "validation"}
+        data_source = p.parent.name if p.stem in generic and p.parent.name else p.stem
+    examples = examples_from_rows(rows, source=p, data_source=data_source, layout=layout)
+    seen: dict[str, int] = {}
+    for i, ex in enumerate(examples):
+        if ex.uid in seen:
+            raise DataError(f"{_where(p, i)}: duplicate uid {ex.uid!r} (also row {seen[ex.uid]})")
+        seen[ex.uid] = i
+    return examples
+
+
+# --------------------------------------------------------------------------------------------
+# conversion
+
+
+def to_searchr1_row(ex: QAExample, *, split: str | None = None) -> dict[str, Any]:
+    """The Search-R1 row for an example (as written by Search-R1's ``nq_search.py``)."""
+    extra = {"index": ex.index, "split": split if split is not None else ex.split}
+    extra.update(ex.extra)
+    return {
+        "id": ex.id,
+        "question": ex.question,
+        "golden_answers": list(ex.aliases),
+        "data_source": ex.data_source,
+        "prompt": [{"role": "user", "content": prompt_text(ex.question)}],
+        "ability": "fact-reasoning",
+        "reward_model": {"style": "rule", "ground_truth": {"target": list(ex.aliases)}},
+        "extra_info": extra,
+    }
+
+
+def to_flashrag_row(ex: QAExample) -> dict[str, Any]:
+    """The FlashRAG row for an example.
+
+    ``data_source``, ``split`` and ``metadata`` (the index and extra fields) are kept so that
+    a Search-R1 -> FlashRAG -> Search-R1 round trip gives the same examples.
+    """
+    row: dict[str, Any] = {"id": ex.id, "question": ex.question,
+                           "golden_answers": list(ex.aliases), "data_source": ex.data_source}
+    if ex.split:
+        row["split"] = ex.split
+    row["metadata"] = {"index": ex.index, **ex.extra}
+    return row
+
+
+def convert_file(src: str | os.PathLike, dst: str | os.PathLike, *, to: str,
+                 data_source: str | None = None, split: str | None = None) -> int:
+    """Convert ``src`` (either layout) into ``dst`` in layout ``to`` (``searchr1``/``flashrag``).
+
+    The output format (JSONL or parquet) follows ``dst``'s suffix.  Returns the row count.
+    """
+    examples = load_examples(src, data_source=data_source)
+    if to == "searchr1":
+        rows = [to_searchr1_row(ex, split=split) for ex in examples]
+    elif to == "flashrag":
+        rows = [to_flashrag_row(ex) for ex in examples]
+    else:
+        raise ValueError(f"unknown target layout {to!r} (expected searchr1 or flashrag)")
+    write_rows(rows, dst)
+    return len(rows)

@@ -1,0 +1,110 @@
+"""The rollout engine interface shared by the vLLM and Hugging Face engines, and the registry
+of engines (``rollout.engine`` in a config).
+
+An engine turns prompts given as token ids into sampled continuations, token ids in and
+token ids out: ``generate(prompts_token_ids, SamplingConfig) -> list[Generation]``. Both
+engines return, per prompt, the sampled ids (including the token that completes a stop
+string, or the EOS token), the log-prob of each sampled id and the decoded text.
+
+Log-probs are ``log_softmax(raw logits)`` of the sampled token: temperature 1, no top-p
+truncation (vLLM's ``raw_logprobs`` mode). With the default temperature 1.0 that is the
+behaviour policy the trainer recomputes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol, Sequence
+
+import torch
+
+from ..registry import Registry
+
+FINISH_STOP = "stop"      # a stop string was generated (it is included in ids and text)
+FINISH_EOS = "eos"        # an EOS / stop token id was generated (included in ids)
+FINISH_LENGTH = "length"  # max_new_tokens reached
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample one engine call.
+
+    ``temperature == 0`` means greedy. ``seed`` (optional) makes sampling reproducible: request
+    i of a call uses ``seed + i``. ``stop`` are strings; ``stop_token_ids`` are extra ids that
+    end a generation like EOS does.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 500
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+
+@dataclass
+class Generation:
+    """One sampled continuation.
+
+    token_ids: sampled ids (len T), ending with the stop-string-completing token or EOS if any.
+    logprobs:  float log-prob of each sampled id (len T).
+    text:      decoded text (special tokens skipped), cut right after the stop string if any.
+    finish_reason: "stop" | "eos" | "length"; stop_str: the stop string matched, if any.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    stop_str: str | None = None
+
+
+class Engine(Protocol):
+    """What the agent loop and weight sync need from an engine."""
+
+    max_model_len: int
+    supports_sleep: bool
+
+    def generate(self, prompts_token_ids: Sequence[Sequence[int]],
+                 sampling: SamplingConfig) -> list[Generation]: ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    def reset_prefix_cache(self) -> None: ...
+
+    def sleep(self, level: int = 1) -> None: ...
+
+    def wake_up(self, tags: list[str] | None = None) -> None: ...
+
+
+def find_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
+    """Earliest end position (exclusive) of any stop string in ``text`` and which one."""
+    best: tuple[int, str] | None = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or i + len(s) < best[0]):
+            best = (i + len(s), s)
+    return best
+
+
+#: ``rollout.engine`` -> factory ``fn(cfg: Config, model_path: str, *, rank: int, world: int) -> Engine``.
+#: Entries are named by module: vLLM is an optional, heavy import, and the engine modules import
+#: this one.
+ENGINES: Registry[Callable[..., Engine]] = Registry("rollout.engine", {
+    "hf": "tspo_fast.engines.hf:from_config",
+    "vllm": "tspo_fast.engines.vllm:from_config",
+})
+
+
+def build_engine(cfg, model_path: str, *, rank: int = 0, world: int = 1) -> Engine:
+    """The rollout engine of ``cfg.rollout.engine`` for the model folder ``model_path``."""
+    return ENGINES.get(cfg.rollout.engine)(cfg, model_path, rank=rank, world=world)

@@ -1,0 +1,59 @@
+"""Where models come from: a hub name, a local folder, or a bundled policy.
+
+* ``bundled:warmstart``: the embedded world's warm-start policy (a 1.3M-parameter Qwen2 that
+  follows the protocol and can search and read, but mostly answers from memory: greedy, it never
+  searches), shipped in ``tspo_fast/world/warm_policy`` and rebuilt by
+  ``python -m tspo_fast.world.warmstart --out DIR``.
+* ``bundled:tiny``: a random tiny Qwen2 with a tokenizer trained on the world (tests, benchmarks),
+  built into the cache on first use.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Tuple
+
+from ..cache import build_once, cache_dir
+from ..data import load_examples
+from ..world import WARM_POLICY_DIR, corpus_path, qa_path
+from .hub import load_causal_lm, load_tokenizer
+from .tiny import TinyModelSpec, build_tiny_model
+
+__all__ = ["BUNDLED", "BUNDLED_TINY", "BUNDLED_WARMSTART", "resolve_model_path", "load_tokenizer",
+           "load_causal_lm", "load_policy", "world_texts"]
+
+BUNDLED_TINY = "bundled:tiny"
+BUNDLED_WARMSTART = "bundled:warmstart"
+BUNDLED = (BUNDLED_WARMSTART, BUNDLED_TINY)
+TINY_SPEC = TinyModelSpec(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
+                          max_position_embeddings=2048, vocab_target=2048)
+
+
+def world_texts(limit: int = 4000) -> List[str]:
+    """Lines of the bundled world (passages and questions) to train the tiny tokenizer on."""
+    with open(corpus_path(), encoding="utf-8") as f:
+        texts = [json.loads(line)["contents"] for line in f if line.strip()]
+    texts += [ex.prompt() + " <answer> " + ex.aliases[0] + " </answer>" for ex in load_examples(qa_path("train"))[:limit]]
+    return texts
+
+
+def resolve_model_path(path: str) -> str:
+    """A folder or hub id for ``model.path``; bundled policies resolve to their folder."""
+    if path == BUNDLED_WARMSTART:
+        if not os.path.exists(os.path.join(WARM_POLICY_DIR, "config.json")):
+            raise FileNotFoundError(
+                f"model.path: the shipped warm-start policy is missing from {WARM_POLICY_DIR}; rebuild it with "
+                f"'python -m tspo_fast.world.warmstart --out {WARM_POLICY_DIR}' (about 15 minutes on 2 cores)")
+        return WARM_POLICY_DIR
+    if path == BUNDLED_TINY:
+        return build_once(os.path.join(cache_dir(), "tiny-qwen2-v1"), "config.json",
+                          lambda tmp: build_tiny_model(tmp, world_texts(), TINY_SPEC))
+    if path.startswith("bundled:"):
+        raise ValueError(f"model.path: unknown bundled model {path!r}; the bundled ones are {', '.join(BUNDLED)}")
+    return path
+
+
+def load_policy(path: str, dtype: str = "float32") -> Tuple[str, object, object]:
+    """(resolved folder, tokenizer, causal LM)."""
+    folder = resolve_model_path(path)
+    return folder, load_tokenizer(folder), load_causal_lm(folder, dtype)

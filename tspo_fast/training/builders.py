@@ -1,0 +1,72 @@
+"""From a :class:`~tspo_fast.config.Config` to the objects a run uses: data, policy and
+reference engines (DeepSpeed), the rollout engine, the retriever and the agent.
+
+The trainer, ``tspo-fast eval`` and the benchmarks build their parts here, so one config gives
+the same parts everywhere.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import deepspeed
+import torch
+
+from ..config import Config
+from ..data import QAExample, load_split
+from ..engines.base import Engine, build_engine
+from ..env.agent import SearchAgent
+from ..models import load_causal_lm
+from ..retrieval.base import Retriever, build_retriever
+from .policy import FusedHeadPolicy
+from .ppo import ds_config
+
+__all__ = ["load_data", "build_actor", "build_reference", "build_agent", "build_rollout", "build_engine",
+           "build_retriever"]
+
+
+def load_data(cfg: Config) -> Tuple[List[QAExample], List[QAExample]]:
+    """(training examples, test examples); the test set cut to ``data.eval_limit`` when set."""
+    train = load_split(cfg.data.train_files)
+    test = load_split(cfg.data.test_files) if cfg.data.test_files else []
+    if cfg.data.eval_limit:
+        test = test[: cfg.data.eval_limit]
+    return train, test
+
+
+def build_actor(cfg: Config, lm: torch.nn.Module, gas: int):
+    """The trained policy as a DeepSpeed engine (AdamW, optional linear warm-up)."""
+    if cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    policy = FusedHeadPolicy(lm, chunk_size=cfg.loss.chunk_size, temperature=1.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = None
+    if cfg.train.warmup_steps > 0:
+        w = cfg.train.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / w))
+    actor, *_ = deepspeed.initialize(model=policy, optimizer=optimizer, lr_scheduler=sched,
+                                     config=ds_config(cfg, gas))
+    return actor
+
+
+def build_reference(cfg: Config, model_path: str, gas: int):
+    """The frozen reference policy (a DeepSpeed engine without optimizer), or None when ``loss.kl_coef`` is 0."""
+    if cfg.loss.kl_coef <= 0:
+        return None
+    ref_policy = FusedHeadPolicy(load_causal_lm(model_path, cfg.model.dtype), chunk_size=cfg.loss.chunk_size)
+    for p in ref_policy.parameters():
+        p.requires_grad_(False)
+    ref, *_ = deepspeed.initialize(model=ref_policy, config=ds_config(cfg, gas, optimizer=False))
+    return ref
+
+
+def build_agent(cfg: Config, engine: Engine, retriever: Retriever, tokenizer) -> SearchAgent:
+    """The rollout agent of ``cfg`` (rollout settings, ``retrieval.topk``, ``data.max_prompt_tokens``)."""
+    return SearchAgent(engine, retriever, tokenizer, cfg.rollout, topk=cfg.retrieval.topk,
+                       max_prompt_tokens=cfg.data.max_prompt_tokens)
+
+
+def build_rollout(cfg: Config, model_path: str, tokenizer, *, rank: int = 0, world: int = 1,
+                  retriever: Optional[Retriever] = None) -> SearchAgent:
+    """Engine + retriever + agent for ``model_path`` (what evaluation needs, no optimizer)."""
+    retriever = retriever if retriever is not None else build_retriever(cfg.retrieval)
+    return build_agent(cfg, build_engine(cfg, model_path, rank=rank, world=world), retriever, tokenizer)

@@ -1,0 +1,84 @@
+"""torch.distributed set up the DeepSpeed way, and the few reductions the update needs.
+
+Scale-out is DeepSpeed's: ``deepspeed`` (hostfile, several nodes) or ``torchrun`` set the
+environment; a plain ``python`` process becomes a world of one on a free local port.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import deepspeed
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["init_distributed", "shutdown", "rank", "world_size", "seed_everything", "global_sum", "global_max",
+           "barrier"]
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed (env from deepspeed/torchrun, or a single local process)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def shutdown() -> None:
+    """Tear the process group down (a gloo group left to interpreter exit can abort the process)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _reduce_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo takes CPU tensors."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _reduce(x: float, op) -> float:
+    if not dist.is_initialized() or world_size() == 1:
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_reduce_device())
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def global_sum(x: float) -> float:
+    """``x`` summed over all ranks."""
+    return _reduce(x, dist.ReduceOp.SUM)
+
+
+def global_max(x: float) -> float:
+    """The largest ``x`` of all ranks."""
+    return _reduce(x, dist.ReduceOp.MAX)

@@ -1,0 +1,47 @@
+"""Per-step panels of runs (reward, EM, FOLR curves) written to PNG files."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .metrics import read_metrics  # noqa: E402
+
+__all__ = ["PANELS", "plot_runs", "save_panels"]
+
+PANELS = [("reward/mean", "train reward"), ("reward/em", "train EM"), ("reward/folr_hit", "FOLR hit rate"),
+          ("eval/em", "test EM")]
+
+
+def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Optional[Sequence[str]] = None) -> str:
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    for i, run in enumerate(run_dirs):
+        path = run if run.endswith(".jsonl") else os.path.join(run, "metrics.jsonl")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no metrics log at {path}")
+        rows = read_metrics(path)
+        label = labels[i] if labels else os.path.basename(os.path.normpath(run))
+        for ax, (key, title) in zip(axes, PANELS):
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=label)
+    return save_panels(fig, axes, [title for _, title in PANELS], out_png)
+
+
+def save_panels(fig, axes, titles: Sequence[str], out_png: str) -> str:
+    """Title, label and grid the per-step panels, put the legend on the first, write the PNG."""
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
