@@ -13,8 +13,14 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+#: how the update runs: before packing (padded micro-batches of 8 rows, a pi_old pass although
+#: the update is on-policy) and now (``configs/tiny.yaml``: packed, pi_old skipped)
+MODES = {"padded+old": ["train.packing=false", "train.recompute_old_logp=true"], "packed": []}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_tiny_step_phases(benchmark, tmp_path, engine):
+def test_tiny_step_phases(benchmark, tmp_path, engine, mode):
     if engine == "vllm":
         pytest.importorskip("vllm")
     out = str(tmp_path / "run")
@@ -25,6 +31,8 @@ def test_tiny_step_phases(benchmark, tmp_path, engine):
     cmd = [sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", "--no-plot",
            "--set", f"output_dir={out}", "--set", f"rollout.engine={engine}", "--set", "train.total_steps=4",
            "--set", "train.eval_every=0", "--set", "train.checkpoint_every=0"]
+    for o in MODES[mode]:
+        cmd += ["--set", o]
 
     def run():
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True, timeout=1800)
@@ -34,4 +42,6 @@ def test_tiny_step_phases(benchmark, tmp_path, engine):
     mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
     benchmark.extra_info.update({k: round(mean(k), 3) for k in rows[0] if k.startswith("time/")})
     benchmark.extra_info["tokens_per_s"] = round(mean("train/tokens_per_s"), 1)
-    print(f"\n{engine}: " + ", ".join(f"{k}={v}" for k, v in benchmark.extra_info.items()))
+    for k in ("train/padding_frac", "train/micro_batches", "rollout/response_tokens"):
+        benchmark.extra_info[k] = round(mean(k), 3)
+    print(f"\n{engine} {mode}: " + ", ".join(f"{k}={v}" for k, v in benchmark.extra_info.items()))

@@ -34,40 +34,50 @@ def fixed_batch(vocab: int, rows: int = 8, seed: int = 0):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
-    ap.add_argument("--micro", type=int, required=True)
+    ap.add_argument("--micro", type=int, required=True, help="rows per micro-batch (padded) ")
     ap.add_argument("--out", required=True)
     ap.add_argument("--agg", default="token_mean")
+    ap.add_argument("--packing", type=int, default=0, help="token budget per packed micro-batch (0: padded)")
     ap.add_argument("--local_rank", type=int, default=None)
     args = ap.parse_args()
     import deepspeed
 
     from tspo_fast.config import load_config
+    from tspo_fast.env.batch import RolloutBatch
     from tspo_fast.models import load_causal_lm
-    from tspo_fast.training.policy import FusedHeadPolicy
     from tspo_fast.training.distributed import init_distributed, rank, shutdown, world_size
-    from tspo_fast.training.ppo import compute_logprobs, ds_config, gradient_accumulation_steps, ppo_update
+    from tspo_fast.training.policy import FusedHeadPolicy
+    from tspo_fast.training.ppo import ds_config, gradient_accumulation_steps, plan_update, ppo_update
     init_distributed()
+    packing = [f"train.packing={bool(args.packing)}"] + ([f"train.max_tokens_per_micro={args.packing}"] if args.packing else [])
     cfg = load_config(None, ["rollout.n=2", "train.prompts_per_step=4", "train.mini_batch_prompts=4",
                              f"train.micro_batch_size={args.micro}", "loss.kl_coef=0.1", "loss.chunk_size=16",
-                             f"loss.agg={args.agg}"])
+                             f"loss.agg={args.agg}", *packing])
     gas = gradient_accumulation_steps(cfg, world_size())
     torch.manual_seed(0)
     lm = load_causal_lm(args.model)
-    policy = FusedHeadPolicy(lm, chunk_size=cfg.loss.chunk_size)
+    policy = FusedHeadPolicy(lm, chunk_size=cfg.loss.chunk_size, packing=cfg.train.packing)
     engine, *_ = deepspeed.initialize(model=policy, optimizer=torch.optim.SGD(policy.parameters(), lr=0.5),
                                       config=ds_config(cfg, gas))
     batch, adv, g = fixed_batch(lm.config.vocab_size)
-    old, _ = compute_logprobs(engine, batch, 8)
-    old = old + 0.3 * torch.randn(old.shape, generator=g) * batch.loss_mask   # some tokens clip
+    # pi_old and pi_ref of the whole batch: the initial weights, padded, one plain forward on every
+    # rank (no collective), perturbed so that some tokens clip
+    with torch.no_grad():
+        full_old, _ = FusedHeadPolicy(load_causal_lm(args.model), chunk_size=16).eval()(
+            batch.input_ids, batch.attention_mask, batch.loss_mask, mode="logprobs")
+    old = full_old + 0.3 * torch.randn(full_old.shape, generator=g) * batch.loss_mask
     ref = old + 0.2 * torch.randn(old.shape, generator=g) * batch.loss_mask
     per = len(batch) // world_size()
-    from tspo_fast.env.batch import RolloutBatch
     sl = slice(rank() * per, (rank() + 1) * per)
     part = RolloutBatch(**{k: getattr(batch, k)[sl] for k in RolloutBatch._TENSORS},
                         uids=batch.uids[sl], answer_text=batch.answer_text[sl], action_texts=batch.action_texts[sl],
                         observation_texts=batch.observation_texts[sl], aliases=batch.aliases[sl],
                         data_source=batch.data_source[sl])
-    ppo_update(engine, part, adv[sl], old[sl], ref[sl], cfg, gas)
+    plan = plan_update(part, adv[sl], cfg, engine.device)
+    plan.on_policy = False                        # use the perturbed pi_old
+    for mb in plan.micro():
+        mb.old_logp, mb.ref_logp = mb.take(old[sl]), mb.take(ref[sl])
+    ppo_update(engine, plan, cfg)
     state = {}
     for name, p in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([p]):

@@ -104,20 +104,23 @@ def test_resume_reaches_the_same_weights(train_env, tmp_path):
 
 @pytest.mark.parametrize("agg", ["token_mean", "seq_mean_token_mean"])
 def test_update_is_exact_across_micro_batches_and_world_sizes(train_env, tmp_path, agg):
-    """1x8, 4x2 micro-batches on one rank and 2 ranks x 2x1 give the same weights (docs/algorithm.md §4 aggregation)."""
+    """1x8, 4x2 padded micro-batches on one rank, 2 ranks x 2x1, and packed micro-batches under a
+    token budget on 1 and 2 ranks give the same weights (docs/algorithm.md §4 aggregation)."""
     model = str(tmp_path / "tiny")
     _run([sys.executable, "-c", f"from tspo_fast.models.tiny import build_tiny_model; build_tiny_model({model!r})"], train_env)
     outs = {}
-    for name, launcher, micro in (("ws1_m8", [sys.executable], 8), ("ws1_m2", [sys.executable], 2),
-                                  ("ws2_m1", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"], 1)):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    for name, launcher, micro, budget in (("ws1_m8", [sys.executable], 8, 0), ("ws1_m2", [sys.executable], 2, 0),
+                                          ("ws2_m1", torchrun, 1, 0), ("ws1_pack", [sys.executable], 1, 48),
+                                          ("ws2_pack", torchrun, 1, 40)):
         outs[name] = str(tmp_path / f"{name}.pt")
         _run(launcher + ["tests/_update_step.py", "--model", model, "--micro", str(micro), "--out", outs[name],
-                         "--agg", agg], train_env)
+                         "--agg", agg, "--packing", str(budget)], train_env)
     ref = torch.load(outs["ws1_m8"])
     from transformers import AutoModelForCausalLM
     init = {"lm." + k: v for k, v in AutoModelForCausalLM.from_pretrained(model).named_parameters()}
     assert max((ref[k] - init[k]).abs().max().item() for k in ref) > 1e-3  # the update is not trivial
-    for name in ("ws1_m2", "ws2_m1"):
+    for name in ("ws1_m2", "ws2_m1", "ws1_pack", "ws2_pack"):
         other = torch.load(outs[name])
         for k in ref:
             torch.testing.assert_close(other[k], ref[k], rtol=0, atol=2e-6, msg=f"{name}: {k}")
@@ -125,7 +128,8 @@ def test_update_is_exact_across_micro_batches_and_world_sizes(train_env, tmp_pat
 
 def test_indivisible_batch_is_rejected_clearly(train_env, tmp_path):
     p = subprocess.run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", "--set",
-                        "train.micro_batch_size=3", "--set", f"output_dir={tmp_path}"], cwd=ROOT, env=train_env,
+                        "train.micro_batch_size=3", "--set", "train.packing=false", "--set", f"output_dir={tmp_path}"],
+                       cwd=ROOT, env=train_env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "train.micro_batch_size" in p.stderr
 

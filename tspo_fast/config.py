@@ -105,7 +105,10 @@ class TrainConfig:
     total_steps: int = 100
     prompts_per_step: int = 512
     mini_batch_prompts: int = 256       # prompts per optimizer step
-    micro_batch_size: int = 8           # sequences per forward/backward
+    packing: bool = True                # micro-batches of concatenated rows under a token budget (no padding)
+    max_tokens_per_micro: int = 16384   # packing: token budget of one forward/backward (rows never split)
+    micro_batch_size: int = 8           # packing off: sequences per forward/backward (right-padded)
+    recompute_old_logp: bool = False    # also run the pi_old pass when the update is exactly on-policy
     ppo_epochs: int = 1
     lr: float = 1e-6
     weight_decay: float = 0.0
@@ -304,6 +307,7 @@ def validate(cfg: Config) -> Config:
            "train.mini_batch_prompts",
            f"must divide train.prompts_per_step ({t.prompts_per_step}), got {t.mini_batch_prompts}")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+    _check(t.max_tokens_per_micro >= 16, "train.max_tokens_per_micro", f"must be >= 16, got {t.max_tokens_per_micro}")
     _check(t.ppo_epochs >= 1, "train.ppo_epochs", f"must be >= 1, got {t.ppo_epochs}")
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")

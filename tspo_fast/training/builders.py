@@ -37,7 +37,7 @@ def build_actor(cfg: Config, lm: torch.nn.Module, gas: int):
     """The trained policy as a DeepSpeed engine (AdamW, optional linear warm-up)."""
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
-    policy = FusedHeadPolicy(lm, chunk_size=cfg.loss.chunk_size, temperature=1.0)
+    policy = FusedHeadPolicy(lm, chunk_size=cfg.loss.chunk_size, temperature=1.0, packing=cfg.train.packing)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = None
     if cfg.train.warmup_steps > 0:
@@ -52,7 +52,8 @@ def build_reference(cfg: Config, model_path: str, gas: int):
     """The frozen reference policy (a DeepSpeed engine without optimizer), or None when ``loss.kl_coef`` is 0."""
     if cfg.loss.kl_coef <= 0:
         return None
-    ref_policy = FusedHeadPolicy(load_causal_lm(model_path, cfg.model.dtype), chunk_size=cfg.loss.chunk_size)
+    ref_policy = FusedHeadPolicy(load_causal_lm(model_path, cfg.model.dtype), chunk_size=cfg.loss.chunk_size,
+                                 packing=cfg.train.packing)
     for p in ref_policy.parameters():
         p.requires_grad_(False)
     ref, *_ = deepspeed.initialize(model=ref_policy, config=ds_config(cfg, gas, optimizer=False))

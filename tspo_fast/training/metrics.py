@@ -21,7 +21,8 @@ def all_fail_fraction(outcome: torch.Tensor, group_id: torch.Tensor) -> float:
 
 
 def step_metrics(batch, outcome: torch.Tensor, first_turn: torch.Tensor, token_adv: torch.Tensor,
-                 turn_adv: torch.Tensor, upd, times: Dict[str, float], *, outcome_kind: str = "em") -> Dict[str, float]:
+                 turn_adv: torch.Tensor, upd, times: Dict[str, float], *, outcome_kind: str = "em",
+                 plan=None) -> Dict[str, float]:
     """The per-step metrics of README's list, from a step's batch, rewards, advantages and update."""
     gen_tokens = float(batch.loss_mask.sum())
     adv_on_tokens = token_adv[batch.loss_mask]
@@ -40,6 +41,11 @@ def step_metrics(batch, outcome: torch.Tensor, first_turn: torch.Tensor, token_a
         "train/grad_norm": upd.grad_norm, "train/tokens_per_s": gen_tokens / max(times["time/step"], 1e-9),
         **times,
     }
+    for k, v in getattr(upd, "mismatch", {}).items():       # rollout engine vs trainer log-probs
+        m[f"mismatch/{k}"] = v
+    if plan is not None:                                     # what the update ran through the model
+        m["train/micro_batches"] = float(len(plan.micro()))
+        m["train/padding_frac"] = 1.0 - plan.tokens / max(plan.slots, 1)
     if outcome_kind == "em":
         m["reward/em"] = m["reward/mean"]
     return m

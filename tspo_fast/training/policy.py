@@ -17,6 +17,8 @@ import torch
 
 import tspo_kernels as tk
 
+from .packing import packed_attention_implementation
+
 
 def _fused_head_forward(self, hidden: torch.Tensor, fn, kwargs: Dict[str, Any]):
     """Replacement ``forward`` of the LM head: ``fn(hidden, weight, bias=..., **kwargs)``."""
@@ -32,10 +34,18 @@ class FusedHeadPolicy(torch.nn.Module):
 
     ``mode="logprobs"``: returns (logp (b, L), entropy (b, L)) float32, 0 off the mask.
     ``mode="loss"``: returns K3's ``PGLossOutput`` over the masked tokens.
+
+    Packed rows (``packing=True``, :mod:`tspo_fast.training.packing`): ``input_ids`` (1, T) with
+    ``position_ids`` restarting per row, ``cu_seqlens`` (rows + 1,) and ``attention_mask=None``;
+    the LM then runs with the varlen attention implementation, so no row attends to another.
     """
 
-    def __init__(self, lm: torch.nn.Module, *, chunk_size: int = 1024, temperature: float = 1.0):
+    def __init__(self, lm: torch.nn.Module, *, chunk_size: int = 1024, temperature: float = 1.0,
+                 packing: bool = False):
         super().__init__()
+        self.packing = packing
+        if packing:
+            lm.set_attn_implementation(packed_attention_implementation())
         self.lm = lm
         self.chunk_size = chunk_size
         self.temperature = temperature
@@ -49,19 +59,29 @@ class FusedHeadPolicy(torch.nn.Module):
     def config(self):
         return self.lm.config
 
-    def _hidden(self, input_ids, attention_mask, loss_mask):
+    def _hidden(self, input_ids, attention_mask, loss_mask, position_ids=None, cu_seqlens=None, max_seqlen=0):
         body = self.lm.get_decoder()
-        out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        varlen = {}
+        if cu_seqlens is not None:
+            if not self.packing:
+                raise ValueError("packed rows (cu_seqlens) need FusedHeadPolicy(..., packing=True)")
+            varlen = dict(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
+                          max_length_k=max_seqlen)
+        elif self.packing:
+            raise ValueError("FusedHeadPolicy(packing=True) takes packed rows: pass position_ids and cu_seqlens")
+        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   **varlen)
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         sel = loss_mask[:, 1:].bool()
         return h[:, :-1][sel], input_ids[:, 1:][sel], sel
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
-                mode: str = "loss", old_logp: Optional[torch.Tensor] = None,
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], loss_mask: torch.Tensor, *,
+                position_ids: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: int = 0, mode: str = "loss", old_logp: Optional[torch.Tensor] = None,
                 advantages: Optional[torch.Tensor] = None, ref_logp: Optional[torch.Tensor] = None,
                 rollout_logp: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
                 normalizer=None, **loss_options):
-        hidden, targets, sel = self._hidden(input_ids, attention_mask, loss_mask)
+        hidden, targets, sel = self._hidden(input_ids, attention_mask, loss_mask, position_ids, cu_seqlens, max_seqlen)
         head = self._head[0]
         if mode == "logprobs":
             logp, ent = head(hidden, tk.fused_linear_logprobs,

@@ -1,24 +1,31 @@
 """The PPO update under DeepSpeed: DeepSpeed configs, the exact global normaliser, forward-only
-log-probs (pi_old, pi_ref) and the epochs over mini/micro-batches.
+log-probs (pi_old, pi_ref) and the epochs over mini/micro-batches (packed by a token budget or
+padded, :mod:`tspo_fast.training.packing`).
 
 Loss normaliser (docs/algorithm.md §4, ``loss.agg: token_mean``): the number of loss-masked
 tokens of the whole mini-batch over all ranks.  Each micro-batch's loss is its objective sum
-divided by that count, multiplied by the gradient-accumulation steps and the world size, which
-cancels DeepSpeed's own 1/GAS scaling and its averaging over ranks: the gradient is exactly that
-of the global token mean, whatever the micro-batch split.
+divided by that count and multiplied by the world size, which cancels DeepSpeed's averaging over
+ranks; DeepSpeed's accumulation is unmanaged (no 1/GAS scaling, one ``step()`` per mini-batch).
+So the gradient is exactly that of the global token mean, whatever the micro-batch split, the
+packing or the number of ranks.
+
+Passes: pi_old is recomputed only when the update is not exactly on-policy (more than one
+mini-batch or epoch); otherwise K3 takes ``old_logp=None`` (pi_old = pi, detached).  pi_ref runs
+only when ``loss.kl_coef`` > 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from ..config import Config, ConfigError
 from .distributed import global_max, global_sum, world_size
+from .packing import MicroBatch, micro_batches
 
-__all__ = ["ds_config", "gradient_accumulation_steps", "UpdateStats", "token_weights_normalizer",
-           "compute_logprobs", "ppo_update"]
+__all__ = ["ds_config", "gradient_accumulation_steps", "UpdatePlan", "UpdateStats", "token_weights_normalizer",
+           "plan_update", "compute_logprobs", "ppo_update", "rollout_mismatch"]
 
 
 def ds_config(cfg: Config, gas: int, *, optimizer: bool = True) -> Dict[str, Any]:
@@ -32,6 +39,9 @@ def ds_config(cfg: Config, gas: int, *, optimizer: bool = True) -> Dict[str, Any
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        # the update owns the accumulation boundary: any number of micro-batches per optimizer
+        # step (packing), no 1/GAS scaling in backward, one step() per mini-batch
+        "managed_gradient_accumulation": False,
     }
     if optimizer:
         c["gradient_clipping"] = t.grad_clip
@@ -39,10 +49,17 @@ def ds_config(cfg: Config, gas: int, *, optimizer: bool = True) -> Dict[str, Any
 
 
 def gradient_accumulation_steps(cfg: Config, world: int) -> int:
+    """Micro-batches per mini-batch in the padded layout (checks that the batch splits evenly over
+    ranks; with packing the count follows the token budget and this is only DeepSpeed's nominal value)."""
     t, n = cfg.train, cfg.rollout.n
     if t.prompts_per_step % world:
         raise ConfigError(f"train.prompts_per_step: {t.prompts_per_step} is not divisible by the world size {world}")
     rows = t.mini_batch_prompts * n
+    if rows % world:
+        raise ConfigError(f"train.mini_batch_prompts: {t.mini_batch_prompts} prompts x n={n} = {rows} rows do not "
+                          f"split over {world} rank(s)")
+    if t.packing:
+        return 1
     if rows % (world * t.micro_batch_size):
         raise ConfigError(f"train.micro_batch_size: mini-batch of {t.mini_batch_prompts} prompts x n={n} = {rows} "
                           f"rows does not split into {world} rank(s) x micro-batches of {t.micro_batch_size}")
@@ -58,6 +75,29 @@ class UpdateStats:
     clip_frac: float = 0.0
     grad_norm: float = 0.0
     tokens: int = 0
+    mismatch: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class UpdatePlan:
+    """The micro-batches of one step's update, per mini-batch, on the device, with each
+    mini-batch's global normaliser.  ``on_policy``: one mini-batch and one epoch, and
+    ``train.recompute_old_logp`` off: no pi_old pass, K3 takes pi_old = pi."""
+
+    minis: List[List[MicroBatch]]
+    normalizers: List[float]
+    on_policy: bool
+
+    def micro(self) -> List[MicroBatch]:
+        return [mb for mini in self.minis for mb in mini]
+
+    @property
+    def slots(self) -> int:
+        return sum(mb.slots for mb in self.micro())
+
+    @property
+    def tokens(self) -> int:
+        return sum(mb.tokens for mb in self.micro())
 
 
 def token_weights_normalizer(loss_mask: torch.Tensor, agg: str, world_rows: int, max_len: int):
@@ -83,55 +123,81 @@ def token_weights_normalizer(loss_mask: torch.Tensor, agg: str, world_rows: int,
     raise ConfigError(f"loss.agg: unknown aggregation {agg!r}")
 
 
-def compute_logprobs(engine, batch, micro: int):
-    """Per-token log-probs (B, L) of ``batch`` under ``engine``'s model (no grad)."""
-    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-    ent = torch.zeros_like(out)
+def plan_update(batch, token_adv: torch.Tensor, cfg: Config, device) -> UpdatePlan:
+    """Split this rank's rows into mini-batches and those into micro-batches on ``device``
+    (collective: every rank calls it; the normalisers and packed bin counts are reduced)."""
+    t, lo = cfg.train, cfg.loss
+    world = world_size()
+    rows_per_mini = t.mini_batch_prompts * cfg.rollout.n // world
+    max_len = int((batch.turn_id >= 0).sum(1).max().item()) if len(batch) else 1
+    minis, norms = [], []
+    for m0 in range(0, len(batch), rows_per_mini):
+        rows = list(range(m0, min(len(batch), m0 + rows_per_mini)))
+        weights, norm = token_weights_normalizer(batch.loss_mask[rows], lo.agg, rows_per_mini * world, max_len)
+        minis.append(micro_batches(batch, rows, token_adv, weights, packing=t.packing, budget=t.max_tokens_per_micro,
+                                   micro_size=t.micro_batch_size, device=device))
+        norms.append(max(norm, 1.0))
+    on_policy = t.ppo_epochs == 1 and len(minis) == 1 and not t.recompute_old_logp
+    return UpdatePlan(minis, norms, on_policy)
+
+
+def compute_logprobs(engine, plan: UpdatePlan, field_name: str) -> None:
+    """Fill ``mb.<field_name>`` ("old_logp" or "ref_logp") of every micro-batch with the per-token
+    log-probs of ``engine``'s model (no grad; 0 off the loss mask)."""
     was_training = engine.module.training
     engine.module.eval()
     with torch.no_grad():
-        for s in range(0, len(batch), micro):
-            sl = slice(s, s + micro)
-            lp, en = engine(batch.input_ids[sl].to(engine.device), batch.attention_mask[sl].to(engine.device),
-                            batch.loss_mask[sl].to(engine.device), mode="logprobs")
-            out[sl], ent[sl] = lp.cpu(), en.cpu()
+        for mb in plan.micro():
+            lp, _ = engine(**mb.model_inputs(), mode="logprobs")
+            setattr(mb, field_name, lp)
     engine.module.train(was_training)
-    return out, ent
 
 
-def ppo_update(engine, batch, token_adv, old_logp, ref_logp, cfg: Config, gas: int) -> UpdateStats:
-    """PPO epochs over mini-batches of this rank's rows; one optimizer step per mini-batch."""
+def rollout_mismatch(pairs: List[tuple]) -> Dict[str, float]:
+    """Train/inference mismatch on the sampled tokens: ``pairs`` of (trainer logp, rollout logp)
+    tensors.  ``mean_abs`` / ``max_abs`` of their difference and the k3 estimate of
+    KL(pi_rollout || pi_trainer) (d = logp_trainer - logp_rollout: mean of exp(d) - d - 1)."""
+    if not pairs:
+        return {}
+    a = torch.cat([p.double().reshape(-1) for p, _ in pairs])
+    b = torch.cat([r.double().reshape(-1) for _, r in pairs])
+    if a.numel() == 0:
+        return {}
+    d = a - b
+    return {"mean_abs": float(d.abs().mean()), "max_abs": float(d.abs().max()),
+            "k3_kl": float((torch.exp(d) - d - 1.0).mean())}
+
+
+def ppo_update(engine, plan: UpdatePlan, cfg: Config) -> UpdateStats:
+    """PPO epochs over the plan's mini-batches; one optimizer step per mini-batch."""
     t, lo = cfg.train, cfg.loss
     world = world_size()
-    rows_per_mini = gas * t.micro_batch_size
     stats = UpdateStats()
-    max_len = int((batch.turn_id >= 0).sum(1).max().item()) if len(batch) else 1
+    pairs = []
     n_steps = 0
-    for _ in range(t.ppo_epochs):
-        for m0 in range(0, len(batch), rows_per_mini):
-            mini = slice(m0, m0 + rows_per_mini)
-            weights, norm = token_weights_normalizer(batch.loss_mask[mini], lo.agg, rows_per_mini * world, max_len)
-            norm = max(norm, 1.0)
-            for s in range(m0, m0 + rows_per_mini, t.micro_batch_size):
-                sl = slice(s, s + t.micro_batch_size)
-                dev = engine.device
-                out = engine(batch.input_ids[sl].to(dev), batch.attention_mask[sl].to(dev), batch.loss_mask[sl].to(dev),
-                             mode="loss", old_logp=old_logp[sl].to(dev), advantages=token_adv[sl].to(dev),
-                             ref_logp=None if ref_logp is None else ref_logp[sl].to(dev),
-                             weights=None if weights is None else weights[s - m0:s - m0 + t.micro_batch_size].to(dev),
-                             rollout_logp=batch.rollout_logp[sl].to(dev) if lo.tis_cap else None,
+    for epoch in range(t.ppo_epochs):
+        for mini, norm in zip(plan.minis, plan.normalizers):
+            for mb in mini:
+                old = None if plan.on_policy else mb.old_logp
+                out = engine(**mb.model_inputs(), mode="loss", old_logp=old, advantages=mb.advantages,
+                             ref_logp=mb.ref_logp, weights=mb.weights,
+                             rollout_logp=mb.rollout_logp if lo.tis_cap else None,
                              normalizer=norm, eps_low=lo.eps_low, eps_high=lo.eps_high, dual_clip=lo.dual_clip,
-                             beta=lo.kl_coef if ref_logp is not None else 0.0, kl_clamp=lo.kl_clamp,
+                             beta=lo.kl_coef if mb.ref_logp is not None else 0.0, kl_clamp=lo.kl_clamp,
                              entropy_coef=lo.entropy_coef, tis_cap=lo.tis_cap)
-                # cancel DeepSpeed's 1/GAS and its mean over ranks: the gradient is the global sum / norm
-                engine.backward(out.loss * gas * world)
-                engine.step()
+                # cancel DeepSpeed's mean over ranks: the gradient is the global sum / norm
+                engine.backward(out.loss * world, scale_wrt_gas=False)
                 n = int(out.logp.numel())
-                stats.loss += float(out.loss.detach()) * 1.0
+                if epoch == 0:
+                    sel = mb.loss_mask[:, 1:].bool()
+                    trainer_logp = out.logp if plan.on_policy else mb.old_logp[:, 1:][sel]
+                    pairs.append((trainer_logp.detach(), mb.rollout_logp[:, 1:][sel]))
+                stats.loss += float(out.loss.detach())
                 stats.kl += float(out.kl.sum()) if n else 0.0
                 stats.entropy += float(out.entropy.sum()) if n else 0.0
                 stats.clip_frac += float(out.clip_frac) * n
                 stats.tokens += n
+            engine.step()
             gn = engine.get_global_grad_norm()
             stats.grad_norm += float(gn) if gn is not None else 0.0
             n_steps += 1
@@ -141,4 +207,5 @@ def ppo_update(engine, batch, token_adv, old_logp, ref_logp, cfg: Config, gas: i
     stats.clip_frac /= tok
     stats.grad_norm /= max(n_steps, 1)
     stats.loss /= max(t.ppo_epochs, 1)
+    stats.mismatch = rollout_mismatch(pairs)
     return stats

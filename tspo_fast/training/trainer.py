@@ -29,7 +29,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import init_distributed, rank, seed_everything, shutdown, world_size
 from .evaluate import evaluate
 from .metrics import MetricsLogger, step_metrics
-from .ppo import compute_logprobs, gradient_accumulation_steps, ppo_update
+from .ppo import compute_logprobs, gradient_accumulation_steps, plan_update, ppo_update
 
 __all__ = ["Trainer"]
 
@@ -115,12 +115,15 @@ class Trainer:
         times["time/reward_advantage"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        old_logp, _ = compute_logprobs(self.actor, batch, cfg.train.micro_batch_size)
-        ref_logp = compute_logprobs(self.ref, batch, cfg.train.micro_batch_size)[0] if self.ref is not None else None
+        plan = plan_update(batch, token_adv, cfg, self.actor.device)   # micro-batches on the device, once
+        if not plan.on_policy:                                          # pi_old = pi when exactly on-policy
+            compute_logprobs(self.actor, plan, "old_logp")
+        if self.ref is not None:                                        # kl_coef > 0
+            compute_logprobs(self.ref, plan, "ref_logp")
         times["time/logprobs"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        upd = ppo_update(self.actor, batch, token_adv, old_logp, ref_logp, cfg, self.gas)
+        upd = ppo_update(self.actor, plan, cfg)
         times["time/update"] = time.perf_counter() - t3
 
         t4 = time.perf_counter()
@@ -129,7 +132,7 @@ class Trainer:
         self.step += 1
         times["time/step"] = time.perf_counter() - t0
         return step_metrics(batch, outcome, first_turn, token_adv, turn_adv, upd, times,
-                            outcome_kind=cfg.reward.outcome)
+                            outcome_kind=cfg.reward.outcome, plan=plan)
 
     def save(self) -> str:
         return save_checkpoint(self.actor, self.ckpt_root, self.step,

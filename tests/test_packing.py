@@ -1,0 +1,161 @@
+"""Packed micro-batches (docs/algorithm.md §4; tspo_fast/training/packing.py): the plan keeps every
+row whole and under the budget, packed rows never attend to each other (same log-probs and
+gradients as padded rows), and the update skips passes it does not need.  The DeepSpeed update
+itself (same weights packed / padded, 1 and 2 ranks) is tests/test_trainer.py's exactness test."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from tspo_fast.config import load_config
+from tspo_fast.env.batch import Trajectory, collate
+from tspo_fast.models import load_causal_lm
+from tspo_fast.models.tiny import TinyModelSpec, build_tiny_model
+from tspo_fast.training.packing import MicroBatch, micro_batches, plan_bins
+from tspo_fast.training.policy import FusedHeadPolicy
+from tspo_fast.training.ppo import plan_update, rollout_mismatch
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    spec = TinyModelSpec(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128)
+    return build_tiny_model(str(tmp_path_factory.mktemp("pack") / "m"), spec=spec)
+
+
+def _batch(vocab, rows=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    trajs = []
+    for i in range(rows):
+        t = Trajectory(torch.randint(0, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist(),
+                       uid=f"q{i // 2}")
+        for k in range(int(torch.randint(1, 4, (1,), generator=g))):
+            t.append(torch.randint(0, vocab, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist(), k, False)
+            t.append(torch.randint(0, vocab, (int(torch.randint(0, 6, (1,), generator=g)),), generator=g).tolist(), k, True)
+            t.num_turns = k + 1
+        trajs.append(t)
+    b = collate(trajs, pad_id=0)
+    b.rollout_logp = torch.where(b.loss_mask, -torch.rand(b.loss_mask.shape, generator=g), torch.zeros(()))
+    return b, torch.randn(b.input_ids.shape, generator=g) * b.loss_mask
+
+
+# ----------------------------------------------------------------------------- planning
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_keeps_rows_whole_under_the_budget(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 60) for _ in range(rng.randint(1, 40))]
+    budget = rng.randint(60, 200)
+    n_bins = rng.randint(1, 5)
+    bins = plan_bins(lengths, budget, n_bins)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))     # every row exactly once
+    assert all(sum(lengths[i] for i in b) <= budget for b in bins)
+    assert all(b == sorted(b) for b in bins)                                  # rows keep their order
+    assert len(bins) >= max(n_bins, math.ceil(sum(lengths) / budget))
+    assert plan_bins(lengths, budget, n_bins) == bins                          # deterministic
+
+
+def test_row_longer_than_the_budget_is_named():
+    with pytest.raises(ValueError, match=r"train.max_tokens_per_micro: uid 'nq/7' has 90 tokens.*budget of 64"):
+        plan_bins([10, 90, 5], 64, names=["nq/1", "nq/7", "nq/9"])
+
+
+def test_more_bins_than_rows_gives_empty_micro_batches():
+    assert plan_bins([5, 3], 100, n_bins=4) == [[0], [1], [], []]
+
+
+# ----------------------------------------------------------------------------- numerics
+def _policy(model_dir, packing):
+    return FusedHeadPolicy(load_causal_lm(model_dir), chunk_size=16, packing=packing).eval()
+
+
+def _layouts(batch, adv, budget):
+    rows = list(range(len(batch)))
+    packed = micro_batches(batch, rows, adv, None, packing=True, budget=budget, micro_size=0, device="cpu")
+    padded = micro_batches(batch, rows, adv, None, packing=False, budget=0, micro_size=3, device="cpu")
+    return packed, padded
+
+
+def _logprobs(policy, mbs, shape):
+    full = torch.zeros(shape)
+    with torch.no_grad():
+        for mb in mbs:
+            lp, _ = policy(**mb.model_inputs(), mode="logprobs")
+            mb.scatter(lp, full)
+    return full
+
+
+def test_packed_rows_do_not_attend_to_each_other(model_dir):
+    """Packed and padded layouts give the same per-token log-probs (fp32, 1e-5 relative), and a
+    packed micro-batch holds no padding."""
+    batch, adv = _batch(load_causal_lm(model_dir).config.vocab_size)
+    packed, padded = _layouts(batch, adv, budget=64)
+    assert len(packed) > 1 and all(mb.tokens == mb.slots for mb in packed)
+    assert sum(mb.tokens for mb in packed) == int(batch.attention_mask.sum())
+    lp_pack = _logprobs(_policy(model_dir, True), packed, batch.input_ids.shape)
+    lp_pad = _logprobs(_policy(model_dir, False), padded, batch.input_ids.shape)
+    m = batch.loss_mask
+    assert m.sum() > 20
+    torch.testing.assert_close(lp_pack[m], lp_pad[m], rtol=1e-5, atol=1e-6)
+    # one row alone through the plain model gives the same numbers (nothing leaks between rows)
+    lm = load_causal_lm(model_dir)
+    r = 3
+    n = int(batch.attention_mask[r].sum())
+    with torch.no_grad():
+        logits = lm(input_ids=batch.input_ids[r:r + 1, :n]).logits[0].float()
+    alone = torch.log_softmax(logits[:-1], -1).gather(1, batch.input_ids[r, 1:n, None])[:, 0]
+    sel = m[r, 1:n]
+    torch.testing.assert_close(lp_pack[r, 1:n][sel], alone[sel], rtol=1e-5, atol=1e-6)
+
+
+def test_packed_and_padded_gradients_agree(model_dir):
+    batch, adv = _batch(load_causal_lm(model_dir).config.vocab_size, seed=1)
+    packed, padded = _layouts(batch, adv, budget=48)
+    norm = float(batch.loss_mask.sum())
+    grads = []
+    for packing, mbs in ((True, packed), (False, padded)):
+        pol = _policy(model_dir, packing)
+        for mb in mbs:
+            out = pol(**mb.model_inputs(), mode="loss", old_logp=None, advantages=mb.advantages, normalizer=norm,
+                      beta=0.0)
+            out.loss.backward()
+        grads.append({k: p.grad.clone() for k, p in pol.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_an_empty_micro_batch_trains_nothing(model_dir):
+    batch, adv = _batch(load_causal_lm(model_dir).config.vocab_size, rows=1)
+    pol = _policy(model_dir, True)
+    empty = micro_batches(batch, [], adv, None, packing=True, budget=64, micro_size=1, device="cpu")
+    assert len(empty) == 1 and empty[0].rows == [] and empty[0].tokens == 0
+    out = pol(**empty[0].model_inputs(), mode="loss", old_logp=None, advantages=empty[0].advantages, normalizer=1.0)
+    out.loss.backward()
+    assert float(out.loss.detach()) == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in pol.parameters())
+
+
+# ----------------------------------------------------------------------------- passes and metrics
+def test_on_policy_update_needs_no_pi_old_pass():
+    batch, adv = _batch(100)
+    base = ["rollout.n=1", "train.prompts_per_step=8", "train.max_tokens_per_micro=64"]
+    one = plan_update(batch, adv, load_config(None, base + ["train.mini_batch_prompts=8"]), "cpu")
+    assert one.on_policy and len(one.minis) == 1
+    two_epochs = plan_update(batch, adv, load_config(None, base + ["train.mini_batch_prompts=8",
+                                                                   "train.ppo_epochs=2"]), "cpu")
+    assert not two_epochs.on_policy
+    minis = plan_update(batch, adv, load_config(None, base + ["train.mini_batch_prompts=4"]), "cpu")
+    assert not minis.on_policy and len(minis.minis) == 2 and [mb.rows for mb in minis.minis[1]][0][0] >= 4
+
+
+def test_rollout_mismatch_by_hand():
+    trainer = torch.tensor([-1.0, -2.0, -0.5])
+    rollout = torch.tensor([-1.0, -2.5, -0.25])
+    d = trainer - rollout
+    m = rollout_mismatch([(trainer, rollout)])
+    assert m["mean_abs"] == pytest.approx(0.25) and m["max_abs"] == pytest.approx(0.5)
+    assert m["k3_kl"] == pytest.approx(float((torch.exp(d) - d - 1).mean()))
+    assert rollout_mismatch([]) == {}
+    assert isinstance(MicroBatch, type)
