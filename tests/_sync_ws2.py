@@ -15,10 +15,13 @@ def main(model_dir: str, out_dir: str) -> None:
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    from tspo_fast.engines import SamplingConfig
-    from tspo_fast.engines.sync import sync_weights
+    from _tiny import KeywordRetriever
+    from tspo_fast.config import load_config
+    from tspo_fast.data import PromptItem
+    from tspo_fast.engines import SamplingConfig, build_engine
     from tspo_fast.engines.hf import HFEngine
-    from tspo_fast.engines.vllm import VLLMEngine
+    from tspo_fast.engines.sync import sync_weights
+    from tspo_fast.env.agent import SearchAgent
     from tspo_fast.models.tiny import load_tokenizer
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -29,9 +32,17 @@ def main(model_dir: str, out_dir: str) -> None:
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     ds, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=3e-2),
                                   config=cfg)
-    vllm = VLLMEngine(model_dir, max_model_len=512, tensor_parallel_size=1, data_parallel_size=world,
-                      distributed_executor_backend="external_launcher")
+    # the production path: the trainer's builder, one in-process engine per rank (external_launcher)
+    run = load_config(None, ["rollout.engine=vllm", "data.max_prompt_tokens=64", "rollout.max_response_tokens=256",
+                             "rollout.max_turns=3", "rollout.max_new_tokens_per_turn=16", "rollout.max_obs_tokens=24"])
+    vllm = build_engine(run, model_dir, rank=rank, world=world)
     tok = load_tokenizer(model_dir)
+    # multi-turn rollouts with a different number of prompts (hence engine steps) on each rank
+    qs = ["France?", "mountain?", "Berlin?"][: 1 + 2 * rank]
+    items = [PromptItem(tok(f"Question: {q}\n", add_special_tokens=False)["input_ids"], uid=q) for q in qs]
+    for mode in ("async", "sync"):
+        run.rollout.mode = mode
+        SearchAgent(vllm, KeywordRetriever(), tok, run.rollout, max_prompt_tokens=64).rollout(items, seed=rank)
     batch = tok(["Berlin is the capital of France. " * 4], return_tensors="pt")
     for _ in range(2):
         loss = ds(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss

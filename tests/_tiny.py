@@ -77,42 +77,69 @@ class ScriptedEngine:
 
     supports_sleep = False
 
-    def __init__(self, tokenizer, policy: Callable[[str, int], str], max_model_len: int = 8192):
+    def __init__(self, tokenizer, policy: Callable[[str, int], str], max_model_len: int = 8192,
+                 streaming: bool = False, per_step: int = 1, step_delay: float = 0.0):
         self.tokenizer = tokenizer
         self.policy = policy
         self.max_model_len = max_model_len
+        self.supports_streaming = streaming
+        self.per_step = per_step           # streaming: requests finished per step (oldest first)
+        self.step_delay = step_delay       # streaming: seconds one step takes (generation time)
         self.calls: list[int] = []  # batch size of each generate call
         self.emitted: list[list[int]] = []
+        self._queue: list[tuple[str, list[int], SamplingConfig]] = []
+        self._n = 0
+        self.steps = 0
+        self.aborted: list[str] = []
 
-    def generate(self, prompts_token_ids, sampling: SamplingConfig) -> list[Generation]:
+    def generate(self, prompts_token_ids, sampling: SamplingConfig, keys=None) -> list[Generation]:
         self.calls.append(len(prompts_token_ids))
-        out = []
-        for p in prompts_token_ids:
-            ctx = self.tokenizer.decode(p)
-            turn = ctx.count("<information>") + ctx.count("My previous action is invalid")
-            ids = self.tokenizer(self.policy(ctx, turn), add_special_tokens=False)["input_ids"]
-            reason, stop_str = FINISH_LENGTH, None
-            for t in range(len(ids)):
-                hit = find_stop(self.tokenizer.decode(ids[:t + 1]), sampling.stop)
-                if hit is not None:
-                    ids, reason, stop_str = ids[:t + 1], FINISH_STOP, hit[1]
-                    break
-                if ids[t] == self.tokenizer.eos_token_id:
-                    ids, reason = ids[:t + 1], FINISH_EOS
-                    break
-            ids = ids[:sampling.max_new_tokens]
-            if len(ids) == sampling.max_new_tokens and reason != FINISH_STOP:
-                reason = FINISH_LENGTH if reason != FINISH_EOS else reason
-            self.emitted.append(list(ids))
-            out.append(Generation(list(ids), [-0.01 * (k + 1) for k in range(len(ids))],
-                                  self.tokenizer.decode(ids), reason, stop_str))
-        return out
+        return [self._one(p, sampling) for p in prompts_token_ids]
+
+    # streaming, as the vLLM engine does it
+    def submit(self, prompt_ids, sampling: SamplingConfig, key: int = 0) -> str:
+        self._n += 1
+        self._queue.append((f"r{self._n}", list(prompt_ids), sampling))
+        return f"r{self._n}"
+
+    def step(self):
+        time.sleep(self.step_delay)
+        self.steps += 1
+        done, self._queue = self._queue[:self.per_step], self._queue[self.per_step:]
+        return [(rid, self._one(p, s)) for rid, p, s in done]
+
+    def num_pending(self) -> int:
+        return len(self._queue)
+
+    def abort(self, request_ids):
+        self.aborted += list(request_ids)
+        self._queue = [q for q in self._queue if q[0] not in set(request_ids)]
+
+    def _one(self, p, sampling: SamplingConfig) -> Generation:
+        ctx = self.tokenizer.decode(p)
+        turn = ctx.count("<information>") + ctx.count("My previous action is invalid")
+        ids = self.tokenizer(self.policy(ctx, turn), add_special_tokens=False)["input_ids"]
+        reason, stop_str = FINISH_LENGTH, None
+        for t in range(len(ids)):
+            hit = find_stop(self.tokenizer.decode(ids[:t + 1]), sampling.stop)
+            if hit is not None:
+                ids, reason, stop_str = ids[:t + 1], FINISH_STOP, hit[1]
+                break
+            if ids[t] == self.tokenizer.eos_token_id:
+                ids, reason = ids[:t + 1], FINISH_EOS
+                break
+        ids = ids[:sampling.max_new_tokens]
+        if len(ids) == sampling.max_new_tokens and reason != FINISH_STOP:
+            reason = FINISH_LENGTH if reason != FINISH_EOS else reason
+        self.emitted.append(list(ids))
+        return Generation(list(ids), [-0.01 * (k + 1) for k in range(len(ids))],
+                          self.tokenizer.decode(ids), reason, stop_str)
 
     def load_weights(self, named_tensors):
         raise NotImplementedError
 
     def reset_prefix_cache(self):
-        pass
+        return True
 
     def sleep(self, level=1):
         pass

@@ -52,6 +52,24 @@ def prompt_ids(tok):
     return [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
 
 
+def test_vllm_runs_in_process_even_if_multiprocessing_was_asked(tiny_dir, monkeypatch):
+    """(First in this module: two engines must not be alive at once in one process.)
+    Started the way the GPU path starts it: V1 multiprocessing is switched off for the
+    colocated engine (a warning says so), and the engine core is in this process."""
+    pytest.importorskip("vllm")
+    from tspo_fast.engines.vllm import VLLMEngine
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    with pytest.warns(RuntimeWarning, match="VLLM_ENABLE_V1_MULTIPROCESSING"):
+        eng = VLLMEngine(tiny_dir, max_model_len=256)
+    try:
+        assert type(eng.llm.llm_engine.engine_core).__name__ == "InprocClient"
+        assert eng.llm.apply_model(lambda m: type(m).__name__)[0].startswith("Qwen2")   # a function crosses
+    finally:
+        eng.close()
+    with pytest.raises(ValueError, match="distributed_executor_backend"):
+        VLLMEngine(tiny_dir, max_model_len=256, distributed_executor_backend="mp")
+
+
 def test_vllm_starts_with_numba_loaded(vllm_engine, prompt_ids):
     import sys
     assert "llvmlite" in sys.modules  # the fixture's engine started after bm25s pulled numba in
@@ -168,8 +186,53 @@ def test_vllm_rollout_logp_match_model(vllm_engine, hf, tok):
     # the fitted model searches and answers through vLLM: real multi-turn trajectories
     assert b.is_obs.any() and all(len(o) == int(n) for o, n in zip(b.observation_texts, b.num_turns))
     assert int(b.num_searches.sum()) > 0 and b.stats["retrieval_calls"] >= 1
-    assert any(a is not None for a in b.answer_text)
+    assert int(b.num_turns.max()) >= 2                     # (whether a sample answers is luck: not asserted)
     assert any("<information>Doc 1(Title: " in o for obs in b.observation_texts for o in obs)
+
+
+def _agent(engine, tok, mode, **kw):
+    cfg = RolloutConfig(n=4, max_turns=2, max_new_tokens_per_turn=24, max_obs_tokens=40, max_response_tokens=256,
+                        mode=mode, **kw)
+    return SearchAgent(engine, KeywordRetriever(), tok, cfg, max_prompt_tokens=64)
+
+
+def _items(tok):
+    return [PromptItem(tok(f"Question: {q}\n", add_special_tokens=False)["input_ids"], uid=q, aliases=["Paris"])
+            for q in ("France?", "mountain?", "Berlin?")]
+
+
+def test_vllm_async_loop_equals_sync_greedy(vllm_engine, tok):
+    """Same weights, greedy: the async loop (vLLM's request-level API, retrieval overlapped)
+    produces exactly the token ids, turn ids, masks and rewards of the turn-synchronous loop."""
+    from tspo_fast.algo.rewards import score_batch
+
+    sync = _agent(vllm_engine, tok, "sync").rollout(_items(tok), temperature=0.0)
+    asyn = _agent(vllm_engine, tok, "async").rollout(_items(tok), temperature=0.0)
+    assert asyn.stats["async_loop"] == 1.0 and sync.stats["async_loop"] == 0.0
+    for f in ("input_ids", "attention_mask", "turn_id", "is_obs", "loss_mask", "num_turns", "num_searches", "truncated"):
+        assert torch.equal(getattr(sync, f), getattr(asyn, f)), f
+    torch.testing.assert_close(sync.rollout_logp, asyn.rollout_logp, atol=1e-5, rtol=0)
+    assert int(sync.num_searches.sum()) > 0                      # real multi-turn episodes
+    for a, b in zip(score_batch(sync, tok), score_batch(asyn, tok)):
+        assert torch.equal(a, b)
+    assert vllm_engine.num_pending() == 0
+
+
+def test_vllm_async_sampling_statistics_match_sync(vllm_engine, tok):
+    """Sampling (engine-level seeds on CPU): the two loops draw from the same distribution —
+    mean log-prob of sampled tokens, turns and searches agree within 4 standard errors."""
+    rows = {"sync": [], "async": []}
+    for seed in range(3):
+        for mode in rows:
+            b = _agent(vllm_engine, tok, mode).rollout(_items(tok) * 2, seed=seed)
+            m = b.loss_mask
+            for i in range(len(b)):
+                rows[mode].append((float(b.rollout_logp[i][m[i]].mean()), float(b.num_turns[i]), float(b.num_searches[i])))
+    for k, name in enumerate(("mean logp", "turns", "searches")):
+        a = torch.tensor([r[k] for r in rows["sync"]])
+        b = torch.tensor([r[k] for r in rows["async"]])
+        se = float((a.var() / len(a) + b.var() / len(b)).sqrt()) + 1e-6
+        assert abs(float(a.mean() - b.mean())) < 4 * se, (name, float(a.mean()), float(b.mean()), se)
 
 
 def test_vllm_sleep_wake_noop_on_cpu(vllm_engine, prompt_ids):
@@ -187,7 +250,7 @@ def test_vllm_sampling_runs_with_seed_on_cpu(vllm_engine, prompt_ids):
     rng = random.Random(0)
     long = [[rng.randrange(10, 500) for _ in range(300)] for _ in range(32)]  # 9600 > 4096 tokens
     gens = vllm_engine.generate(long, SamplingConfig(temperature=1.0, max_new_tokens=2, seed=1))
-    assert len(gens) == 32 and all(len(g.token_ids) == 2 for g in gens)
+    assert len(gens) == 32 and all(1 <= len(g.token_ids) <= 2 for g in gens)   # an EOS may come first
 
 
 def test_vllm_cpu_seed_workaround_still_needed(vllm_engine):

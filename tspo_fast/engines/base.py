@@ -12,8 +12,9 @@ behaviour policy the trainer recomputes.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Optional, Protocol, Sequence
 
 import torch
 
@@ -29,8 +30,9 @@ class SamplingConfig:
     """How to sample one engine call.
 
     ``temperature == 0`` means greedy. ``seed`` (optional) makes sampling reproducible: request
-    i of a call uses ``seed + i``. ``stop`` are strings; ``stop_token_ids`` are extra ids that
-    end a generation like EOS does.
+    i of a call (or the request with key i, see ``Engine.generate``) uses
+    ``mix_seed(seed, i)``.  ``stop`` are strings; ``stop_token_ids`` are extra ids that end a
+    generation like EOS does.
     """
 
     temperature: float = 1.0
@@ -68,20 +70,44 @@ class Generation:
     stop_str: str | None = None
 
 
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integer parts (seed, step, rank, turn, row, ...): a hash, so different
+    part tuples do not collide the way sums such as ``seed + step * world + rank`` do."""
+    data = ",".join(str(int(p)) for p in parts).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & (2 ** 63 - 1)
+
+
 class Engine(Protocol):
-    """What the agent loop and weight sync need from an engine."""
+    """What the agent loop and weight sync need from an engine.
+
+    ``generate(prompts, sampling, keys=None)``: one call for a batch; ``keys`` (one int per
+    prompt, default its index) name the requests for per-request seeds, so that a request's
+    sample does not depend on which other requests share the call.  ``load_weights`` returns
+    the names it loaded; ``weight_names()`` is what a complete sync must load; ``dtype`` the
+    engine's parameter dtype (the sync sends tensors in it).  ``reset_prefix_cache`` returns
+    whether the cache was reset.
+
+    Engines that can advance requests one by one (``supports_streaming``) also have
+    ``submit(prompt_ids, sampling, key) -> request id``, ``step() -> [(request id, Generation)]``
+    for the requests that finished in that step, ``abort(request_ids)`` and ``num_pending()``:
+    the asynchronous agent loop drives them.
+    """
 
     max_model_len: int
     supports_sleep: bool
+    supports_streaming: bool
+    dtype: torch.dtype
 
-    def generate(self, prompts_token_ids: Sequence[Sequence[int]],
-                 sampling: SamplingConfig) -> list[Generation]: ...
+    def generate(self, prompts_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 keys: Optional[Sequence[int]] = None) -> list[Generation]: ...
 
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]: ...
 
-    def reset_prefix_cache(self) -> None: ...
+    def weight_names(self) -> set[str]: ...
 
-    def sleep(self, level: int = 1) -> None: ...
+    def reset_prefix_cache(self) -> bool: ...
+
+    def sleep(self, level: int = 2) -> None: ...
 
     def wake_up(self, tags: list[str] | None = None) -> None: ...
 

@@ -13,7 +13,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers import AutoModelForCausalLM
 
 from ..models import load_tokenizer
-from .base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingConfig, find_stop
+from .base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingConfig, find_stop, mix_seed
 
 
 class _StopStrings(StoppingCriteria):
@@ -41,6 +41,7 @@ class HFEngine:
     """
 
     supports_sleep = False
+    supports_streaming = False      # the agent runs its turn-synchronous loop with this engine
 
     def __init__(self, model, tokenizer, batch_size: int = 64, max_model_len: int | None = None):
         self.model = model.eval()
@@ -60,13 +61,20 @@ class HFEngine:
         return cls(model, load_tokenizer(model_path), **kwargs)
 
     # ------------------------------------------------------------------ generation
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     @torch.no_grad()
-    def generate(self, prompts_token_ids: Sequence[Sequence[int]],
-                 sampling: SamplingConfig) -> list[Generation]:
+    def generate(self, prompts_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 keys=None) -> list[Generation]:
+        """One ``generate`` per ``batch_size`` prompts; with ``sampling.seed`` each of those
+        batches samples from ``mix_seed(seed, first index)`` (one generator per batch: ``keys``
+        cannot give requests their own streams here)."""
         out: list[Generation] = []
         for start in range(0, len(prompts_token_ids), self.batch_size):
             chunk = prompts_token_ids[start:start + self.batch_size]
-            seed = None if sampling.seed is None else sampling.seed + start
+            seed = None if sampling.seed is None else mix_seed(sampling.seed, start)
             out.extend(self._generate_batch(chunk, sampling, seed))
         return out
 
@@ -129,18 +137,25 @@ class HFEngine:
 
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy tensors into the model's parameters by their Hugging Face names."""
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy tensors into the model's parameters by their Hugging Face names; returns the names."""
         params = dict(self.model.named_parameters())
+        loaded = set()
         for name, tensor in named_tensors:
             if name not in params:
                 raise KeyError(f"HFEngine.load_weights: model has no parameter {name!r}")
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+            loaded.add(name)
+        return loaded
 
-    def reset_prefix_cache(self) -> None:
+    def weight_names(self) -> set[str]:
+        return {n for n, _ in self.model.named_parameters()}
+
+    def reset_prefix_cache(self) -> bool:
         """No cache survives a ``generate`` call: nothing to reset."""
+        return True
 
-    def sleep(self, level: int = 1) -> None:
+    def sleep(self, level: int = 2) -> None:
         """Not supported: no-op."""
 
     def wake_up(self, tags: list[str] | None = None) -> None:

@@ -1,4 +1,11 @@
-"""Stream trainer parameters into a rollout engine, in buckets of bounded size.
+"""The colocation cycle: the rollout engine sleeps during the update, then the trainer's
+parameters stream into it in buckets of bounded size.
+
+Per step: generate -> :func:`release_for_update` (``engine.sleep(2)``: weights and KV cache
+freed, CUDA sleep mode) -> update -> :func:`sync_weights`: ``empty_cache`` -> wake the weights ->
+load every bucket -> wake the KV cache -> reset the prefix cache.  Every load is checked: the
+engine must report loading all of its parameters (a partial sync is an error), tensors travel in
+the engine's dtype, and the prefix-cache reset must succeed.
 
 Works with plain ``nn.Module`` parameters and with DeepSpeed ZeRO-3 partitioned parameters:
 for ZeRO-3 each bucket is gathered with ``deepspeed.zero.GatheredParameters`` (a collective:
@@ -60,23 +67,47 @@ def _strip_prefix(name: str, prefix: str) -> str:
     return name[len(prefix):] if prefix and name.startswith(prefix) else name
 
 
+class SyncError(RuntimeError):
+    """A weight sync did not reach the whole engine (missing parameters, failed cache reset)."""
+
+
+def empty_device_cache() -> None:
+    """Return the update's freed CUDA memory before the engine wakes (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def release_for_update(engine) -> None:
+    """After the rollout: let a sleep-capable engine free its memory for the update (level 2)."""
+    if engine is not None and getattr(engine, "supports_sleep", False):
+        engine.sleep(level=2)
+
+
 def sync_weights(engine, named_params: Iterable[tuple[str, torch.Tensor]], bucket_mb: float = 256,
                  dtype: torch.dtype | None = None, name_prefix: str = "") -> SyncStats:
     """Load ``named_params`` into ``engine`` bucket by bucket; return timing and sizes.
 
-    engine:       anything with ``load_weights(named_tensors)`` and ``reset_prefix_cache()``
-                  (``sleep``/``wake_up`` used when ``engine.supports_sleep``); ``None`` on ranks
-                  that only take part in the ZeRO-3 gathers.
+    engine:       anything with ``load_weights(named_tensors) -> loaded names`` and
+                  ``reset_prefix_cache() -> bool`` (``weight_names()``, ``dtype``,
+                  ``sleep``/``wake_up`` used where present); ``None`` on ranks that only take part
+                  in the ZeRO-3 gathers.
     named_params: (name, parameter) pairs, e.g. ``ds_engine.module.named_parameters()``.
     bucket_mb:    upper bound of one gathered bucket in MB (a single larger tensor is its own bucket).
-    dtype:        cast tensors to this dtype before loading (default: keep).
+    dtype:        cast tensors to this dtype before loading (default: the engine's ``dtype``).
     name_prefix:  stripped from names (e.g. a wrapper's ``"module."``).
+
+    Raises :class:`SyncError` when the engine did not load all of ``weight_names()`` or its
+    prefix cache could not be reset.
     """
     stats = SyncStats()
     t0 = time.perf_counter()
+    if dtype is None and engine is not None:
+        dtype = getattr(engine, "dtype", None)
     sleeping = engine is not None and getattr(engine, "supports_sleep", False) and getattr(engine, "is_sleeping", False)
     if sleeping:
+        empty_device_cache()
         engine.wake_up(tags=["weights"])
+    loaded: set = set()
     bucket_bytes = int(bucket_mb * 1024 * 1024)
     for bucket in _buckets(named_params, bucket_bytes, dtype):
         zero3 = [p for _, p in bucket if _is_zero3(p)]
@@ -93,14 +124,22 @@ def sync_weights(engine, named_params: Iterable[tuple[str, torch.Tensor]], bucke
                 tensors.append((_strip_prefix(name, name_prefix), t))
                 stats.bytes += t.numel() * t.element_size()
             if engine is not None:
-                engine.load_weights(tensors)
+                loaded |= set(engine.load_weights(tensors) or ())
             stats.num_tensors += len(tensors)
             stats.num_buckets += 1
             del tensors
     if engine is not None:
+        expected = engine.weight_names() if hasattr(engine, "weight_names") else set()
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+            raise SyncError(f"weight sync reached {len(expected) - len(missing)} of the engine's {len(expected)} "
+                            f"parameters; not loaded: {shown}")
         if sleeping:
             engine.wake_up(tags=["kv_cache"])
-        engine.reset_prefix_cache()
+        if engine.reset_prefix_cache() is False:
+            raise SyncError("weight sync: the engine's prefix cache could not be reset (requests still running?); "
+                            "its cached prefixes would hold the old weights' keys and values")
     stats.seconds = time.perf_counter() - t0
     return stats
 

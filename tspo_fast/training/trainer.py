@@ -22,7 +22,8 @@ from ..algo.advantages import batch_advantages
 from ..algo.rewards import score_batch
 from ..config import Config, dump_config
 from ..data import QAExample, prompt_items
-from ..engines.sync import sync_weights
+from ..engines.base import mix_seed
+from ..engines.sync import release_for_update, sync_weights
 from ..models import load_policy
 from .builders import build_actor, build_agent, build_engine, build_reference, build_retriever, load_data
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -89,8 +90,8 @@ class Trainer:
         return out[self.rank * per:(self.rank + 1) * per]
 
     def rollout_seed(self, step: int) -> int:
-        """The sampling seed of ``step`` on this rank."""
-        return self.cfg.seed * 1_000_003 + step * self.world + self.rank
+        """The sampling seed of ``step`` on this rank (a hash of seed, step and rank: no collisions)."""
+        return mix_seed(self.cfg.seed, step, self.rank)
 
     def sync(self) -> float:
         st = sync_weights(self.engine, self.actor.module.lm.named_parameters(), bucket_mb=self.cfg.rollout.sync_bucket_mb)
@@ -103,7 +104,10 @@ class Trainer:
         t0 = time.perf_counter()
         items = prompt_items(self.prompts_for_step(self.step), self.tokenizer, cfg.data.chat_template)
         batch = self.agent.rollout(items, seed=self.rollout_seed(self.step))
+        release_for_update(self.engine)            # the engine sleeps (CUDA) while the update runs
         times["time/rollout"] = time.perf_counter() - t0
+        times["time/rollout_generate"] = batch.stats.get("gen_seconds", 0.0)
+        times["time/rollout_retrieval_wait"] = batch.stats.get("retrieval_wait_seconds", 0.0)
 
         t1 = time.perf_counter()
         outcome, first_turn = score_batch(batch, self.tokenizer, outcome=cfg.reward.outcome,
