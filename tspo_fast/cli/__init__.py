@@ -13,6 +13,7 @@ COMMANDS = {
     "eval": ("tspo_fast.cli.eval", "greedy evaluation: EM per data source, turns, searches"),
     "compare": ("tspo_fast.cli.compare", "train configs over several seeds; paired table and PNG of test EM"),
     "plot": ("tspo_fast.cli.plot", "draw reward/EM curves of runs to a PNG"),
+    "plan": ("tspo_fast.cli.plan", "per-rank GPU memory budget of a config; fails naming the fields to change"),
     "demo": ("tspo_fast.cli.demo", "FOLR rewards and TSPO vs GRPO advantages on one group of rollouts"),
     "agreement": ("tspo_fast.cli.agreement", "measure K1 (token ids) vs the string rule of FOLR"),
     "index": ("tspo_fast.cli.retrieval", "build retrieval indexes (BM25, dense)"),

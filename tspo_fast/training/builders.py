@@ -10,6 +10,7 @@ from typing import List, Optional, Tuple
 
 import deepspeed
 import torch
+from deepspeed.ops.adam import DeepSpeedCPUAdam
 
 from ..config import Config
 from ..data import QAExample, load_split
@@ -38,7 +39,11 @@ def build_actor(cfg: Config, lm: torch.nn.Module, gas: int):
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
     policy = FusedHeadPolicy(lm, chunk_size=cfg.loss.chunk_size, temperature=1.0, packing=cfg.train.packing)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if cfg.train.offload_optimizer:   # DeepSpeed's CPU Adam steps the offloaded states (compiled once, ~100 s)
+        optimizer = DeepSpeedCPUAdam(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                     adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = None
     if cfg.train.warmup_steps > 0:
         w = cfg.train.warmup_steps

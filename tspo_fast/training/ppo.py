@@ -43,6 +43,10 @@ def ds_config(cfg: Config, gas: int, *, optimizer: bool = True) -> Dict[str, Any
         # step (packing), no 1/GAS scaling in backward, one step() per mini-batch
         "managed_gradient_accumulation": False,
     }
+    if t.offload_optimizer and optimizer:
+        c["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if t.offload_param:
+        c["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
     if optimizer:
         c["gradient_clipping"] = t.grad_clip
     return c

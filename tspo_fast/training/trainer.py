@@ -20,23 +20,35 @@ from tqdm import tqdm
 
 from ..algo.advantages import batch_advantages
 from ..algo.rewards import score_batch
-from ..config import Config, dump_config
+from ..config import Config, ConfigError, dump_config
 from ..data import QAExample, prompt_items
 from ..engines.base import mix_seed
 from ..engines.sync import release_for_update, sync_weights
-from ..models import load_policy
+from ..models import load_policy, resolve_model_path
 from .builders import build_actor, build_agent, build_engine, build_reference, build_retriever, load_data
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import init_distributed, rank, seed_everything, shutdown, world_size
 from .evaluate import evaluate
 from .metrics import MetricsLogger, step_metrics
+from .plan import plan_memory
 from .ppo import compute_logprobs, gradient_accumulation_steps, plan_update, ppo_update
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "preflight"]
 
 # DeepSpeed 0.19 calls torch.distributed collectives that torch 2.13 marks deprecated, once per
 # gather: keep the training log readable.
 warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+
+
+def preflight(cfg: Config, world: int) -> None:
+    """On CUDA, before anything is allocated: the memory plan (``tspo-fast plan``) must fit the card."""
+    if not (torch.cuda.is_available() and cfg.train.memory_check):
+        return
+    card = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2 ** 30
+    plan = plan_memory(cfg, world, card, model_path=resolve_model_path(cfg.model.path))
+    if not plan.fits:
+        raise ConfigError("the run does not fit the GPU memory (set train.memory_check: false to try anyway):\n"
+                          + plan.table())
 
 
 class Trainer:
@@ -53,6 +65,7 @@ class Trainer:
         if self.rank == 0:
             dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
+        preflight(cfg, self.world)
         self.model_path, self.tokenizer, self.lm = load_policy(cfg.model.path, cfg.model.dtype)
         self.actor = build_actor(cfg, self.lm, self.gas)
         self.ref = build_reference(cfg, self.model_path, self.gas)
