@@ -187,3 +187,156 @@ def test_cuda_kernel_matches_reference():
     torch.testing.assert_close(cuda[0].cpu(), cpu[0], **TOL)
     with pytest.raises(TypeError, match="one device"):
         tk.turn_advantages(R.cuda(), ks, K, gid, turn, mask)
+
+
+# --------------------------------------------------------------------------- tspo_stage (docs/algorithm.md §3)
+def _mixed_inputs(gen, B, L, T):
+    """Groups of 5 with binary outcomes, some groups all-fail / all-success, plus a NaN-free F1-like group."""
+    R, ks, K, gid, turn, mask = _random_inputs(gen, B, L, T, gamma_nonbinary=False)
+    g = torch.unique(gid)
+    for i, gg in enumerate(g.tolist()):
+        rows = gid == gg
+        if i % 3 == 0:
+            R[rows] = 0.0                      # all fail: FOLR is the only contrast left
+        elif i % 3 == 1:
+            R[rows] = 1.0                      # all succeed
+    return R, ks, K, gid, turn, mask
+
+
+@pytest.mark.parametrize("B,L,T", [(1, 7, 2), (23, 61, 4), (64, 130, 5)])
+@pytest.mark.parametrize("norm", ["group", "turn"])
+def test_stage_kernel_matches_reference_random(B, L, T, norm):
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid, turn, mask = _mixed_inputs(gen, B, L, T)
+    gamma = [1.0, 0.8][B % 2]
+    T_out = max(int(K.max()), 1)
+    poison = (torch.full((B, L), float("nan")), torch.full((B, T_out), float("nan")))
+    got = _turn_advantages_triton(R, ks, K, gid, turn, mask, alpha=0.5, gamma=gamma, norm=norm, eps=1e-6,
+                                  T=T_out, mode="tspo_stage", block_b=16, block_l=64, out=poison)
+    want = ref.turn_advantages(R, ks, K, gid, turn, mask, alpha=0.5, gamma=gamma, mode="tspo_stage", norm=norm)
+    assert not torch.isnan(got[0]).any() and not torch.isnan(got[1]).any()
+    torch.testing.assert_close(got[1], want[1], **TOL)
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    # the same token layout as every other mode: turn k's advantage on the loss-masked tokens of turn k
+    t = turn.long()
+    inside = mask & (t >= 0) & (t < T_out)
+    assert torch.equal(got[0], torch.where(inside, got[1].gather(1, t.clamp(0, T_out - 1)), torch.zeros(())))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_stage_by_hand(backend):
+    # group 7 (outcomes differ): GRPO on every turn; group 9 (all fail): TSPO with FOLR alpha
+    R = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    ks = torch.tensor([0, 1, -1, 0, -1, 1])
+    K = torch.tensor([2, 3, 1, 2, 2, 3])
+    gid = torch.tensor([7, 7, 7, 9, 9, 9])
+    turn, mask = _layout(K.tolist(), 24)
+    tok, A = tk.turn_advantages(R, ks, K, gid, turn, mask, alpha=0.5, mode="tspo_stage", backend=backend)
+    mu, sd = statistics.mean([1.0, 0.0, 0.0]), statistics.stdev([1.0, 0.0, 0.0])
+    for b in range(3):
+        assert A[b, : K[b]].tolist() == pytest.approx([(R[b].item() - mu) / (sd + 1e-6)] * int(K[b]), rel=1e-5)
+    # group 9: returns G = [[0.5, 0], [0, 0], [0.5, 0.5, 0]] (alpha 0.5 up to k*), group norm over G[:, 0]
+    G = [[0.5, 0.0], [0.0, 0.0], [0.5, 0.5, 0.0]]
+    g0 = [0.5, 0.0, 0.5]
+    mu9, sd9 = statistics.mean(g0), statistics.stdev(g0)
+    for i, b in enumerate(range(3, 6)):
+        want = [(G[i][k] - mu9) / (sd9 + 1e-6) for k in range(int(K[b]))]
+        assert A[b, : K[b]].tolist() == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert torch.equal(tok, torch.where(mask, A.gather(1, turn.long().clamp(min=0)), torch.zeros(())))
+    # F1 outcomes: "all equal" means exactly equal, 0.5 vs 0.5000001 is a mixed group
+    R2 = torch.tensor([0.5, 0.5, 0.5000001], dtype=torch.float64)
+    _, A2 = tk.turn_advantages(R2, torch.tensor([0, -1, -1]), torch.tensor([1, 1, 1]), torch.zeros(3, dtype=torch.long),
+                               *_layout([1, 1, 1], 8), mode="tspo_stage", backend=backend)
+    _, A2_grpo = tk.turn_advantages(R2, torch.tensor([0, -1, -1]), torch.tensor([1, 1, 1]),
+                                    torch.zeros(3, dtype=torch.long), *_layout([1, 1, 1], 8), mode="grpo",
+                                    backend=backend)
+    assert torch.equal(A2, A2_grpo) and A2[2, 0] > 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("norm", ["group", "turn"])
+def test_alpha_zero_reduces_tspo_and_stage_to_grpo_exactly(backend, norm):
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid, turn, mask = _mixed_inputs(gen, 37, 50, 4)
+    gid[:3], R[:3], K[:3], ks[:3] = -5, 0.0, 2, torch.tensor([0, -1, -1])   # an all-fail group with a FOLR hit
+    run = lambda **kw: tk.turn_advantages(R, ks, K, gid, turn, mask, alpha=0.0, gamma=1.0, backend=backend, **kw)  # noqa: E731
+    grpo = run(mode="grpo")
+    assert torch.count_nonzero(grpo[1]) > 0
+    stage = run(mode="tspo_stage", norm=norm)
+    assert torch.equal(stage[0], grpo[0]) and torch.equal(stage[1], grpo[1])
+    if norm == "group":
+        tspo = run(mode="tspo", norm="group")
+        assert torch.equal(tspo[0], grpo[0]) and torch.equal(tspo[1], grpo[1])
+    # with alpha > 0 the modes do differ (the test can fail)
+    assert not torch.equal(tk.turn_advantages(R, ks, K, gid, turn, mask, alpha=0.5, mode="tspo_stage", norm=norm,
+                                              backend=backend)[1], grpo[1])
+
+
+def test_stage_is_registered_mode():
+    assert "tspo_stage" in tk.ADV_MODES
+
+
+# --------------------------------------------------------------------------- non-finite inputs, bad values
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("mode,norm", [("tspo", "group"), ("tspo", "turn"), ("grpo", "group"), ("tspo_stage", "turn")])
+def test_nan_outcome_stays_in_its_row(backend, mode, norm):
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid, turn, mask = _mixed_inputs(gen, 20, 40, 3)
+    K = K.clamp(min=1)
+    bad = 4
+    gid[: 6] = gid[0]                                    # row 4 shares its group with rows 0..5
+    R_bad = R.clone()
+    R_bad[bad] = float("nan")
+    kw = dict(mode=mode, norm=norm, backend=backend, max_turns=3)
+    tok, A = tk.turn_advantages(R_bad, ks, K, gid, turn, mask, **kw)
+    assert torch.isnan(A[bad, : K[bad]]).all() and (A[bad, K[bad]:] == 0).all()
+    assert torch.isnan(tok[bad][mask[bad] & (turn[bad] >= 0) & (turn[bad] < K[bad])]).all()
+    keep = torch.arange(20) != bad
+    assert not torch.isnan(A[keep]).any() and not torch.isnan(tok[keep]).any()
+    # the other rows: as if the NaN row were absent
+    tok2, A2 = tk.turn_advantages(R[keep], ks[keep], K[keep], gid[keep], turn[keep], mask[keep], **kw)
+    torch.testing.assert_close(A[keep], A2, **TOL)
+    torch.testing.assert_close(tok[keep], tok2, **TOL)
+    R_inf = R.clone()
+    R_inf[bad] = float("inf")
+    _, A3 = tk.turn_advantages(R_inf, ks, K, gid, turn, mask, **kw)
+    assert torch.isnan(A3[bad, : K[bad]]).all()
+    torch.testing.assert_close(A3[keep], A2, **TOL)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_negative_num_turns_rejected(backend):
+    R, ks, gid = torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    turn, mask = _layout([1, 1, 1], 10)
+    K = torch.tensor([1, -2, 1])
+    for max_turns in (None, 3):
+        with pytest.raises(ValueError, match=r"num_turns\[1\] = -2"):
+            tk.turn_advantages(R, ks, K, gid, turn, mask, max_turns=max_turns, backend=backend)
+    if backend != "reference":          # validate=False: the caller vouches; a negative K is no turns
+        _, A = tk.turn_advantages(R, ks, K, gid, turn, mask, max_turns=3, validate=False, backend=backend)
+        _, A0 = tk.turn_advantages(R, ks, K.clamp(min=0), gid, turn, mask, max_turns=3, backend=backend)
+        assert torch.equal(A, A0)
+
+
+def test_non_finite_options_rejected():
+    R, ks, K, gid = torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    turn, mask = _layout([1, 1, 1], 10)
+    for kw, word in (({"alpha": float("inf")}, "alpha"), ({"alpha": float("nan")}, "alpha"),
+                     ({"eps": float("nan")}, "eps"), ({"eps": 0.0}, "eps"), ({"gamma": float("nan")}, "gamma")):
+        for backend in ("triton", "reference"):
+            with pytest.raises(ValueError, match=word):
+                tk.turn_advantages(R, ks, K, gid, turn, mask, backend=backend, **kw)
+
+
+def test_large_batch_several_member_blocks():
+    """B larger than the member block: the statistics loop over several blocks (and the token pass
+    over several position blocks), every mode."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid, turn, mask = _mixed_inputs(gen, 150, 300, 4)
+    T_out = max(int(K.max()), 1)
+    for mode, norm in (("tspo", "turn"), ("tspo_stage", "group"), ("grpo", "group")):
+        got = _turn_advantages_triton(R, ks, K, gid, turn, mask, alpha=0.3, gamma=0.9, norm=norm, eps=1e-6,
+                                      T=T_out, mode=mode, block_b=64, block_l=128, block_r=16)
+        want = ref.turn_advantages(R, ks, K, gid, turn, mask, alpha=0.3, gamma=0.9, mode=mode, norm=norm)
+        torch.testing.assert_close(got[1], want[1], **TOL)
+        torch.testing.assert_close(got[0], want[0], **TOL)

@@ -189,3 +189,51 @@ def test_answer_variants_accepts_hf_style_tokenizers():
     a = tk.answer_variants(HFLike(), ["Paris"])
     b = tk.answer_variants(Enc(), ["Paris"])
     assert a == b and [80, 97, 114, 105, 115] in a
+
+
+# --------------------------------------------------------------------------- 2-D grid, prefilter, atomic minimum
+@pytest.mark.parametrize("block_l,block_p", [(16, 2), (32, 4), (64, 8)])
+@pytest.mark.parametrize("source", SOURCES)
+def test_many_position_blocks_and_pattern_chunks(block_l, block_p, source):
+    """Rows split over many position blocks (matches straddling block edges, several blocks with a
+    match: the atomic minimum must pick the smallest key) and more patterns than one prefilter chunk."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    B, L, vocab = 6, 203, 4
+    ids, turn, obs = _trajectory_tensors(gen, B, L, vocab)
+    pats = _random_patterns(gen, ids, 11, vocab)
+    got = _first_occurrence_triton(ids, turn, obs, pats, source, block_l=block_l, block_p=block_p)
+    want = ref.first_occurrence(ids, turn, obs, pats, source)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_match_straddling_a_block_edge_and_later_smaller_turn():
+    # turn ids need not grow along the row: the smallest turn wins even in a later block
+    L = 40
+    ids = torch.zeros(1, L, dtype=torch.long)
+    turn = torch.full((1, L), -1, dtype=torch.int32)
+    obs = torch.ones(1, L, dtype=torch.bool)
+    turn[0, 10:20] = 3
+    turn[0, 20:40] = 1
+    ids[0, 14:17] = torch.tensor([7, 8, 9])      # turn 3, crosses the 16-position block edge
+    ids[0, 30:33] = torch.tensor([7, 8, 9])      # turn 1, in a later block
+    ids[0, 17] = 7                               # a first-token candidate that fails on its 2nd token
+    pats = tk.pack_patterns([[[5, 5], [7, 8, 9]]])
+    for block_l in (16, 64):
+        t, p = _first_occurrence_triton(ids, turn, obs, pats, "observation", block_l=block_l)
+        assert (t.item(), p.item()) == (1, 30)
+    turn[0, 20:40] = 4
+    t, p = _first_occurrence_triton(ids, turn, obs, pats, "observation", block_l=16)
+    assert (t.item(), p.item()) == (3, 14)
+    assert ref.first_occurrence(ids, turn, obs, pats)[1].item() == 14
+
+
+def test_outputs_are_fresh_tensors_per_call():
+    """The counters live in the output buffers: two calls must not share state."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    ids, turn, obs = _trajectory_tensors(gen, 5, 120, 3)
+    pats = _random_patterns(gen, ids, 4, 3)
+    a = _first_occurrence_triton(ids, turn, obs, pats, "any", block_l=32)
+    b = _first_occurrence_triton(ids, turn, obs, pats, "any", block_l=32)
+    want = ref.first_occurrence(ids, turn, obs, pats, "any")
+    for got in (a, b):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -522,20 +522,21 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from tspo_kernels.pg_loss import _pg_rows_kernel as kernel
 
-flags = ("HAS_LOSS", "HAS_REF", "HAS_DUAL", "HAS_TIS", "HAS_W", "HAS_OLD", "WRITE_GRAD")
+flags = ("HAS_LOSS", "HAS_REF", "HAS_DUAL", "HAS_TIS", "HAS_W", "HAS_OLD", "WRITE_GRAD", "STATS")
 for logits_type, on in (("*bf16", True), ("*fp32", False), ("*fp16", True)):
     sig = {}
     for name in kernel.arg_names:
-        if name in flags or name == "BLOCK_V":
+        if name in flags or name in ("BLOCK_V", "UNIT"):
             sig[name] = "constexpr"
         elif name == "logits_ptr":
             sig[name] = logits_type
         elif name.endswith("_ptr"):
             sig[name] = {"targets_ptr": "*i64", "mask_ptr": "*i8"}.get(name, "*fp32")
         else:
-            sig[name] = "i32" if name in ("stride_row", "V") else "fp32"
+            sig[name] = "i32" if name in ("stride_row", "V", "n_units") else "fp32"
     const = {(kernel.arg_names.index(f),): on for f in flags}
     const[(kernel.arg_names.index("BLOCK_V"),)] = 4096
+    const[(kernel.arg_names.index("UNIT"),)] = 64 if on else 1
     out = triton.compile(ASTSource(kernel, sig, constexprs=const),
                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     assert len(out.asm["cubin"]) > 0

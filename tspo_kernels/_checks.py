@@ -5,6 +5,8 @@ devices, non-tensors) with a message naming the argument.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterable, Sequence
 
 import torch
@@ -52,8 +54,9 @@ def choice(name: str, value: str, allowed: Iterable[str]) -> str:
 BACKENDS = ("auto", "triton", "torch", "reference")
 #: K1 ``source``: where an answer must occur (docs/algorithm.md §2)
 FOLR_SOURCES = ("observation", "action", "any")
-#: K2 ``mode`` and ``norm`` (docs/algorithm.md §3)
-ADV_MODES = ("tspo", "grpo")
+#: K2 ``mode`` and ``norm`` (docs/algorithm.md §3): "tspo" (turn-level returns), "grpo" (outcome
+#: only), "tspo_stage" (GRPO in groups whose outcomes differ, "tspo" in groups whose outcomes coincide)
+ADV_MODES = ("tspo", "grpo", "tspo_stage")
 ADV_NORMS = ("group", "turn")
 
 
@@ -87,8 +90,20 @@ def first_occurrence_args(token_ids, turn_id, is_obs, patterns, source):
     return B, L
 
 
-def turn_advantages_args(outcome, first_turn, num_turns, group_ids, turn_id, loss_mask, mode, norm, gamma, eps):
-    """Validate K2 inputs; returns (B, L)."""
+def finite_number(name: str, value) -> float:
+    """A real, finite Python number (bool excluded); returns it as float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def turn_advantages_args(outcome, first_turn, num_turns, group_ids, turn_id, loss_mask, mode, norm, gamma, eps,
+                         alpha=0.0):
+    """Validate K2 inputs (shapes, dtypes, devices, options); returns (B, L).
+
+    Values of tensors are not read here (that would cost a device sync on CUDA): see
+    :func:`num_turns_values`.
+    """
     tensor("outcome", outcome, ndim=1, dtypes=FLOAT_DTYPES)
     B = outcome.shape[0]
     tensor("first_turn", first_turn, dtypes=INT_DTYPES, shape=(B,))
@@ -102,8 +117,21 @@ def turn_advantages_args(outcome, first_turn, num_turns, group_ids, turn_id, los
                 turn_id=turn_id, loss_mask=loss_mask)
     choice("mode", mode, ADV_MODES)
     choice("norm", norm, ADV_NORMS)
-    if not 0.0 <= float(gamma) <= 1.0:
+    finite_number("alpha", alpha)
+    if not 0.0 <= finite_number("gamma", gamma) <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
-    if not float(eps) > 0.0:
+    if not finite_number("eps", eps) > 0.0:
         raise ValueError(f"eps must be > 0, got {eps}")
     return B, turn_id.shape[1]
+
+
+def num_turns_values(num_turns: torch.Tensor) -> int:
+    """Reject negative turn counts (ValueError naming the first bad row); returns max(num_turns)
+    (0 for no rows).  Reads the tensor: one device-to-host transfer on CUDA."""
+    if num_turns.numel() == 0:
+        return 0
+    lo, hi = torch.stack([num_turns.min(), num_turns.max()]).tolist()
+    if lo < 0:
+        row = int((num_turns < 0).nonzero()[0, 0])
+        raise ValueError(f"num_turns must be >= 0; num_turns[{row}] = {int(num_turns[row])}")
+    return int(hi)

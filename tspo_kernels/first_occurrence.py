@@ -1,9 +1,15 @@
 """K1: first occurrence of a gold answer's token spelling, per trajectory (docs/algorithm.md §2, §5).
 
-One Triton program per row scans the row in blocks of ``BLOCK_L`` tokens.  For each of the
-row's patterns it compares the block shifted by j with the pattern's j-th token; only if any
-start survives does it check that the whole window lies in one segment of the selected kind.
-The best match is kept as the key ``turn * L + pos`` (smallest turn, then smallest position).
+A 2-D grid over (row, block of ``BLOCK_L`` positions).  Each program loads its block of token
+ids and compares it with the first token of every pattern of its row, ``BLOCK_P`` patterns at
+a time (the *prefilter*); only where some position survives does it load ``turn_id`` /
+``is_obs`` and check the pattern's other tokens and that the window lies in one segment of the
+selected kind.  A program's best match, the key ``turn * L + pos`` (smallest turn, then smallest
+position), goes into a per-row atomic minimum.  The last program of a row to finish (a per-row
+atomic countdown) reads that minimum and writes the row's ``(turn, pos)``.
+
+Both per-row counters live in the two output buffers themselves (``pos`` holds the key,
+``turn`` the countdown), initialised by one fill, so a call is one fill and one launch.
 """
 from __future__ import annotations
 
@@ -20,62 +26,90 @@ from .text import alias_list, answer_variants
 __all__ = ["PackedPatterns", "first_occurrence", "first_occurrence_of_aliases", "pack_patterns"]
 
 _SOURCE_CODE = {"observation": 0, "action": 1, "any": 2}
+_NONE = 9223372036854775807          # int64 max: "no match" key and the countdown's start
 
 
 @triton.jit
-def _first_occurrence_kernel(ids_ptr, turn_ptr, obs_ptr, pat_ptr, voff_ptr, roff_ptr, out_turn_ptr, out_pos_ptr,
-                             L, s_ids, s_turn, s_obs,
-                             SOURCE: tl.constexpr, BLOCK_L: tl.constexpr):
+def _check_pattern(ids_row, turn_row, obs_row, pat_ptr, p_lo, n, offs, cand, L, SOURCE: tl.constexpr):
+    """Keys (turn * L + pos, or NONE) of the positions in ``offs`` where the pattern
+    ``pat[p_lo:p_lo+n]`` occurs inside one segment of the selected kind; ``cand`` marks the
+    positions whose first token already matched."""
+    NONE: tl.constexpr = 9223372036854775807
+    inb = offs < L
+    t0 = tl.load(turn_row + offs, mask=inb, other=-1).to(tl.int64)
+    o0 = tl.where(tl.load(obs_row + offs, mask=inb, other=0) != 0, 1, 0).to(tl.int64)
+    seg0 = tl.where(t0 >= 0, 2 * t0 + o0, -1)
+    ok = cand & (t0 >= 0)
+    if SOURCE == 0:
+        ok = ok & (o0 == 1)
+    if SOURCE == 1:
+        ok = ok & (o0 == 0)
+    for j in range(1, n):
+        m = offs + j < L
+        pj = tl.load(pat_ptr + p_lo + j).to(tl.int64)
+        tok = tl.load(ids_row + offs + j, mask=m, other=-1).to(tl.int64)
+        tj = tl.load(turn_row + offs + j, mask=m, other=-1).to(tl.int64)
+        oj = tl.where(tl.load(obs_row + offs + j, mask=m, other=0) != 0, 1, 0).to(tl.int64)
+        segj = tl.where(tj >= 0, 2 * tj + oj, -1)
+        ok = ok & m & (tok == pj) & (segj == seg0)
+    return tl.where(ok, t0 * L + offs, NONE)
+
+
+@triton.jit
+def _first_occurrence_kernel(ids_ptr, turn_ptr, obs_ptr, pat_ptr, voff_ptr, roff_ptr, key_ptr, count_ptr,
+                             L, n_blocks, s_ids, s_turn, s_obs,
+                             SOURCE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr):
+    NONE: tl.constexpr = 9223372036854775807
     row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    inb = offs < L
     ids_row = ids_ptr + row * s_ids
     turn_row = turn_ptr + row * s_turn
     obs_row = obs_ptr + row * s_obs
     v_lo = tl.load(roff_ptr + row)
     v_hi = tl.load(roff_ptr + row + 1)
-    NONE: tl.constexpr = 9223372036854775807
+    tok0 = tl.load(ids_row + offs, mask=inb, other=-1).to(tl.int64)
+    pp = tl.arange(0, BLOCK_P)
     best = tl.full((), NONE, tl.int64)
-    for start in range(0, L, BLOCK_L):
-        offs = start + tl.arange(0, BLOCK_L)
-        t0 = tl.load(turn_row + offs, mask=offs < L, other=-1).to(tl.int64)
-        o0 = tl.load(obs_row + offs, mask=offs < L, other=0).to(tl.int64)
-        o0 = tl.where(o0 != 0, 1, 0)
-        seg0 = tl.where(t0 >= 0, 2 * t0 + o0, -1)
-        sel = t0 >= 0
-        if SOURCE == 0:
-            sel = sel & (o0 == 1)
-        if SOURCE == 1:
-            sel = sel & (o0 == 0)
-        for v in range(v_lo, v_hi):
-            p_lo = tl.load(voff_ptr + v)
-            n = tl.load(voff_ptr + v + 1) - p_lo
-            ok = sel & (n > 0)
-            # token comparison: one shifted load per pattern token
-            for j in range(0, n):
-                pj = tl.load(pat_ptr + p_lo + j).to(tl.int64)
-                tok = tl.load(ids_row + offs + j, mask=offs + j < L, other=-1).to(tl.int64)
-                ok = ok & (tok == pj)
-            # segment check, only where a start survived
-            if tl.max(ok.to(tl.int32), axis=0) > 0:
-                for j in range(1, n):
-                    m = offs + j < L
-                    tj = tl.load(turn_row + offs + j, mask=m, other=-1).to(tl.int64)
-                    oj = tl.load(obs_row + offs + j, mask=m, other=0).to(tl.int64)
-                    segj = tl.where(tj >= 0, 2 * tj + tl.where(oj != 0, 1, 0), -1)
-                    ok = ok & (segj == seg0)
-                key = tl.where(ok, t0 * L + offs, NONE)
-                best = tl.minimum(best, tl.min(key, axis=0))
-    found = best != NONE
-    tl.store(out_turn_ptr + row, tl.where(found, best // L, -1))
-    tl.store(out_pos_ptr + row, tl.where(found, best % L, -1))
+    for v0 in range(v_lo, v_hi, BLOCK_P):
+        # prefilter: BLOCK_P patterns' first tokens against the whole block at once
+        vv = v0 + pp
+        vin = vv < v_hi
+        p_lo = tl.load(voff_ptr + vv, mask=vin, other=0)
+        n = tl.where(vin, tl.load(voff_ptr + vv + 1, mask=vin, other=0) - p_lo, 0)
+        first = tl.load(pat_ptr + p_lo, mask=n > 0, other=-2).to(tl.int64)
+        hit = (tok0[:, None] == first[None, :]) & inb[:, None] & (n > 0)[None, :]      # (BLOCK_L, BLOCK_P)
+        if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:          # rare: check the survivors
+            for i in range(0, BLOCK_P):
+                cand = tl.max(tl.where(pp[None, :] == i, hit.to(tl.int32), 0), axis=1) > 0
+                if tl.max(cand.to(tl.int32), axis=0) > 0:
+                    lo_i = tl.sum(tl.where(pp == i, p_lo, 0), axis=0)
+                    n_i = tl.sum(tl.where(pp == i, n, 0), axis=0)
+                    key = _check_pattern(ids_row, turn_row, obs_row, pat_ptr, lo_i, n_i, offs, cand, L, SOURCE)
+                    best = tl.minimum(best, tl.min(key, axis=0))
+    if best != NONE:
+        tl.atomic_min(key_ptr + row, best)
+    # countdown from NONE: the program that sees NONE - (n_blocks - 1) finishes last and
+    # turns the key into (turn, pos), in place of the two counters
+    left = tl.atomic_add(count_ptr + row, -1)
+    last = tl.full((), NONE, tl.int64) - (n_blocks - 1)
+    if left == last:
+        k = tl.atomic_min(key_ptr + row, NONE)                      # reads the final minimum
+        found = k != NONE
+        tl.store(count_ptr + row, tl.where(found, k // L, -1))
+        tl.store(key_ptr + row, tl.where(found, k % L, -1))
 
 
 def _first_occurrence_triton(token_ids, turn_id, is_obs, patterns: PackedPatterns, source: str,
-                             block_l: int = 1024, out=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Launch K1; ``out`` optionally gives the two (B,) int64 output buffers."""
+                             block_l: int = 1024, block_p: int = 8, out=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch K1; ``out`` optionally gives the two (B,) int64 output buffers (turn, pos)."""
     B, L = token_ids.shape
+    dev = token_ids.device
     if out is None:
-        out = (torch.empty(B, dtype=torch.int64, device=token_ids.device),
-               torch.empty(B, dtype=torch.int64, device=token_ids.device))
+        both = torch.full((2, B), _NONE, dtype=torch.int64, device=dev)       # one fill for both counters
+        out = (both[0], both[1])
+    elif B and L:
+        out[0].fill_(_NONE), out[1].fill_(_NONE)
     out_turn, out_pos = out
     if B == 0 or L == 0:
         out_turn.fill_(-1), out_pos.fill_(-1)
@@ -85,12 +119,13 @@ def _first_occurrence_triton(token_ids, turn_id, is_obs, patterns: PackedPattern
     token_ids, turn_id, is_obs = (x if x.stride(-1) == 1 else x.contiguous() for x in (token_ids, turn_id, is_obs))
     ids, voff, roff = (x.contiguous() for x in (patterns.ids, patterns.offsets, patterns.row_offsets))
     if ids.numel() == 0:  # no pattern tokens at all: give the kernel a valid pointer
-        ids = torch.zeros(1, dtype=torch.int32, device=token_ids.device)
-    block = min(block_l, max(16, triton.next_power_of_2(max(L, 1))))
-    _first_occurrence_kernel[(B,)](
-        token_ids, turn_id, is_obs, ids, voff, roff, out_turn, out_pos,
-        L, token_ids.stride(0), turn_id.stride(0), is_obs.stride(0),
-        SOURCE=_SOURCE_CODE[source], BLOCK_L=block,
+        ids = torch.zeros(1, dtype=torch.int32, device=dev)
+    block = min(block_l, max(16, triton.next_power_of_2(L)))
+    n_blocks = triton.cdiv(L, block)
+    _first_occurrence_kernel[(B, n_blocks)](
+        token_ids, turn_id, is_obs, ids, voff, roff, out_pos, out_turn,
+        L, n_blocks, token_ids.stride(0), turn_id.stride(0), is_obs.stride(0),
+        SOURCE=_SOURCE_CODE[source], BLOCK_L=block, BLOCK_P=max(2, block_p), num_warps=4,
     )
     return out_turn, out_pos
 

@@ -108,41 +108,60 @@ def turn_advantages(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: 
                     eps: float = 1e-6, max_turns: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Turn-level, group-normalised advantages (K2, docs/algorithm.md §3).
 
-    outcome (B,) float: R_i; first_turn (B,) int: k*_i or -1; num_turns (B,) int: K_i;
+    outcome (B,) float: R_i; first_turn (B,) int: k*_i or -1; num_turns (B,) int >= 0: K_i;
     group_ids (B,) int: prompt uid per row; turn_id (B, L) int (-1 = not a turn token);
-    loss_mask (B, L) bool.  ``mode="grpo"`` is Search-R1's GRPO: alpha = 0, gamma = 1,
-    group normalisation.  Rows with K_i = 0 take no part in the statistics.
+    loss_mask (B, L) bool.  Rows with K_i = 0 take no part in the statistics.
+
+    Modes: ``"tspo"``: returns G[i, k] of the FOLR turn rewards, normalised by ``norm``;
+    ``"grpo"``: Search-R1's GRPO (alpha = 0, gamma = 1, group normalisation: the outcome
+    advantage on every turn); ``"tspo_stage"``: per group, ``"grpo"`` where the outcomes R of
+    its members (rows with K_i >= 1 and a finite outcome) are not all exactly equal, ``"tspo"``
+    with ``norm`` where they all coincide (a group of one counts as all equal).
 
     Statistics: ``norm="group"``: mean/unbiased std of {G[i, 0]} over the group;
     ``norm="turn"``: over the members that have turn k, falling back to the group's when
     fewer than 2 have it.  Under 2 values: mean 0, std 1.  A value set whose std is exactly 0
     (every value equal) gives advantage 0: there is no contrast inside the group.
 
+    Non-finite outcomes: a row whose R_i is NaN or +-inf gets NaN on every one of its turns
+    (and so on its loss-masked tokens) and takes no part in its group's statistics, which
+    the other members compute as if it were absent: the NaN stays in its row.
+    Negative ``num_turns``: ValueError naming the row.
+
     Returns ``(token_adv (B, L) float32, turn_adv (B, T) float32)``, T = ``max_turns`` or
     max(num_turns); turn k's advantage is written on the loss-masked tokens of turn k, every
     other token (and turns >= T) gets 0.
     """
     B, L = _checks.turn_advantages_args(outcome, first_turn, num_turns, group_ids, turn_id, loss_mask,
-                                        mode, norm, gamma, eps)
+                                        mode, norm, gamma, eps, alpha)
+    K_max = _checks.num_turns_values(num_turns)
     dev = outcome.device
-    K_max = int(num_turns.max()) if B else 0
     T = int(max_turns) if max_turns is not None else max(K_max, 1)
     if T < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
-    if mode == "grpo":
-        alpha, gamma, norm = 0.0, 1.0, "group"
-    G = turn_returns(outcome, first_turn, num_turns, T, alpha=alpha, gamma=gamma)
+    finite = torch.isfinite(outcome)
+    R = torch.where(finite, outcome, torch.zeros_like(outcome))
+    G_turn = turn_returns(R, first_turn, num_turns, T, alpha=alpha, gamma=gamma)       # "tspo" returns
+    G_out = turn_returns(R, first_turn, num_turns, T, alpha=0.0, gamma=1.0)            # "grpo": R_i on every turn
     K = num_turns.long()
     A = torch.zeros(B, T, dtype=torch.float64, device=dev)
     for g in torch.unique(group_ids):
-        rows = ((group_ids == g) & (K >= 1)).nonzero().flatten()
+        rows = ((group_ids == g) & (K >= 1) & finite).nonzero().flatten()
+        if rows.numel() == 0:
+            continue
+        outcomes = outcome[rows].double()
+        mixed = bool((outcomes != outcomes[0]).any())
+        use_grpo = mode == "grpo" or (mode == "tspo_stage" and mixed)
+        G, nrm = (G_out, "group") if use_grpo else (G_turn, norm)
         mu0, sd0 = _stats(G[rows, 0])
         for k in range(T):
             rk = rows[K[rows] > k]
             if rk.numel() == 0:
                 continue
-            mu, sd = _stats(G[rk, k]) if (norm == "turn" and rk.numel() >= 2) else (mu0, sd0)
+            mu, sd = _stats(G[rk, k]) if (nrm == "turn" and rk.numel() >= 2) else (mu0, sd0)
             A[rk, k] = 0.0 if sd == 0.0 else (G[rk, k] - mu) / (sd + eps)
+    k = torch.arange(T, device=dev)[None, :]
+    A = torch.where((~finite)[:, None] & (k < K[:, None]), torch.full_like(A, float("nan")), A)
     t = turn_id.long()
     inside = loss_mask.bool() & (t >= 0) & (t < T)
     token_adv = torch.where(inside, A.gather(1, t.clamp(0, T - 1)), torch.zeros((), dtype=A.dtype, device=dev))
@@ -199,16 +218,29 @@ def pg_loss_reference(hidden, weight, targets, old_logp, advantages, loss_mask, 
 
     hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) int; old_logp, advantages,
     ref_logp, rollout_logp, weights (N,) float (old_logp None: on-policy, pi_old = pi detached);
-    loss_mask (N,) (nonzero = in the loss).  Tokens
-    outside the mask contribute nothing (their inputs may be anything finite or not).
+    loss_mask (N,) (nonzero = in the loss).
     loss = sum over masked tokens of weights * objective / normalizer (weights default to 1).
+
+    Non-finite inputs (docs/algorithm.md §5): tokens outside the mask contribute nothing, to the
+    loss or to any gradient, whatever their inputs and hidden rows hold (the loss is computed
+    from hidden rows zeroed there, and their per-token inputs replaced by 0); a NaN/inf in an
+    input that enters a masked token's objective makes that token's objective NaN and its
+    gradient NaN (so the loss and the gradients are NaN).  logp / entropy are reported for
+    every token from the hidden states as given.
     """
     dt = hidden.dtype
-    logp, ent = logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature,
-                                   return_entropy=True)
     mask = loss_mask != 0
-    A = advantages.to(dt)
-    old_logp = logp.detach() if old_logp is None else old_logp.to(dt)     # None: on-policy
+    zero = torch.zeros((), dtype=dt, device=hidden.device)
+    with torch.no_grad():
+        logp_all, ent_all = logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature,
+                                               return_entropy=True)
+    h_in = torch.where(mask[:, None], hidden, zero)     # masked-out rows never reach the loss
+    logp, ent = logprobs_reference(h_in, weight, targets, bias=bias, temperature=temperature,
+                                   return_entropy=True)
+    clean = lambda x: None if x is None else torch.where(mask, x.to(dt), zero)  # noqa: E731
+    A, ref_logp, rollout_logp, weights = clean(advantages), clean(ref_logp), clean(rollout_logp), clean(weights)
+    old_logp = logp.detach() if old_logp is None else torch.where(mask, old_logp.to(dt), logp.detach())
+    fin = torch.isfinite(logp) & torch.isfinite(ent) & torch.isfinite(A) & torch.isfinite(old_logp)
     rho = torch.exp(logp - old_logp)
     pg_plain = -rho * A
     pg_clip = -torch.clamp(rho, 1.0 - eps_low, 1.0 + eps_high) * A
@@ -220,25 +252,31 @@ def pg_loss_reference(hidden, weight, targets, old_logp, advantages, loss_mask, 
         pg = torch.where(dual, cap, pg)
         clipped = clipped | dual
     if tis_cap is not None:
-        pg = pg * torch.clamp(torch.exp(old_logp - rollout_logp.to(dt)), max=tis_cap)
+        fin = fin & torch.isfinite(rollout_logp)
+        pg = pg * torch.clamp(torch.exp(old_logp - rollout_logp), max=tis_cap)
     total = pg
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
-        d = ref_logp.to(dt) - logp
+        d = ref_logp - logp
         kl = torch.clamp(torch.exp(d) - d - 1.0, max=kl_clamp)
         if beta != 0.0:
+            fin = fin & torch.isfinite(ref_logp)
             total = total + beta * kl
     if entropy_coef != 0.0:
         total = total - entropy_coef * ent
     if weights is not None:
-        total = total * weights.to(dt)
+        fin = fin & torch.isfinite(weights)
+        total = total * weights
+    bad = mask & ~fin
+    # a non-finite input: the objective is NaN, and so is its derivative (NaN * logp)
+    nan_or_zero = torch.where(bad, torch.full((), float("nan"), dtype=dt, device=hidden.device), zero)
+    total = total + logp * nan_or_zero
     count = mask.sum().to(dt)
-    norm = count.clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer, dtype=dt)
-    zero = torch.zeros((), dtype=dt, device=hidden.device)
+    norm = count.clamp(min=1.0) if normalizer is None else torch.as_tensor(normalizer, dtype=dt,
+                                                                          device=hidden.device)
     loss = torch.where(mask, total, zero).sum() / norm
-    clip_frac = (clipped & mask).sum().to(dt) / count.clamp(min=1.0)
-    return PGLossOutput(loss, logp.detach(), ent.detach(), torch.where(mask, kl, zero).detach(),
-                        clip_frac)
+    clip_frac = (clipped & mask & ~bad).sum().to(dt) / count.clamp(min=1.0)
+    return PGLossOutput(loss, logp_all, ent_all, torch.where(mask, kl, zero).detach(), clip_frac)
 
 
 __all__ += ["PGLossOutput", "logprobs_reference", "pg_loss_reference"]
