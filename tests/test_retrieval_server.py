@@ -113,9 +113,25 @@ def test_malformed_bodies(served):
 
     r = httpx.post(server.url + "/retrieve", content=chunks())
     assert r.status_code == 413 and "too large" in r.json()["detail"]
+    for body in (b"[" * 20_000 + b"]" * 20_000,                                # deeper than the parser's
+                 b'{"queries": ' + b"[" * 20_000 + b"]" * 20_000 + b"}"):       # recursion limit: 400, not 500
+        r = httpx.post(server.url + "/retrieve", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "nested too deeply" in r.json()["detail"], r.text
+    r = httpx.post(server.url + "/retrieve", content=b'{"queries": ["caf\xe9"]}', headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["detail"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
     with HTTPRetriever(server.url, retries=3, backoff_s=0.01) as client:  # 4xx: no retries
         with pytest.raises(RetrievalError, match="rejected the request: HTTP 400.*'topk' must be <= 100"):
             client.search(["a"], 500)
+
+
+def test_blank_queries_get_an_explicit_empty_result(served, questions):
+    _, server = served
+    data = httpx.post(server.url + "/retrieve", json={"queries": ["", "  ", questions[0]], "topk": 3,
+                                                      "return_scores": True}).json()
+    assert data["result"][0] == [] and data["result"][1] == [] and len(data["result"][2]) == 3
+    with HTTPRetriever(server.url, retries=0) as client:
+        assert client.retrieve([" \t"], 3) == [[]]
 
 
 def _free_port() -> int:

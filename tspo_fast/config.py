@@ -30,10 +30,22 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapters on the policy (PEFT); ``rank: 0`` trains the full model."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
 class ModelConfig:
     path: str = "bundled:warmstart"     # hub name, local folder, "bundled:warmstart" or "bundled:tiny"
     dtype: str = "float32"              # float32 | bfloat16 | float16
     gradient_checkpointing: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -44,6 +56,7 @@ class DataConfig:
     max_prompt_tokens: int = 512
     shuffle: bool = True
     eval_limit: int = 0                 # 0 = every test question
+    overlong_prompts: str = "skip"      # a prompt over max_prompt_tokens: skip (counted, reported) | error
 
 
 @dataclass
@@ -129,6 +142,19 @@ class TrainConfig:
     eval_every: int = 50
     eval_at_start: bool = True         # evaluate the initial policy (logged as step 0)
     keep_checkpoints: int = 2
+    max_skipped_steps: int = 3          # divergence guard: stop after this many steps in a row with a skipped optimizer step
+
+
+#: logging.backends values: metrics.jsonl, TensorBoard under <output_dir>/tensorboard, Weights & Biases
+LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
+
+
+@dataclass
+class LoggingConfig:
+    backends: List[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # any of LOG_BACKENDS
+    project: str = "tspo-fast"          # wandb project
+    run_name: Optional[str] = None      # wandb run name (null: the last folder of output_dir)
+    tags: List[str] = field(default_factory=list)   # wandb tags
 
 
 @dataclass
@@ -143,6 +169,7 @@ class Config:
     advantage: AdvantageConfig = field(default_factory=AdvantageConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -289,12 +316,28 @@ def check_rollout(r: RolloutConfig, where: str = "rollout") -> RolloutConfig:
 
 def validate(cfg: Config) -> Config:
     _one_of(cfg.model.dtype, "model.dtype", ("float32", "bfloat16", "float16"))
+    _check(cfg.model.dtype != "float16", "model.dtype",
+           "float16 is not supported for training: the trainer has no fp16 loss scaler (gradients overflow, every "
+           "step is skipped, the policy never moves); use bfloat16 with train.bf16: true, or float32")
     _check(bool(cfg.model.path), "model.path", "must name a model folder or hub id")
+    lora = cfg.model.lora
+    _check(lora.rank >= 0, "model.lora.rank", f"must be >= 0 (0 = no LoRA), got {lora.rank}")
+    _check(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")
+    _check(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
+    _check(lora.rank == 0 or len(lora.target_modules) > 0, "model.lora.target_modules", "needs at least one module name")
     _check(bool(cfg.output_dir.strip()), "output_dir", "must name a folder")
     _check(len(cfg.data.train_files) > 0, "data.train_files", "needs at least one file")
     _one_of(cfg.data.chat_template, "data.chat_template", ("auto", "never"))
     _check(cfg.data.max_prompt_tokens >= 8, "data.max_prompt_tokens", f"must be >= 8, got {cfg.data.max_prompt_tokens}")
     _check(cfg.data.eval_limit >= 0, "data.eval_limit", f"must be >= 0 (0 = every test question), got {cfg.data.eval_limit}")
+    _one_of(cfg.data.overlong_prompts, "data.overlong_prompts", ("skip", "error"))
+    for name in ("train_files", "test_files"):
+        files = getattr(cfg.data, name)
+        for i, f in enumerate(files):
+            _check(bool(f.strip()), f"data.{name}[{i}]", "must name a file (or bundled:train / bundled:test)")
+            same = [j for j, g in enumerate(files[:i]) if _same_file(f, g)]
+            _check(not same, f"data.{name}[{i}]", f"{f!r} is the same file as data.{name}[{same[0] if same else 0}]: "
+                                                   "listing a file twice doubles its questions")
     _one_of(cfg.retrieval.kind, "retrieval.kind", RETRIEVERS.names())
     _check(1 <= cfg.retrieval.topk <= 100, "retrieval.topk", f"must be in [1, 100], got {cfg.retrieval.topk}")
     _check(cfg.retrieval.timeout_s > 0, "retrieval.timeout_s", f"must be > 0, got {cfg.retrieval.timeout_s}")
@@ -336,8 +379,22 @@ def validate(cfg: Config) -> Config:
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {t.checkpoint_every}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
-    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    _check(t.max_skipped_steps >= 1, "train.max_skipped_steps", f"must be >= 1, got {t.max_skipped_steps}")
+    _check(0 <= cfg.seed < 2 ** 31, "seed", f"must be in [0, 2**31), got {cfg.seed}")
+    lg = cfg.logging
+    for i, backend in enumerate(lg.backends):
+        _one_of(backend, f"logging.backends[{i}]", LOG_BACKENDS)
+    _check(len(set(lg.backends)) == len(lg.backends), "logging.backends", f"names a backend twice: {lg.backends}")
+    _check(bool(lg.project.strip()), "logging.project", "must name a wandb project")
+    _check(lg.run_name is None or bool(lg.run_name.strip()), "logging.run_name", "must be a name or null")
     return cfg
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Two data file names that denote one file (the same bundled set, or one path spelled twice)."""
+    if a.startswith("bundled:") or b.startswith("bundled:"):
+        return a == b
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
 def dump_config(cfg: Config, path: str) -> None:

@@ -1,5 +1,9 @@
 """The ``tspo-fast`` command: one subcommand per job, each a module of this package with a
-``main(argv)``, imported when its subcommand runs (``tspo-fast demo`` does not load DeepSpeed)."""
+``main(argv)``, imported when its subcommand runs (``tspo-fast demo`` does not load DeepSpeed).
+
+An error ends the command with one line on stderr, ``tspo-fast <command>: error: <message>``
+(the message names the field, file or row), and exit status 1; ``--debug`` anywhere on the
+command line shows the traceback instead."""
 from __future__ import annotations
 
 import argparse
@@ -21,8 +25,34 @@ COMMANDS = {
 }
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as the one line the CLI prints: its message (first line, plus a count of the
+    lines left out), prefixed by its type when the message does not name a field, file or row."""
+    text = str(e).strip() or type(e).__name__
+    lines = text.splitlines()
+    head = lines[0] + (f" (+{len(lines) - 1} more line(s); --debug shows all)" if len(lines) > 1 else "")
+    known = ("ConfigError", "DataError", "CheckpointError", "DivergenceError", "FileNotFoundError",
+             "IndexMismatchError", "RetrievalError")
+    return head if type(e).__name__ in known else f"{type(e).__name__}: {head}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    if debug or not argv or argv[0].startswith("-"):
+        return _dispatch(argv)
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print(f"tspo-fast {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (every error: one line; --debug for the traceback)
+        print(f"tspo-fast {argv[0]}: error: {one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="tspo-fast",
                                      description="TSPO training, retrieval and kernels for search-augmented RL")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -2,9 +2,12 @@
 
 PATH is a Hugging Face model folder (e.g. written by ``train --export``) or a training
 checkpoint folder (``<output_dir>/checkpoints/step_N`` or the ``checkpoints`` folder itself,
-which means its latest).  A checkpoint's weights are read from its DeepSpeed files (no
-optimizer, no distributed start) and loaded into the rollout engine of ``model.path``.
-Prints a table and writes ``--out`` (JSON).
+which means its latest), verified against its manifest first.  A checkpoint's weights are read
+from its DeepSpeed files (no optimizer, no distributed start) and loaded into the rollout engine of
+``model.path``.  Prints a table and writes ``--out`` (JSON; default
+``<output_dir>-eval/<checkpoint>.json``, beside the run).  Nothing is ever written into a training
+run's folder (one with ``config.yaml`` and ``checkpoints/`` or ``metrics.jsonl``): an ``--out``
+inside one is refused.
 """
 from __future__ import annotations
 
@@ -16,11 +19,11 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from transformers import AutoConfig
 
-from ..config import load_config
-from ..data import load_split
+from ..config import ConfigError, load_config
+from ..data import drop_long_prompts, load_split
 from ..models import load_tokenizer, resolve_model_path
 from ..training.builders import build_rollout
-from ..training.checkpoint import latest_checkpoint
+from ..training.checkpoint import find_checkpoint, list_checkpoints
 from ..training.evaluate import evaluate, format_table, write_result
 
 __all__ = ["main", "checkpoint_weights"]
@@ -37,6 +40,20 @@ def checkpoint_weights(folder: str, model_path: str, dtype: torch.dtype) -> Dict
     return out
 
 
+def run_folder(path: str) -> Optional[str]:
+    """The training run folder ``path`` is in (or is), if any: a folder holding ``config.yaml``
+    and ``checkpoints/`` or ``metrics.jsonl``."""
+    d = os.path.abspath(path)
+    while True:
+        if os.path.isfile(os.path.join(d, "config.yaml")) and (
+                os.path.isdir(os.path.join(d, "checkpoints")) or os.path.isfile(os.path.join(d, "metrics.jsonl"))):
+            return d
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="tspo-fast eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,29 +61,44 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--checkpoint", default=None, help="HF folder or training checkpoint (default: model.path)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N test questions")
-    ap.add_argument("--out", default=None, help="JSON result path (default: <output_dir>/eval.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON result path (default: <output_dir>-eval/<checkpoint>.json); never inside a training run")
     args = ap.parse_args(argv)
 
     cfg = load_config(args.config, args.overrides)
     ck = args.checkpoint
     if ck is not None and not os.path.exists(ck):
         raise FileNotFoundError(f"--checkpoint: {ck} does not exist")
-    weights = None
+    folder = None
     if ck is None or os.path.exists(os.path.join(ck, "config.json")):   # a model folder
+        tag = os.path.basename(os.path.normpath(ck)) if ck else "model"
+    else:                                                                # a training checkpoint, verified
+        root = os.path.exists(os.path.join(ck, "latest")) or bool(list_checkpoints(ck))
+        folder = find_checkpoint(ck, "latest") if root else find_checkpoint(os.path.dirname(os.path.abspath(ck)), ck)
+        tag = os.path.basename(os.path.normpath(folder))
+    out = args.out or os.path.join(os.path.normpath(cfg.output_dir) + "-eval", f"{tag}.json")
+    inside = run_folder(out)
+    if inside is not None:
+        raise ConfigError(f"--out: {out} is inside the training run folder {inside}; eval never writes into a "
+                          "training run's folder (give an --out outside it)")
+    weights = None
+    if folder is None:
         path = resolve_model_path(ck or cfg.model.path)
-    else:                                                                # a training checkpoint
-        folder = latest_checkpoint(ck) if os.path.exists(os.path.join(ck, "latest")) else ck
+    else:
         path = resolve_model_path(cfg.model.path)
         weights = checkpoint_weights(folder, path, getattr(torch, cfg.model.dtype))
     tok = load_tokenizer(path)
+    examples, report = drop_long_prompts(load_split(cfg.data.test_files), tok, cfg.data.chat_template,
+                                         cfg.data.max_prompt_tokens, policy=cfg.data.overlong_prompts, what="test")
+    if report:
+        print(f"data: {report}")
     agent = build_rollout(cfg, path, tok)
     if weights is not None:
         agent.engine.load_weights(weights.items())
         agent.engine.reset_prefix_cache()
-    result = evaluate(agent, tok, load_split(cfg.data.test_files), chat_template=cfg.data.chat_template,
+    result = evaluate(agent, tok, examples, chat_template=cfg.data.chat_template,
                       limit=args.limit or cfg.data.eval_limit or None, folr_source=cfg.reward.folr_source)
     print(format_table(result))
-    out = args.out or os.path.join(cfg.output_dir, "eval.json")
     write_result(result, out)
     print("wrote", out)
     return 0

@@ -6,7 +6,6 @@ import os
 from typing import List, Optional
 
 from ..config import load_config
-from ..training.checkpoint import export_hf
 from ..training.plots import plot_runs
 from ..training.trainer import Trainer
 
@@ -22,9 +21,15 @@ def build_parser(prog: str = "tspo-fast train") -> argparse.ArgumentParser:
     ap.add_argument("--config", default=None, help="YAML config (default: the embedded tiny config)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set advantage.mode=grpo (repeatable)")
-    ap.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/latest")
+    ap.add_argument("--resume", nargs="?", const="latest", default=None, metavar="auto|latest|CHECKPOINT",
+                    help="continue from <output_dir>/checkpoints: 'latest' (the default when given bare) the one "
+                         "'latest' names, which must pass its manifest check; 'auto' the newest valid one (bad ones "
+                         "are reported and skipped; no checkpoint: start fresh); or a checkpoint folder or name")
+    ap.add_argument("--debug", action="store_true", help="on an error, show the whole traceback")
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (this run)")
     ap.add_argument("--export", default=None, help="write the final policy in Hugging Face format here")
+    ap.add_argument("--export-format", choices=["merged", "adapter"], default="merged",
+                    help="LoRA runs: export the merged model (default) or the adapter alone")
     ap.add_argument("--no-plot", action="store_true", help="do not draw <output_dir>/curves.png at the end")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return ap
@@ -38,8 +43,10 @@ def main(argv: Optional[List[str]] = None, prog: str = "tspo-fast train") -> int
     if trainer.rank == 0 and last:
         print("final step", trainer.step, {k: round(v, 4) for k, v in last.items() if isinstance(v, float)})
     if args.export:
-        export_hf(trainer.actor, trainer.lm, trainer.tokenizer, args.export)
-    if trainer.rank == 0 and not args.no_plot:
-        print("curves:", plot_runs([cfg.output_dir], os.path.join(cfg.output_dir, "curves.png")))
+        trainer.export(args.export, args.export_format)
+    if trainer.rank == 0 and not args.no_plot and "jsonl" in cfg.logging.backends:   # drawn from metrics.jsonl
+        curves = plot_runs([cfg.output_dir], os.path.join(cfg.output_dir, "curves.png"))
+        print("curves:", curves)
+        trainer.logger.log_image("curves", curves, step=trainer.step)                # TensorBoard, wandb
     trainer.close()
     return 0

@@ -1,8 +1,9 @@
 """Data files named in a config: a path, or ``bundled:train`` / ``bundled:test`` (the embedded world)."""
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 from ..world import qa_path
 from .qa import DataError, QAExample, load_examples
@@ -23,9 +24,31 @@ def resolve_data_file(name: str) -> str:
     return name
 
 
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def load_split(files: Sequence[str]) -> List[QAExample]:
-    """Examples of every file in order (uids must be unique across files)."""
+    """Examples of every file in order.  A file listed twice (or two files with the same bytes)
+    and a uid that occurs in two files are errors naming both."""
     out: List[QAExample] = []
+    by_digest: Dict[str, str] = {}
+    by_uid: Dict[str, str] = {}
     for f in files:
-        out += load_examples(resolve_data_file(f))
+        path = resolve_data_file(f)
+        digest = _digest(path)
+        if digest in by_digest:
+            raise DataError(f"{path}: the same file (same contents) as {by_digest[digest]}, listed twice: "
+                            "its questions would be drawn twice as often")
+        by_digest[digest] = path
+        examples = load_examples(path)
+        for i, ex in enumerate(examples):
+            if ex.uid in by_uid:
+                raise DataError(f"{path}: row {i}: duplicate uid {ex.uid!r} (also in {by_uid[ex.uid]})")
+            by_uid[ex.uid] = path
+        out += examples
     return out

@@ -10,7 +10,10 @@ Two on-disk layouts are understood, both as JSONL and as parquet:
   argument, or from the file name).
 
 Every row becomes a :class:`QAExample`.  Files are read with ``pyarrow`` (JSONL and parquet);
-errors name the file and the 0-based row (blank lines in JSONL are not counted).
+errors name the file and the 0-based row (blank lines in JSONL are not counted).  Rows are checked
+as they are read: the question must be a string that is not empty once whitespace and ``?`` are
+stripped; the aliases a string or a list of strings, none empty; text must be valid UTF-8; uids
+must be unique.
 
 The prompt is Search-R1's ``make_prefix`` text: one line, ending in ``"\\n"``, with the question
 stripped and a ``?`` appended if missing.  :func:`build_prompt` wraps it in the tokenizer's
@@ -18,6 +21,7 @@ chat template (``add_generation_prompt=True``) when the tokenizer has one.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -144,18 +148,62 @@ def _is_parquet(path: Path) -> bool:
     return path.suffix.lower() in {".parquet", ".pq"}
 
 
+def _check_utf8(p: Path, data: bytes) -> None:
+    """JSONL bytes must be UTF-8; the error names the row (0-based, blank lines not counted) and line."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lines = data[:e.start].split(b"\n")
+        row = sum(1 for line in lines[:-1] if line.strip())
+        raise DataError(f"{p}: row {row} (line {len(lines)}): not valid UTF-8 (byte 0x{data[e.start]:02x} at "
+                        f"column {len(lines[-1]) + 1}); re-encode the file as UTF-8") from None
+
+
+def _json_lines(p: Path, text: str) -> list[dict[str, Any]]:
+    """JSONL parsed with :mod:`json`, one object per non-blank line (what pyarrow cannot read:
+    columns whose type changes between rows, which the row checks then report by field)."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{p}: row {len(rows)} (line {n}): not valid JSON: {e}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{p}: row {len(rows)} (line {n}): expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a JSONL or parquet file into a list of dicts (``pyarrow``)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     try:
-        table = pq.read_table(p) if _is_parquet(p) else pj.read_json(p)
+        if _is_parquet(p):
+            table = pq.read_table(p)
+        else:
+            data = p.read_bytes()
+            _check_utf8(p, data)
+            try:
+                table = pj.read_json(io.BytesIO(data))
+            except Exception:  # noqa: BLE001  (mixed types or bad JSON: read it line by line, naming the row)
+                return _json_lines(p, data.decode("utf-8"))
     except DataError:
         raise
     except Exception as e:  # pyarrow raises ArrowInvalid with the row number in the message
         raise DataError(f"{p}: cannot read as {'parquet' if _is_parquet(p) else 'JSONL'}: {e}") from e
-    return table.to_pylist()
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:     # parquet strings are not validated on read: find the row
+        for i in range(table.num_rows):
+            try:
+                table.slice(i, 1).to_pylist()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}: row {i}: not valid UTF-8 ({e})") from None
+        raise
 
 
 def write_rows(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -187,14 +235,44 @@ def _aliases(value: Any, path: Any, i: int, field_name: str) -> tuple[str, ...]:
         raise DataError(f"{_where(path, i)}: missing field '{field_name}'")
     if isinstance(value, str):
         value = [value]
-    try:
-        aliases = tuple(str(a) for a in value if a is not None and str(a).strip())
-    except TypeError:
-        raise DataError(f"{_where(path, i)}: field '{field_name}' must be a list of strings, "
-                        f"got {type(value).__name__}") from None
-    if not aliases:
+    if hasattr(value, "tolist") and not isinstance(value, (bytes, dict)):   # a NumPy array (pandas rows)
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{_where(path, i)}: field '{field_name}' must be a string or a list of strings, "
+                        f"got {type(value).__name__} {_short(value)}")
+    if not value:
         raise DataError(f"{_where(path, i)}: field '{field_name}' is an empty alias list")
-    return aliases
+    for j, a in enumerate(value):
+        if not isinstance(a, str):
+            raise DataError(f"{_where(path, i)}: field '{field_name}[{j}]' must be a string, "
+                            f"got {type(a).__name__} {_short(a)}")
+        if not a.strip():
+            raise DataError(f"{_where(path, i)}: field '{field_name}[{j}]' is empty")
+    return tuple(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _question(value: Any, path: Any, i: int, field_name: str) -> str:
+    """The normalised question; not a string, or nothing left once whitespace and '?' are stripped: an error."""
+    if not isinstance(value, str):
+        raise DataError(f"{_where(path, i)}: field '{field_name}' must be a string, "
+                        f"got {type(value).__name__} {_short(value)}")
+    if not value.strip().rstrip("?").strip():
+        raise DataError(f"{_where(path, i)}: empty question (field '{field_name}' is {value!r})")
+    return normalize_question(value)
+
+
+def _text_field(row: dict[str, Any], key: str, path: Any, i: int) -> Any:
+    """``row[key]`` when it is a string or an integer (ids, data sources), else an error."""
+    value = row.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+        raise DataError(f"{_where(path, i)}: field '{key}' must be a string, got {type(value).__name__} "
+                        f"{_short(value)}")
+    return value
 
 
 def _searchr1_example(row: dict[str, Any], path: Any, i: int, default_source: str) -> QAExample:
@@ -206,44 +284,56 @@ def _searchr1_example(row: dict[str, Any], path: Any, i: int, default_source: st
     aliases = _aliases(target, path, i, "reward_model.ground_truth.target")
 
     question = row.get("question")
-    if not question:
+    field_name = "question"
+    if question is None or question == "":
         prompt = row.get("prompt")
         if not prompt:
             raise DataError(f"{_where(path, i)}: missing field 'prompt' (and no 'question')")
+        if not isinstance(prompt, (list, tuple)):
+            raise DataError(f"{_where(path, i)}: field 'prompt' must be a list of {{role, content}} messages, "
+                            f"got {type(prompt).__name__}")
         users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
         if not users or not users[-1].get("content"):
             raise DataError(f"{_where(path, i)}: field 'prompt' has no user message with content")
-        question = question_from_prompt(users[-1]["content"])
-    question = normalize_question(str(question))
-    if question in ("", "?"):
-        raise DataError(f"{_where(path, i)}: empty question")
+        content = users[-1]["content"]
+        if not isinstance(content, str):
+            raise DataError(f"{_where(path, i)}: field 'prompt' user content must be a string, "
+                            f"got {type(content).__name__}")
+        question, field_name = question_from_prompt(content), "prompt"
+    question = _question(question, path, i, field_name)
 
-    data_source = row.get("data_source") or default_source
+    data_source = _text_field(row, "data_source", path, i) or default_source
     if not data_source:
         raise DataError(f"{_where(path, i)}: missing field 'data_source'")
     extra = {k: v for k, v in (row.get("extra_info") or {}).items() if v is not None}
     if extra.get("index") is None:
         raise DataError(f"{_where(path, i)}: missing field 'extra_info.index'")
-    index = int(extra.pop("index"))
+    try:
+        index = int(extra.pop("index"))
+    except (TypeError, ValueError):
+        raise DataError(f"{_where(path, i)}: field 'extra_info.index' must be an integer") from None
     split = str(extra.pop("split", "") or "")
-    rid = str(row["id"]) if row.get("id") is not None else str(index)
+    rid = _text_field(row, "id", path, i)
+    rid = str(rid) if rid is not None else str(index)
     return QAExample(uid=f"{data_source}/{rid}", question=question, aliases=aliases,
                      data_source=str(data_source), index=index, split=split, id=rid, extra=extra)
 
 
 def _flashrag_example(row: dict[str, Any], path: Any, i: int, default_source: str) -> QAExample:
     question = row.get("question")
-    if question is None or not str(question).strip():
+    if question is None:
         raise DataError(f"{_where(path, i)}: missing field 'question'")
+    question = _question(question, path, i, "question")
     aliases = _aliases(row.get("golden_answers"), path, i, "golden_answers")
-    data_source = row.get("data_source") or default_source
+    data_source = _text_field(row, "data_source", path, i) or default_source
     if not data_source:
         raise DataError(f"{_where(path, i)}: no data_source (pass data_source=...)")
-    rid = str(row["id"]) if row.get("id") is not None else str(i)
+    rid = _text_field(row, "id", path, i)
+    rid = str(rid) if rid is not None else str(i)
     meta = row.get("metadata")
     extra = {k: v for k, v in meta.items() if v is not None} if isinstance(meta, dict) else {}
     index = int(extra.pop("index", i))
-    return QAExample(uid=f"{data_source}/{rid}", question=normalize_question(str(question)),
+    return QAExample(uid=f"{data_source}/{rid}", question=question,
                      aliases=aliases, data_source=str(data_source), index=index,
                      split=str(row.get("split") or ""), id=rid, extra=extra)
 

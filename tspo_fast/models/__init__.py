@@ -50,10 +50,33 @@ def resolve_model_path(path: str) -> str:
                           lambda tmp: build_tiny_model(tmp, world_texts(), TINY_SPEC))
     if path.startswith("bundled:"):
         raise ValueError(f"model.path: unknown bundled model {path!r}; the bundled ones are {', '.join(BUNDLED)}")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"model.path: {path} is a folder without config.json, not a Hugging Face model "
+                                    "folder (write one with save_pretrained or 'tspo-fast train --export')")
+        return path
+    if _looks_local(path):
+        raise FileNotFoundError(f"model.path: no model folder at {path} ({os.path.abspath(os.path.expanduser(path))} "
+                                "does not exist); give an existing local folder or a hub id such as Qwen/Qwen2.5-3B")
     return path
+
+
+def _looks_local(path: str) -> bool:
+    """A path rather than a hub id (``org/name``): absolute, relative (``./``, ``../``, ``~``),
+    more than one ``/``, a trailing ``/``, a backslash, or an existing file."""
+    return (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or path.endswith("/")
+            or "\\" in path or os.path.exists(path))
 
 
 def load_policy(path: str, dtype: str = "float32") -> Tuple[str, object, object]:
     """(resolved folder, tokenizer, causal LM)."""
     folder = resolve_model_path(path)
-    return folder, load_tokenizer(folder), load_causal_lm(folder, dtype)
+    try:
+        tokenizer = load_tokenizer(folder)
+    except OSError as e:         # a hub id that is not there (or no network): say what was tried
+        if os.path.isdir(folder):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(f"model.path: {path!r} is not a local folder ({os.path.abspath(folder)} does not "
+                                f"exist) and could not be loaded as a hub model: {first}") from e
+    return folder, tokenizer, load_causal_lm(folder, dtype)

@@ -2,15 +2,19 @@
 (faiss Flat / IVF / HNSW, inner product on unit vectors; on GPUs when faiss has any).
 
 An index folder holds the index files and ``meta.json`` (:class:`IndexMeta`: kind, encoder,
-dimension, corpus size, format version, ...).  :func:`load_index` checks the metadata against
-the encoder and corpus it is given and fails with a message saying what differs.
+dimension, corpus size, corpus fingerprint, format version, ...).  :func:`load_index` checks the
+metadata against the encoder it is given, and the in-process retriever checks the corpus it is
+given against the fingerprint (:func:`corpus_fingerprint`: passage count, bytes and a SHA-256 of
+every id and text, in order), failing with a message saying what differs.
 
 Indexes return corpus *row numbers*; the corpus turns them into documents.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import warnings
 import os
 import shutil
 from dataclasses import asdict, dataclass, field, fields
@@ -19,16 +23,21 @@ from typing import Any, Sequence
 
 import bm25s
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from .corpus import Corpus
 from .encoder import Encoder, canonical_encoder_name
 
 __all__ = ["FORMAT_VERSION", "IndexMeta", "IndexError_", "IndexMismatchError", "BM25Index",
-           "DenseIndex", "make_faiss_index", "build_index", "load_index", "read_meta"]
+           "DenseIndex", "make_faiss_index", "build_index", "load_index", "read_meta", "corpus_fingerprint",
+           "check_corpus"]
 
-#: bump when the on-disk layout changes; older folders then fail to load with a clear message
-FORMAT_VERSION = 1
+#: bump when the on-disk layout changes.  2: ``meta.json`` records the corpus fingerprint.
+FORMAT_VERSION = 2
+#: older versions that still load (with a warning saying what they lack); any other fails
+READABLE_VERSIONS = {1: "it records no corpus fingerprint, so a changed corpus cannot be detected"}
+_WARNED: set = set()
 META_FILE = "meta.json"
 FAISS_FILE = "index.faiss"
 BM25_DIR = "bm25"
@@ -69,6 +78,7 @@ class IndexMeta:
     passage_prefix: str = ""
     corpus_path: str = ""  # where the corpus was read from ("corpus.jsonl" when copied in)
     params: dict = field(default_factory=dict)  # nlist/nprobe/M/efSearch, bm25 k1/b/stopwords
+    corpus_fingerprint: dict = field(default_factory=dict)  # corpus_fingerprint() of the corpus indexed
 
     def save(self, out_dir: Path) -> None:
         (out_dir / META_FILE).write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
@@ -86,14 +96,69 @@ def read_meta(index_dir: str | os.PathLike) -> IndexMeta:
     except Exception as e:
         raise IndexError_(f"{p}: unreadable index metadata: {e}") from e
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise IndexMismatchError(f"{d}: index format version {version} is not the supported "
-                                 f"version {FORMAT_VERSION}; rebuild the index")
+    if version in READABLE_VERSIONS and str(d.resolve()) not in _WARNED:
+        _WARNED.add(str(d.resolve()))
+        warnings.warn(f"{d}: index format version {version}: {READABLE_VERSIONS[version]}; rebuild the index "
+                      f"to get version {FORMAT_VERSION}", stacklevel=2)
+    elif version != FORMAT_VERSION and version not in READABLE_VERSIONS:
+        raise IndexMismatchError(f"{d}: index format version {version} is not a supported version "
+                                 f"({', '.join(map(str, sorted([*READABLE_VERSIONS, FORMAT_VERSION])))}); "
+                                 "rebuild the index")
     known = {f.name for f in fields(IndexMeta)}
     meta = IndexMeta(**{k: v for k, v in raw.items() if k in known})
     if meta.kind not in ("bm25", "dense"):
         raise IndexError_(f"{p}: unknown index kind {meta.kind!r}")
     return meta
+
+
+def _hash_strings(column) -> tuple[str, str, int]:
+    """(hash of the values' byte lengths, hash of their bytes, total bytes) of a string column,
+    read from the Arrow buffers without copies (the same for any chunking)."""
+    lengths, data = hashlib.sha256(), hashlib.sha256()
+    total = 0
+    for chunk in column.chunks:
+        if chunk.type not in (pa.string(), pa.large_string()):
+            chunk = chunk.cast(pa.string())
+        if len(chunk) == 0:
+            continue
+        width = np.int64 if chunk.type == pa.large_string() else np.int32
+        _, off_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(off_buf, dtype=width)[chunk.offset:chunk.offset + len(chunk) + 1]
+        lengths.update(np.diff(offsets).astype("<i8").tobytes())
+        start, end = int(offsets[0]), int(offsets[-1])
+        if data_buf is not None and end > start:
+            data.update(memoryview(data_buf)[start:end])
+        total += end - start
+    return lengths.hexdigest(), data.hexdigest(), total
+
+
+def corpus_fingerprint(corpus: Corpus) -> dict:
+    """``{"passages", "bytes", "sha256"}`` of a corpus: its size and a hash of every id and
+    contents in row order (independent of the JSON layout of the file; a reordered, edited or
+    re-numbered corpus gets another hash).  Reads the Arrow buffers: about 1 s per GB."""
+    id_len, id_data, _ = _hash_strings(corpus.ids)
+    text_len, text_data, size = _hash_strings(corpus.contents)
+    digest = hashlib.sha256(f"{id_len}{id_data}{text_len}{text_data}".encode()).hexdigest()
+    return {"passages": len(corpus), "bytes": size, "sha256": digest}
+
+
+def check_corpus(meta: IndexMeta, corpus: Corpus, index_dir: str | os.PathLike | None = None) -> None:
+    """Raise :class:`IndexMismatchError` naming the index folder and both corpora when ``corpus`` is
+    not the one the index was built on (passage count, then the fingerprint when recorded)."""
+    built = f"{meta.corpus_path or 'a corpus'}" + (f", index folder {index_dir}" if index_dir else "")
+    if len(corpus) != meta.corpus_size:
+        raise IndexMismatchError(f"corpus {corpus.path or '<memory>'} has {len(corpus)} passages but the index was "
+                                 f"built on {meta.corpus_size} ({built})")
+    want = meta.corpus_fingerprint
+    if not want:
+        return
+    got = corpus_fingerprint(corpus)
+    if got != want:
+        raise IndexMismatchError(
+            f"corpus {corpus.path or '<memory>'} is not the corpus the index was built on ({built}): "
+            f"{got['passages']} passages, {got['bytes']} bytes, sha256 {got['sha256'][:12]} vs "
+            f"{want.get('passages')} passages, {want.get('bytes')} bytes, sha256 {str(want.get('sha256'))[:12]} "
+            "(reordered or edited since); rebuild the index or pass the original corpus")
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,6 +391,7 @@ def build_index(corpus: str | os.PathLike | Corpus, kind: str, out_dir: str | os
         raise ValueError(f"unknown index kind {kind!r} (expected 'bm25' or 'dense')")
     idx.save(out)
     meta = idx.meta
+    meta.corpus_fingerprint = corpus_fingerprint(corp)
     if corp.path:
         if copy_corpus:
             shutil.copyfile(corp.path, out / "corpus.jsonl")
@@ -348,5 +414,8 @@ def load_index(index_dir: str | os.PathLike, *, encoder: str | Encoder | None = 
     if meta.kind == "bm25":
         if encoder is not None:
             raise IndexMismatchError(f"{d}: a BM25 index takes no encoder (got {encoder!r})")
-        return BM25Index.load(d, meta)
-    return DenseIndex.load(d, meta, encoder, use_gpu)
+        idx: BM25Index | DenseIndex = BM25Index.load(d, meta)
+    else:
+        idx = DenseIndex.load(d, meta, encoder, use_gpu)
+    idx.folder = d
+    return idx

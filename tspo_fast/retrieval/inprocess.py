@@ -10,7 +10,7 @@ from .base import Hit, check_request
 from .bundled import resolve_index
 from .corpus import Corpus
 from .encoder import Encoder
-from .index import BM25Index, DenseIndex, IndexMismatchError, load_index, read_meta
+from .index import BM25Index, DenseIndex, IndexMismatchError, check_corpus, load_index, read_meta
 
 __all__ = ["InProcessRetriever", "from_config"]
 
@@ -19,14 +19,13 @@ class InProcessRetriever:
     """Search an index in this process; the same results as the HTTP server over it.
 
     Searches are serialised with a lock (the encoder and BM25 scorer are run one batch at a
-    time; torch and faiss use their own threads inside a batch).
+    time; torch and faiss use their own threads inside a batch).  The corpus must be the one the
+    index was built on (its fingerprint in ``meta.json``; :func:`~.index.check_corpus`).  A query
+    that is empty or only whitespace gets no documents (an empty hit list), never arbitrary ones.
     """
 
     def __init__(self, index: BM25Index | DenseIndex, corpus: Corpus):
-        if len(corpus) != index.meta.corpus_size:
-            raise IndexMismatchError(f"corpus {corpus.path or '<memory>'} has {len(corpus)} "
-                                     f"passages but the index was built on "
-                                     f"{index.meta.corpus_size}")
+        check_corpus(index.meta, corpus, getattr(index, "folder", None))
         self.index = index
         self.corpus = corpus
         self._lock = threading.Lock()
@@ -58,14 +57,20 @@ class InProcessRetriever:
                 "dim": m.dim or None, "faiss": m.faiss or None}
 
     def search(self, queries: Sequence[str], topk: int) -> tuple[list[list[dict]], list[list[float]]]:
-        """Documents and scores per query (Search-R1's ``batch_search`` with scores)."""
+        """Documents and scores per query (Search-R1's ``batch_search`` with scores); a blank
+        query gets none."""
+        queries = list(queries)
+        asked = [i for i, q in enumerate(queries) if q.strip()]
+        docs_out: list[list[dict]] = [[] for _ in queries]
+        scores_out: list[list[float]] = [[] for _ in queries]
+        if not asked:
+            return docs_out, scores_out
         with self._lock:
-            scores, rows = self.index.search(list(queries), topk)
-        docs_out, scores_out = [], []
-        for srow, rrow in zip(scores.tolist(), rows.tolist()):
+            scores, rows = self.index.search([queries[i] for i in asked], topk)
+        for i, srow, rrow in zip(asked, scores.tolist(), rows.tolist()):
             keep = [(s, r) for s, r in zip(srow, rrow) if r >= 0]  # faiss pads with -1
-            docs_out.append(self.corpus.docs([r for _, r in keep]))
-            scores_out.append([float(s) for s, _ in keep])
+            docs_out[i] = self.corpus.docs([r for _, r in keep])
+            scores_out[i] = [float(s) for s, _ in keep]
         return docs_out, scores_out
 
     def retrieve(self, queries: list[str], topk: int) -> list[list[Hit]]:

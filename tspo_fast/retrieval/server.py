@@ -4,8 +4,10 @@
 ``{"result": [[{"document": {"id", "contents"}, "score": s}, ...], ...]}``, or with
 ``return_scores`` false (Search-R1's default) ``{"result": [[{"id", "contents"}, ...], ...]}``.
 All queries of a request are encoded and searched as one batch.  ``GET /health`` reports the
-index.  Malformed requests get a 4xx JSON ``{"detail": message}``; failures inside the search
-a 500 with the message; the server keeps running either way.
+index.  Malformed requests (not JSON, not UTF-8, nested too deeply, wrong fields or types, too
+large) get a 4xx JSON ``{"detail": message}``; failures inside the search a 500 with the message;
+the server keeps running either way.  A query that is empty or only whitespace gets an empty hit
+list (explicitly no documents, as in process), never arbitrary documents.
 """
 from __future__ import annotations
 
@@ -76,6 +78,8 @@ def create_app(retriever: InProcessRetriever, limits: ServerLimits = ServerLimit
             payload = json.loads(bytes(body))
         except (ValueError, UnicodeDecodeError) as e:
             return _error(400, f"request body is not valid JSON: {e}")
+        except RecursionError:
+            return _error(400, "request body is not valid JSON: nested too deeply")
         if not isinstance(payload, dict):
             return _error(400, "request body must be a JSON object with 'queries'")
         if "queries" not in payload:
