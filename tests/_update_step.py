@@ -38,6 +38,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--agg", default="token_mean")
     ap.add_argument("--packing", type=int, default=0, help="token budget per packed micro-batch (0: padded)")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank (0: the full model)")
     ap.add_argument("--local_rank", type=int, default=None)
     args = ap.parse_args()
     import deepspeed
@@ -52,14 +53,22 @@ def main():
     packing = [f"train.packing={bool(args.packing)}"] + ([f"train.max_tokens_per_micro={args.packing}"] if args.packing else [])
     cfg = load_config(None, ["rollout.n=2", "train.prompts_per_step=4", "train.mini_batch_prompts=4",
                              f"train.micro_batch_size={args.micro}", "loss.kl_coef=0.1", "loss.chunk_size=16",
-                             f"loss.agg={args.agg}", *packing])
+                             f"loss.agg={args.agg}", f"model.lora.rank={args.lora}", *packing])
     gas = gradient_accumulation_steps(cfg, world_size())
     torch.manual_seed(0)
     lm = load_causal_lm(args.model)
+    if args.lora:
+        from tspo_fast.training.lora import apply_lora
+        torch.manual_seed(1)
+        lm = apply_lora(lm, cfg.model.lora)
+        for name, p in lm.named_parameters():        # B starts at 0: give the adapters a start
+            if "lora_B" in name:
+                p.data.normal_(0, 0.05)
     policy = FusedHeadPolicy(lm, chunk_size=cfg.loss.chunk_size, packing=cfg.train.packing)
-    engine, *_ = deepspeed.initialize(model=policy, optimizer=torch.optim.SGD(policy.parameters(), lr=0.5),
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=policy, optimizer=torch.optim.SGD(trainable, lr=0.5),
                                       config=ds_config(cfg, gas))
-    batch, adv, g = fixed_batch(lm.config.vocab_size)
+    batch, adv, g = fixed_batch(load_causal_lm(args.model).config.vocab_size)
     # pi_old and pi_ref of the whole batch: the initial weights, padded, one plain forward on every
     # rank (no collective), perturbed so that some tokens clip
     with torch.no_grad():

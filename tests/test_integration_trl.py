@@ -1,10 +1,15 @@
 """TSPO inside TRL's GRPOTrainer (tspo_fast.integrations.trl) with the real ``trl`` package.
 
-A tiny Qwen2 model is built in the test; the multi-turn search rollouts are scripted through
-TRL's ``rollout_func`` (token ids + ``env_mask``), so TRL's own batching, reward and
-training-step code runs unchanged on CPU.
+Tiny Qwen2 models are built in the tests.  Most tests script the multi-turn search rollouts
+through TRL's ``rollout_func`` (token ids + ``env_mask``), so TRL's own batching, reward and
+training-step code runs unchanged on CPU; ``test_tools_*`` runs TRL's own tool-calling loop
+(``tools=[search]``) with a policy taught to call the tool, the tool asking tspo-fast's
+retrieval server on loopback, as README's TRL snippet writes it.
 """
+import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,13 +18,21 @@ pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl.chat_template_utils import qwen2_5_chat_template  # noqa: E402
 
+import tspo_kernels  # noqa: E402
+from tspo_fast.algo.rewards import outcome_reward  # noqa: E402
 from tspo_fast.integrations.segments import turns_from_action_mask  # noqa: E402
 from tspo_fast.integrations.trl import TSPOGRPOTrainer, outcome_reward_func  # noqa: E402
-from tspo_fast.models.tiny import build_tiny_model, load_tokenizer  # noqa: E402
+from tspo_fast.models.tiny import (build_tiny_model, default_texts, load_tokenizer, train_tiny_lm,  # noqa: E402
+                                   train_tokenizer)
+from tspo_fast.retrieval import InProcessRetriever, build_index  # noqa: E402
+from tspo_fast.retrieval.server import BackgroundServer, create_app  # noqa: E402
 from tspo_kernels import reference  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # scripted trajectories: (action, observation) per turn; the last action answers.  Row r of a
 # generation batch plays SCRIPTS[r % 4]; k* and R follow from the text by docs/algorithm.md §2.
@@ -201,3 +214,166 @@ def test_unsupported_options_raise(tiny, tmp_path):
     trainer.loss_type = "cispo"
     with pytest.raises(NotImplementedError, match="loss_type"):
         trainer._check_supported()
+
+
+# ----------------------------------------------------------------------------- tools=[search], end to end
+def readme_snippet(marker: str, lang: str = "python") -> str:
+    """The first ``lang`` code block of README.md after the line containing ``marker``."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.compile(rf"```{lang}\n(.*?)```", re.S).search(text, text.index(marker))
+    assert block is not None, f"README.md: no {lang} block after {marker!r}"
+    return block.group(1)
+
+
+# (question, the query the policy is taught, gold answer, the policy's guess from memory)
+TOOL_QA = [("What is the capital of France?", "capital of France", "Paris", "Berlin"),
+           ("What is the capital of Germany?", "capital of Germany", "Berlin", "Rome"),
+           ("What is the capital of Italy?", "capital of Italy", "Rome", "Madrid"),
+           ("What is the capital of Spain?", "capital of Spain", "Madrid", "Paris")]
+
+
+@pytest.fixture(scope="module")
+def search_url(tmp_path_factory):
+    """tspo-fast's retrieval server (BM25 over four passages) on loopback."""
+    d = tmp_path_factory.mktemp("trl_search")
+    with open(d / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for i, (_, query, gold, _) in enumerate(TOOL_QA):
+            country = query.split(" of ")[1]
+            f.write(json.dumps({"id": str(i), "contents": f'"{gold}"\n{gold} is the capital of {country}.'}) + "\n")
+    build_index(str(d / "corpus.jsonl"), "bm25", str(d / "idx"), progress=False)
+    with BackgroundServer(create_app(InProcessRetriever.from_dir(d / "idx"))) as server:
+        yield server.url
+
+
+def tool_calling_policy(folder: str, search) -> str:
+    """A tiny Qwen2 taught (next-token loss on whole conversations) to answer each question of
+    TOOL_QA in Qwen2.5's chat format, which TRL parses tool calls from, in one of two ways with
+    about equal probability: one ``search`` tool call, then the gold answer read off the tool
+    response; or a wrong guess from memory.  So a group of rollouts mixes both (TSPO has
+    something to compare).  The tokenizer ends assistant turns with ``<|im_end|>`` (its EOS, as
+    Qwen2.5-Instruct's)."""
+    convs = []
+    for q, query, gold, guess in TOOL_QA:
+        call = {"type": "function", "function": {"name": "search", "arguments": {"query": query}}}
+        convs.append([{"role": "user", "content": q}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "name": "search", "content": search(query)},
+                      {"role": "assistant", "content": f"<answer> {gold} </answer>"}])
+        convs.append([{"role": "user", "content": q}, {"role": "assistant", "content": f"<answer> {guess} </answer>"}])
+    render = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(default_texts()))
+    render.chat_template = qwen2_5_chat_template
+    texts = [render.apply_chat_template(c, tools=[search], tokenize=False) for c in convs]
+    build_tiny_model(folder, default_texts() + texts * 10)
+    tok = load_tokenizer(folder)
+    tok.chat_template, tok.eos_token = qwen2_5_chat_template, "<|im_end|>"
+    tok.save_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    loss = train_tiny_lm(folder, texts, steps=60, lr=3e-3)
+    assert loss < 0.2, f"the tiny tool-calling policy did not fit its demonstrations (loss {loss:.3f})"
+    return folder
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one intra-op thread (several only spin against each other on a loaded
+    2-core machine, several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tools_train_two_steps_with_the_retriever(search_url, tmp_path, monkeypatch, one_thread):
+    """TSPOGRPOTrainer(..., tools=[search]) trains 2 steps with TRL's own tool loop; the tool asks
+    tspo-fast's retrieval server.  FOLR's k* is the turn whose tool output (tool_mask = 0) first
+    holds the gold answer, and K3 computed the loss on K2's per-turn advantages."""
+    # README, "Use the kernels elsewhere", **TRL**: its snippet up to the trainer, as written,
+    # with the live server's URL for the default one; the trainer below is the snippet's call
+    # with a CPU-sized GRPOConfig.
+    head = readme_snippet("**TRL**").split("trainer = ", 1)[0]
+    ns: dict = {}
+    exec(head.replace('"http://127.0.0.1:8000"', repr(search_url)), ns)
+    search = ns["search"]
+    assert "Doc 1(Title: Paris) Paris is the capital of France." in search("capital of France")
+    folder = tool_calling_policy(str(tmp_path / "policy"), search)
+
+    k3 = []
+    real_k3 = tspo_kernels.fused_linear_pg_loss
+
+    def k3_spy(*args, **kwargs):
+        out = real_k3(*args, **kwargs)
+        k3.append((args[4].detach().clone(), out))
+        return out
+
+    monkeypatch.setattr(tspo_kernels, "fused_linear_pg_loss", k3_spy)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": q}], "golden_answers": [gold]}
+                              for q, _, gold, _ in TOOL_QA])
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_generations=4,
+                      max_completion_length=96, max_steps=2, learning_rate=1e-3, logging_steps=1, report_to="none",
+                      save_strategy="no", use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0,
+                      disable_tqdm=True, loss_type="dapo", beta=0.001, use_bias_correction_kl=False)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    trainer = TSPOGRPOTrainer(model=model, train_dataset=data, processing_class=load_tokenizer(folder),
+                              reward_funcs=[outcome_reward_func("em")], tools=[search], folr_alpha=0.5, args=args)
+    seen = []
+    real_adv, real_first = trainer._tspo_advantages, trainer._first_turns
+
+    def first_spy(inputs, completion_ids, turns):
+        k = real_first(inputs, completion_ids, turns)
+        seen.append({"inputs": inputs, "k_star": k})
+        return k
+
+    def adv_spy(inputs, out):
+        adv = real_adv(inputs, out)
+        seen[-1].update(out=dict(out), adv=adv)
+        return adv
+
+    trainer._first_turns, trainer._tspo_advantages = first_spy, adv_spy
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+
+    assert trainer.state.global_step == 2 and len(seen) == 2
+    tok = trainer.processing_class
+    searched = 0
+    for batch in seen:
+        out, k_star = batch["out"], batch["k_star"]
+        assert "tool_mask" in out, "TRL's tool loop did not run (no tool_mask)"
+        completion = out["completion_mask"].bool()
+        action = completion & out["tool_mask"].bool()
+        turns = turns_from_action_mask(action, completion)
+        for i, x in enumerate(batch["inputs"]):
+            gold = x["golden_answers"][0]
+            ids = out["completion_ids"][i]
+            want = -1
+            for k in range(int(turns.num_turns[i])):          # the tool output of each turn, as text
+                obs = tok.decode(ids[turns.is_obs[i] & (turns.turn_id[i] == k)])
+                if not obs:
+                    continue
+                call = re.search(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", tok.decode(ids[action[i] & (turns.turn_id[i] == k)]), re.S)
+                assert call is not None, f"row {i}: an observation without a tool call before it: {obs!r}"
+                query = json.loads(call.group(1))["arguments"]["query"]
+                assert "<tool_response>" in obs and search(query).strip() in obs      # it is the tool's output
+                searched += 1
+                if want < 0 and gold in obs:
+                    want = k
+            assert int(k_star[i]) == want, (i, int(k_star[i]), want, tok.decode(ids[completion[i]]))
+        # K3 got K2's per-turn advantages on the policy's tokens (TRL may reorder rows)
+        adv = batch["adv"]
+        outcome = torch.tensor([outcome_reward(tok.decode(out["completion_ids"][i][completion[i]]), x["golden_answers"],
+                                               "em") for i, x in enumerate(batch["inputs"])])
+        want_adv, _ = reference.turn_advantages(outcome, k_star, turns.num_turns, torch.arange(len(k_star)) // 4,
+                                                turns.turn_id, action)
+        assert torch.allclose(adv, want_adv, atol=1e-5)
+    assert searched > 0 and any(int((b["k_star"] >= 0).sum()) for b in seen), "no rollout searched and found the answer"
+    assert len(k3) == 2, f"K3 ran {len(k3)} times for 2 steps"
+    for (k3_adv, k3_out), batch in zip(k3, seen):
+        action = batch["out"]["completion_mask"].bool() & batch["out"]["tool_mask"].bool()
+        assert torch.equal(torch.sort(k3_adv).values, torch.sort(batch["adv"][action].float()).values)
+        assert torch.isfinite(k3_out.loss)
+    assert any(b["adv"].abs().sum() > 0 for b in seen), "every group was uniform: nothing to learn from"
+    changed = sum(not torch.equal(before[n], p.detach()) for n, p in trainer.model.named_parameters())
+    assert changed > 0
+    logs = trainer.state.log_history
+    assert logs[0]["tools/call_frequency"] > 0 and "tspo/folr_hit" in logs[0]

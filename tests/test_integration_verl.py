@@ -1,16 +1,24 @@
-"""TSPO as a veRL advantage estimator (tspo_fast.integrations.verl), without veRL installed.
+"""TSPO in veRL (tspo_fast.integrations.verl), against veRL 0.9.1 itself.
 
-veRL pins GPU packages, so it is not installed here: the estimator is called the way veRL's
-``compute_advantage`` calls a registered estimator (keyword tensors shaped like veRL's batch,
-``index`` = numpy array of uid strings) and checked against ``tspo_kernels.reference``.  The
-registration path is checked with a stand-in ``verl.trainer.ppo.core_algos`` module that has
-veRL's ``register_adv_est`` / ``get_adv_estimator_fn`` contract.
+veRL is installed by ``scripts/install.sh ... dev`` without its dependency pins (``pip install
+--no-deps verl==0.9.1`` plus the light packages it imports; its pins would replace this
+project's transformers and tensordict).  What runs here, unchanged:
+
+* the ``"tspo"`` advantage estimator through ``core_algos``' registry and
+  ``verl.trainer.ppo.ray_trainer.compute_advantage`` on a real ``DataProto``;
+* the reward manager through veRL's reward loop: ``RewardLoopManager`` (its Ray workers, on a
+  local one-CPU Ray instance) loading ``TSPORewardLoopManager`` with README's settings
+  (``source=importlib``) on veRL's own default trainer config, then ``compute_rm_score``;
+* the legacy ``AbstractRewardManager`` path (``TSPORewardManager``) on a ``DataProto``.
+
+Not run here: veRL's trainer loop (``RayPPOTrainer.fit``), whose actor, rollout and reference
+workers need FSDP/Megatron and vLLM/SGLang on CUDA devices.
 """
-import asyncio
-import importlib
+import os
 import pickle
+import re
 import sys
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +26,26 @@ import torch
 
 from tspo_fast.integrations import verl as tv
 from tspo_fast.integrations.segments import turns_from_action_mask
+from tspo_fast.models.tiny import build_tiny_model, load_tokenizer
 from tspo_kernels import reference
 
+ROOT = Path(__file__).resolve().parents[1]
+NO_VERL = ("veRL is not installed (scripts/install.sh installs verl==0.9.1 with the dev extra: "
+           "pip install --no-deps verl==0.9.1, then ray tensordict omegaconf codetiming hydra-core orjson "
+           "torchdata peft pybind11 pylatexenc)")
 
-def verl_batch(seed, groups=5, n=4, L=48, alpha=0.5):
+
+def verl_modules():
+    """veRL's modules these tests use; skip (with how to install it) where veRL is missing."""
+    pytest.importorskip("verl", reason=NO_VERL)
+    from verl import DataProto
+    from verl.trainer.config.algorithm import AlgoConfig
+    from verl.trainer.ppo import core_algos
+    from verl.trainer.ppo.ray_trainer import compute_advantage
+    return DataProto, AlgoConfig, core_algos, compute_advantage
+
+
+def verl_batch(seed, groups=5, n=4, L=48):
     """Random multi-turn rows: response_mask runs (policy) separated by observation zeros, then
     right padding; R in {0, 1} or fractional; k* anywhere in [-1, K-1]."""
     g = torch.Generator().manual_seed(seed)
@@ -46,15 +70,28 @@ def verl_batch(seed, groups=5, n=4, L=48, alpha=0.5):
     return mask, valid, outcome, first, K, uids
 
 
+# ----------------------------------------------------------------------------- the estimator in veRL
 @pytest.mark.parametrize("norm", ["group", "turn"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_estimator_matches_reference(seed, norm):
+def test_compute_advantage_runs_the_registered_estimator(seed, norm):
+    """veRL's compute_advantage on a DataProto dispatches "tspo" (registered on import) through
+    core_algos' registry; the advantages equal the reference turn advantages."""
+    DataProto, AlgoConfig, core_algos, compute_advantage = verl_modules()
+    name = "tspo" if norm == "group" else "tspo_turn_test"
+    if name not in core_algos.ADV_ESTIMATOR_REGISTRY:
+        tv.register_tspo_estimator(name, norm="turn")
+    assert core_algos.get_adv_estimator_fn("tspo").__name__ == "compute_tspo_advantage"
     alpha = 0.5
-    mask, valid, outcome, first, K, uids = verl_batch(seed, alpha=alpha)
+    mask, valid, outcome, first, K, uids = verl_batch(seed)
     rewards = tv.folr_token_level_rewards(outcome, first, mask, alpha=alpha)
-    assert rewards.shape == mask.shape and rewards.dtype == torch.float32
-    est = tv.make_tspo_estimator(alpha=alpha, norm=norm)
-    adv, returns = est(token_level_rewards=rewards, response_mask=mask, index=uids, config=None)
+    B, L = mask.shape
+    data = DataProto.from_dict(
+        tensors={"responses": torch.zeros(B, L, dtype=torch.long), "response_mask": mask,
+                 "attention_mask": torch.cat([torch.ones(B, 3, dtype=torch.long), valid], 1),
+                 "token_level_rewards": rewards},
+        non_tensors={"uid": uids})
+    out = compute_advantage(data, name, config=AlgoConfig(adv_estimator=name))
+    adv, returns = out.batch["advantages"], out.batch["returns"]
 
     seg = turns_from_action_mask(mask)
     assert torch.equal(seg.num_turns, K)
@@ -63,8 +100,7 @@ def test_estimator_matches_reference(seed, norm):
     assert adv.shape == mask.shape and adv.dtype == torch.float32
     assert torch.allclose(adv, want, atol=1e-5), float((adv - want).abs().max())
     assert torch.equal(returns, adv)
-    assert not adv[mask == 0].any()
-    assert (adv[mask == 1] != 0).any()
+    assert not adv[mask == 0].any() and (adv[mask == 1] != 0).any()
 
 
 def test_outcome_only_rewards_and_trailing_observation_reward():
@@ -92,178 +128,139 @@ def test_bad_rewards_raise_clear_errors():
         tv.make_tspo_estimator()(token_level_rewards=torch.zeros(1, 5), response_mask=mask)
 
 
-class CharTokenizer:
-    """One token per character (id = code point); enough for K1 and decoding."""
-
-    def encode(self, text, add_special_tokens=False):
-        return [ord(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(i) for i in ids if i > 0)
-
-
-# (text, policy token?) segments of three responses; gold answer "Paris"
-ROWS = [[("<search>q</search>", 1), ("<information>Rome only</information>", 0),
-         ("<search>r</search>", 1), ("<information>it is Paris</information>", 0), ("<answer>Paris</answer>", 1)],
-        [("<answer>Paris</answer>", 1)],
-        [("<search>q</search>", 1), ("<information>paris, France</information>", 0), ("<answer>y</answer>", 1)]]
+# ----------------------------------------------------------------------------- rewards: FOLR's k* and R
+# (text, policy token?) segments of three responses; gold answer "Paris"; k* = 1, -1, 0; R = 1, 1, 0
+ROWS = [[("<search> capital </search>", 1), ("\n<information> Rome only </information>\n", 0),
+         ("<search> France </search>", 1), ("\n<information> it is Paris </information>\n", 0),
+         ("<answer> Paris </answer>", 1)],
+        [("<answer> Paris </answer>", 1)],
+        [("<search> q </search>", 1), ("\n<information> Paris, France </information>\n", 0), ("<answer> Lyon </answer>", 1)]]
+K_STAR, OUTCOME = [1, -1, 0], [1.0, 1.0, 0.0]
 
 
-def response_tensors(rows=ROWS, pad=3):
-    """(ids, response_mask, valid) (bs, L) as veRL keeps them: right-padded with 0."""
-    tok = CharTokenizer()
-    L = max(sum(len(t) for t, _ in r) for r in rows) + pad
-    ids, mask, valid = (torch.zeros(len(rows), L, dtype=torch.long) for _ in range(3))
-    for b, r in enumerate(rows):
+@pytest.fixture(scope="module")
+def tiny_tokenizer_dir(tmp_path_factory):
+    return build_tiny_model(str(tmp_path_factory.mktemp("verl_tok") / "m"))
+
+
+def response_tensors(tok, rows=ROWS, pad=3):
+    """(ids, response_mask, valid) (bs, L) as veRL keeps them: right-padded."""
+    segs = [[(tok.encode(text, add_special_tokens=False), a) for text, a in r] for r in rows]
+    L = max(sum(len(ids) for ids, _ in r) for r in segs) + pad
+    ids = torch.full((len(rows), L), tok.pad_token_id, dtype=torch.long)
+    mask, valid = (torch.zeros(len(rows), L, dtype=torch.long) for _ in range(2))
+    for b, r in enumerate(segs):
         t = 0
-        for text, is_act in r:
-            ids[b, t:t + len(text)] = torch.tensor(tok.encode(text))
-            mask[b, t:t + len(text)] = is_act
-            valid[b, t:t + len(text)] = 1
-            t += len(text)
+        for seg, is_act in r:
+            ids[b, t:t + len(seg)] = torch.tensor(seg)
+            mask[b, t:t + len(seg)] = is_act
+            valid[b, t:t + len(seg)] = 1
+            t += len(seg)
     return ids, mask, valid
 
 
-def test_folr_first_turn_from_token_ids():
-    """K1 on a veRL response, one token per character."""
-    ids, mask, _ = response_tensors()
-    tok = CharTokenizer()
-    assert tv.folr_first_turn(ids, mask, [["Paris"]] * 3, tok).tolist() == [1, -1, 0]
+def search_r1_dataproto(tok, DataProto, prompt_len=4):
+    """A DataProto as veRL's multi-turn agent loop hands it to the reward loop (Search-R1 rows)."""
+    ids, mask, valid = response_tensors(tok)
+    B = ids.shape[0]
+    prompts = torch.full((B, prompt_len), tok.pad_token_id, dtype=torch.long)
+    return DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": ids, "response_mask": mask,
+                 "input_ids": torch.cat([prompts, ids], 1),
+                 "attention_mask": torch.cat([torch.ones(B, prompt_len, dtype=torch.long), valid], 1)},
+        non_tensors={"data_source": np.array(["searchR1_nq"] * B, dtype=object),
+                     "reward_model": np.array([{"ground_truth": {"target": np.array(["Paris"])}}] * B, dtype=object),
+                     "uid": np.array(["q0"] * B, dtype=object)}), mask
+
+
+def test_folr_first_turn_from_token_ids(tiny_tokenizer_dir):
+    """K1 on veRL response tensors, with the policy's BPE tokenizer."""
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    ids, mask, valid = response_tensors(tok)
+    assert tv.folr_first_turn(ids, mask, [["Paris"]] * 3, tok, valid_mask=valid).tolist() == K_STAR
     assert tv.folr_first_turn(ids, mask, [["Paris"]] * 3, tok, source="action").tolist() == [2, 0, -1]
 
 
-def test_reward_manager_feeds_the_estimator():
-    """TSPORewardManager on a DataProto-shaped batch -> token_level_rewards -> "tspo" estimator
-    equals the reference on the scripted (R, k*, K)."""
-    ids, mask, valid = response_tensors()
-    prompt = torch.ones(3, 4, dtype=torch.long)
-    data = types.SimpleNamespace(
-        batch={"responses": ids, "response_mask": mask, "attention_mask": torch.cat([prompt, valid], 1)},
-        non_tensor_batch={"reward_model": np.array([{"ground_truth": {"target": np.array(["Paris"])}}] * 3),
-                          "data_source": np.array(["nq"] * 3, dtype=object)})
-    manager = tv.TSPORewardManager(CharTokenizer(), alpha=0.5)
-    out = manager(data, return_dict=True)
-    outcome, first = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([1, -1, 0])
-    assert out["reward_extra_info"]["outcome"] == outcome.tolist()
-    assert out["reward_extra_info"]["folr_first_turn"] == first.tolist()
-    assert torch.equal(out["reward_tensor"], tv.folr_token_level_rewards(outcome, first, mask, 0.5))
-    scored = tv.TSPORewardManager(CharTokenizer(), compute_score=lambda **kw: {"score": 0.25})(data)
-    assert torch.allclose(scored, tv.folr_token_level_rewards(torch.full((3,), 0.25), first, mask, 0.5))
-
-    uids = np.array(["q0", "q0", "q0"], dtype=object)
-    adv, _ = tv.make_tspo_estimator(alpha=0.5)(token_level_rewards=out["reward_tensor"], response_mask=mask,
-                                                index=uids)
-    seg = turns_from_action_mask(mask)
-    want, _ = reference.turn_advantages(outcome, first, seg.num_turns, torch.zeros(3, dtype=torch.long),
-                                        seg.turn_id, mask.bool())
-    assert torch.allclose(adv, want, atol=1e-6)
+def readme_verl_overrides():
+    """The ``key=value`` overrides of README's veRL command, as written."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.compile(r"```bash\n(.*?)```", re.S).search(text, text.index("**veRL**"))
+    assert block is not None and "verl.trainer.main_ppo" in block.group(1), "README: no veRL command"
+    return re.findall(r"(?<!\S)([\w.]+=\S+)", block.group(1))
 
 
-class FakeDataProto:
-    """What the adapters read of veRL's DataProto: ``batch`` (tensors), ``non_tensor_batch``
-    (numpy object arrays), slicing and item access."""
+def test_reward_loop_manager_and_compute_advantage(tiny_tokenizer_dir):
+    """veRL's RewardLoopManager (Ray workers) with README's reward settings loads
+    TSPORewardLoopManager by importlib; compute_rm_score gives FOLR's token-level rewards (veRL's
+    own Search-R1 EM for R, K1 for k*), and compute_advantage with README's
+    ``algorithm.adv_estimator`` turns them into the reference TSPO advantages."""
+    DataProto, AlgoConfig, core_algos, compute_advantage = verl_modules()
+    ray = pytest.importorskip("ray", reason=NO_VERL)
+    import verl
+    from omegaconf import OmegaConf
+    from verl.experimental.reward_loop.reward_loop import RewardLoopManager, migrate_legacy_reward_impl
 
-    def __init__(self, batch, non_tensor_batch):
-        self.batch, self.non_tensor_batch = batch, non_tensor_batch
+    overrides = readme_verl_overrides()
+    assert "algorithm.adv_estimator=tspo" in overrides and len(overrides) == 4, overrides
+    cfg = OmegaConf.load(os.path.join(os.path.dirname(verl.__file__), "trainer/config/_generated_ppo_trainer.yaml"))
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides + [f"actor_rollout_ref.model.path={tiny_tokenizer_dir}",
+                                                                   "reward.num_workers=1"]))
+    cfg = migrate_legacy_reward_impl(cfg)                 # as main_ppo does
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    data, mask = search_r1_dataproto(tok, DataProto)
 
-    def __len__(self):
-        return len(self.batch["responses"])
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return FakeDataProto({k: v[i] for k, v in self.batch.items()},
-                                 {k: v[i] for k, v in self.non_tensor_batch.items()})
-        return types.SimpleNamespace(batch={k: v[i] for k, v in self.batch.items()},
-                                     non_tensor_batch={k: v[i] for k, v in self.non_tensor_batch.items()})
-
-
-def fake_data():
-    ids, mask, valid = response_tensors()
-    prompt = torch.ones(3, 4, dtype=torch.long)
-    return FakeDataProto({"prompts": prompt, "responses": ids, "response_mask": mask,
-                          "attention_mask": torch.cat([prompt, valid], 1)},
-                         {"reward_model": np.array([{"ground_truth": {"target": np.array(["Paris"])}}] * 3),
-                          "data_source": np.array(["nq"] * 3, dtype=object)}), mask
-
-
-def test_reward_loop_scores_assemble_into_folr_rewards():
-    data, mask = fake_data()
-    tok = CharTokenizer()
-    ks = [tv.item_first_turn(data[i:i + 1][0], tok) for i in range(3)]
-    assert ks == [1, -1, 0]
-    got = tv.folr_rm_scores(data, [tv.FolrScore(1.0, 1), 1.0, (0.0, 0)], alpha=0.5)
-    assert torch.equal(got, tv.folr_token_level_rewards(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([1, -1, 0]),
-                                                        mask, 0.5))
-    with pytest.raises(ValueError, match="scores"):
-        tv.folr_rm_scores(data, [1.0], alpha=0.5)
-
-
-def test_registers_with_verl_when_importable(monkeypatch):
-    """With veRL importable, importing the module registers the "tspo" estimator (register_adv_est)
-    and the "tspo" reward managers (reward loop and legacy registries), with veRL's contracts."""
-    registry = {}
-
-    def register_adv_est(name):
-        def deco(fn):
-            if name in registry and registry[name] is not fn:
-                raise ValueError(f"{name} already registered")
-            registry[name] = fn
-            return fn
-        return deco
-
-    core = types.ModuleType("verl.trainer.ppo.core_algos")
-    core.ADV_ESTIMATOR_REGISTRY = registry
-    core.register_adv_est = register_adv_est
-    loop_registry = {}
-    loop = types.ModuleType("verl.experimental.reward_loop.reward_manager")
-    loop.register = lambda name: lambda cls: loop_registry.setdefault(name, cls)
-    naive = types.ModuleType("verl.experimental.reward_loop.reward_manager.naive")
-
-    class NaiveRewardManager:                       # veRL's: compute_score on the decoded response
-        def __init__(self, tokenizer):
-            self.tokenizer = tokenizer
-
-        async def run_single(self, data):
-            return {"reward_score": 1.0, "reward_extra_info": {"acc": 1.0}}
-
-    naive.NaiveRewardManager = NaiveRewardManager
-    for name in ("verl.experimental", "verl.experimental.reward_loop"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "verl.experimental.reward_loop.reward_manager", loop)
-    monkeypatch.setitem(sys.modules, "verl.experimental.reward_loop.reward_manager.naive", naive)
-    managers = types.ModuleType("verl.workers.reward_manager.registry")
-    managers.REWARD_MANAGER_REGISTRY = {}
-    managers.register = lambda name: lambda cls: managers.REWARD_MANAGER_REGISTRY.setdefault(name, cls)
-    for name in ("verl", "verl.trainer", "verl.trainer.ppo", "verl.workers", "verl.workers.reward_manager"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    sys.modules["verl.workers.reward_manager"].registry = managers
-    monkeypatch.setitem(sys.modules, "verl.trainer.ppo.core_algos", core)
-    monkeypatch.setitem(sys.modules, "verl.workers.reward_manager.registry", managers)
-    mod = importlib.reload(tv)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
-        assert "tspo" in registry
-        assert managers.REWARD_MANAGER_REGISTRY["tspo"] is mod.TSPORewardManager
-        loop_cls = loop_registry["tspo"]
-        assert loop_cls is mod.TSPORewardLoopManager and issubclass(loop_cls, NaiveRewardManager)
-        data, mask = fake_data()
-        out = asyncio.run(loop_cls(CharTokenizer()).run_single(data[0:1]))
-        assert out["reward_score"] == 1.0 and out["reward_score"].first_turn == 1
-        assert out["reward_extra_info"] == {"acc": 1.0, "folr_first_turn": 1}
-        assert torch.tensor([out["reward_score"]]).tolist() == [1.0]      # veRL's own placement still works
-        assert pickle.loads(pickle.dumps(out["reward_score"])).first_turn == 1
-        scores = [asyncio.run(loop_cls(CharTokenizer()).run_single(data[i:i + 1]))["reward_score"] for i in range(3)]
-        assert torch.equal(loop_cls.assemble_rm_scores(data, scores),
-                           tv.folr_token_level_rewards(torch.ones(3), torch.tensor([1, -1, 0]), mask, 0.5))
-        mask = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 0]])
-        rewards = mod.folr_token_level_rewards(torch.tensor([1.0, 0.0]), torch.tensor([0, -1]), mask)
-        adv, _ = registry["tspo"](token_level_rewards=rewards, response_mask=mask, index=np.array(["p", "p"]),
-                                  config=object())
-        assert adv[0, 0] > 0 > adv[1, 0]
-        mod.register_tspo_estimator("tspo_turn", norm="turn")
-        assert "tspo_turn" in registry
+        manager = RewardLoopManager(cfg)
+        assert manager.reward_manager_cls is tv.TSPORewardLoopManager
+        scored = manager.compute_rm_score(data)
     finally:
-        monkeypatch.undo()
-        importlib.reload(tv)
+        ray.shutdown()
+    want = tv.folr_token_level_rewards(torch.tensor(OUTCOME), torch.tensor(K_STAR), mask, alpha=0.5)
+    assert torch.equal(scored.batch["rm_scores"], want)
+    assert scored.non_tensor_batch["folr_first_turn"].tolist() == K_STAR
+    assert scored.non_tensor_batch["acc"].tolist() == OUTCOME               # veRL's own Search-R1 EM
+
+    data.batch["token_level_rewards"] = scored.batch["rm_scores"]            # what fit() does (no KL in reward)
+    adv = compute_advantage(data, cfg.algorithm.adv_estimator, config=cfg.algorithm).batch["advantages"]
+    seg = turns_from_action_mask(mask)
+    ref, _ = reference.turn_advantages(torch.tensor(OUTCOME), torch.tensor(K_STAR), seg.num_turns,
+                                       torch.zeros(3, dtype=torch.long), seg.turn_id, mask.bool())
+    assert torch.allclose(adv, ref, atol=1e-6)
+    row2 = adv[2][mask[2].bool()]
+    assert row2[0] > row2[-1]          # FOLR: row 2 failed, but its search turn retrieved the answer
+
+
+def test_reward_loop_scores_pickle_and_assemble(tiny_tokenizer_dir):
+    """The per-sample score is a float R carrying k* through pickling (Ray); the class pickles by
+    reference; assemble_rm_scores takes FolrScores, (R, k*) pairs or plain floats."""
+    DataProto = verl_modules()[0]
+    data, mask = search_r1_dataproto(load_tokenizer(tiny_tokenizer_dir), DataProto)
+    cls = tv.TSPORewardLoopManager
+    assert pickle.loads(pickle.dumps(cls)) is cls
+    score = pickle.loads(pickle.dumps(tv.FolrScore(1.0, 1)))
+    assert score == 1.0 and score.first_turn == 1 and torch.tensor([score]).tolist() == [1.0]
+    got = cls.assemble_rm_scores(data, [tv.FolrScore(1.0, 1), 1.0, (0.0, 0)])
+    assert torch.equal(got, tv.folr_token_level_rewards(torch.tensor(OUTCOME), torch.tensor(K_STAR), mask, 0.5))
+    with pytest.raises(ValueError, match="scores"):
+        cls.assemble_rm_scores(data, [1.0])
+
+
+def test_legacy_reward_manager_on_a_dataproto(tiny_tokenizer_dir):
+    """TSPORewardManager (veRL's AbstractRewardManager interface) is registered in veRL's legacy
+    registry and scores a DataProto; the estimator then gives the reference advantages."""
+    DataProto = verl_modules()[0]
+    from verl.workers.reward_manager import get_reward_manager_cls
+    assert get_reward_manager_cls("tspo") is tv.TSPORewardManager
+    tok = load_tokenizer(tiny_tokenizer_dir)
+    data, mask = search_r1_dataproto(tok, DataProto)
+    out = tv.TSPORewardManager(tok, alpha=0.5)(data, return_dict=True)
+    assert out["reward_extra_info"] == {"outcome": OUTCOME, "folr_first_turn": K_STAR}
+    want = tv.folr_token_level_rewards(torch.tensor(OUTCOME), torch.tensor(K_STAR), mask, 0.5)
+    assert torch.equal(out["reward_tensor"], want)
+    scored = tv.TSPORewardManager(tok, compute_score=lambda **kw: {"score": 0.25})(data)
+    assert torch.allclose(scored, tv.folr_token_level_rewards(torch.full((3,), 0.25), torch.tensor(K_STAR), mask, 0.5))
 
 
 _BLOCKED_IMPORT = r"""

@@ -21,9 +21,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 16
+_TRAIN = yaml.safe_load(open(os.path.join(ROOT, "configs", "tiny.yaml")))["train"]
+STEPS, EVAL_EVERY = _TRAIN["total_steps"], _TRAIN["eval_every"]     # the run as shipped
 #: final test EM of configs/tiny.yaml per seed (measured 2026-11-26 on a 2-core CPU)
 SPREAD = {1: 0.45, 2: 0.45, 3: 0.46}
 EVAL_QUESTIONS = 100
@@ -45,7 +47,7 @@ def test_tspo_raises_test_em_above_the_seed_spread(tmp_path, train_env):
     with open(out / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     evals = [r for r in rows if "eval/em" in r]
-    assert [r["step"] for r in evals] == list(range(0, STEPS + 1, 4))
+    assert [r["step"] for r in evals] == list(range(0, STEPS + 1, EVAL_EVERY))
     before, after = evals[0], evals[-1]
     gain = after["eval/em"] - before["eval/em"]
     assert gain > MARGIN, (f"test EM {before['eval/em']:.3f} -> {after['eval/em']:.3f}: "

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import deepspeed
 import torch
@@ -48,16 +48,30 @@ def _is_zero3(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
-def _buckets(named_params: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
-             dtype: torch.dtype | None) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    bucket: list[tuple[str, torch.Tensor]] = []
+def _entries(named_params):
+    """(name, parameters, fn) per sent tensor: a plain (name, parameter) pair sends the parameter;
+    a (name, [parameters], fn) triple sends ``fn(gathered parameters)`` (e.g. merged LoRA weights)."""
+    for item in named_params:
+        if len(item) == 3:
+            yield item
+        else:
+            name, p = item
+            yield name, [p], _first
+
+
+def _first(ts):
+    return ts[0]
+
+
+def _buckets(entries, bucket_bytes: int, dtype: torch.dtype | None):
+    bucket: list = []
     size = 0
-    for name, p in named_params:
-        nbytes = _full_numel(p) * (dtype or p.dtype).itemsize
+    for name, params, fn in entries:
+        nbytes = _full_numel(params[0]) * (dtype or params[0].dtype).itemsize
         if bucket and size + nbytes > bucket_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, p))
+        bucket.append((name, params, fn))
         size += nbytes
     if bucket:
         yield bucket
@@ -91,7 +105,9 @@ def sync_weights(engine, named_params: Iterable[tuple[str, torch.Tensor]], bucke
                   ``reset_prefix_cache() -> bool`` (``weight_names()``, ``dtype``,
                   ``sleep``/``wake_up`` used where present); ``None`` on ranks that only take part
                   in the ZeRO-3 gathers.
-    named_params: (name, parameter) pairs, e.g. ``ds_engine.module.named_parameters()``.
+    named_params: (name, parameter) pairs, e.g. ``ds_engine.module.named_parameters()``, or
+                  (name, [parameters], fn) triples whose sent tensor is ``fn`` of the gathered
+                  parameters (``tspo_fast.training.lora.merged_weight_entries``).
     bucket_mb:    upper bound of one gathered bucket in MB (a single larger tensor is its own bucket).
     dtype:        cast tensors to this dtype before loading (default: the engine's ``dtype``).
     name_prefix:  stripped from names (e.g. a wrapper's ``"module."``).
@@ -109,16 +125,16 @@ def sync_weights(engine, named_params: Iterable[tuple[str, torch.Tensor]], bucke
         engine.wake_up(tags=["weights"])
     loaded: set = set()
     bucket_bytes = int(bucket_mb * 1024 * 1024)
-    for bucket in _buckets(named_params, bucket_bytes, dtype):
-        zero3 = [p for _, p in bucket if _is_zero3(p)]
+    for bucket in _buckets(_entries(named_params), bucket_bytes, dtype):
+        zero3 = [p for _, params, _ in bucket for p in params if _is_zero3(p)]
         if zero3:
             ctx = deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
         else:
             ctx = contextlib.nullcontext()
         with ctx, torch.no_grad():
             tensors = []
-            for name, p in bucket:
-                t = p.detach()
+            for name, params, fn in bucket:
+                t = fn([p.detach() for p in params])
                 if dtype is not None and t.dtype != dtype:
                     t = t.to(dtype)
                 tensors.append((_strip_prefix(name, name_prefix), t))

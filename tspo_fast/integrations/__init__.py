@@ -4,4 +4,5 @@ frameworks.  Each submodule imports its framework lazily or behind a guard:
 * ``segments``  turn segmentation from a framework's action/observation token mask (torch only)
 * ``trl``       ``TSPOGRPOTrainer``, a drop-in subclass of TRL's ``GRPOTrainer``
 * ``verl``      the ``"tspo"`` advantage estimator and ``"tspo"`` reward managers for veRL
+* ``openrlhf``  TSPO advantages for OpenRLHF's experience maker
 """

@@ -1,14 +1,21 @@
 """OpenRLHF: TSPO turn-level advantages for its experience maker (torch + tspo_kernels only).
 
-Written against OpenRLHF 0.11.2's ``Experience`` (fields ``action_mask`` (b, L), ``rewards``
-(b,), ``index`` (b,) sample indices, ``info`` dict) and ``n_samples_per_prompt``; OpenRLHF itself
-is not installed here, so this is tested on objects with those fields only.  Your multi-turn
-agent reports FOLR's first-occurrence turn per sample as ``extra_logs={"folr_first_turn": k}``
-(the first turn whose environment feedback contains a gold alias; -1 if none).
+Written against OpenRLHF 0.11.2: its ``Experience`` (``action_mask`` (b, T-1): 1 on the tokens
+of each action range, 0 on prompt, environment feedback and padding; ``rewards`` (b,);
+``index``: sample indices, consecutive ``n_samples_per_prompt`` per prompt; ``info``: per-sample
+tensors, including the agent's ``extra_logs``) and ``args.rollout.n_samples_per_prompt``.  Your
+multi-turn agent (``--train.agent_func_path``, an ``AgentInstanceBase``) reports FOLR's
+first-occurrence turn as ``extra_logs={"folr_first_turn": k}`` (the first turn whose
+environment feedback contains a gold alias; -1 if none) in every ``step`` result: OpenRLHF keeps
+the last step's ``extra_logs``.
 
     from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
     from tspo_fast.integrations.openrlhf import tspo_advantages
     RemoteExperienceMaker.compute_advantages_and_returns = tspo_advantages
+
+Tested with the real package's ``Experience`` and its sample builder
+(tests/test_integration_openrlhf.py); ``RemoteExperienceMaker`` itself does not import on a
+machine without flash-attn (see that test's skip reason).
 """
 from __future__ import annotations
 

@@ -18,7 +18,10 @@ and nothing else, so TSPO's per-turn rewards travel inside ``token_level_rewards
 
 A trajectory whose last turn is also its first-occurrence turn carries ``R + alpha`` there; it
 is read back as outcome ``R + alpha`` with no k*, which gives the same returns, hence the same
-advantages.  Importing this module never needs veRL.
+advantages.  Importing this module never needs veRL; where veRL is importable it registers
+both.  Tested against veRL 0.9.1 itself (tests/test_integration_verl.py): the estimator through
+``core_algos``' registry and ``ray_trainer.compute_advantage`` on a ``DataProto``, the reward
+manager through ``RewardLoopManager.compute_rm_score`` (Ray workers, ``source=importlib``).
 """
 from __future__ import annotations
 
@@ -267,6 +270,8 @@ def _reward_loop_manager_class():
         def assemble_rm_scores(cls, data, scores):
             return folr_rm_scores(data, scores, cls.folr_alpha)
 
+    # a module-level name, so that plain pickle (and Ray) find the class by reference
+    TSPORewardLoopManager.__qualname__ = "TSPORewardLoopManager"
     try:
         return register("tspo")(TSPORewardLoopManager)
     except ValueError:  # already registered (this module was imported twice)

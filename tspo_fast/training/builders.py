@@ -18,6 +18,7 @@ from ..engines.base import Engine, build_engine
 from ..env.agent import SearchAgent
 from ..models import load_causal_lm
 from ..retrieval.base import Retriever, build_retriever
+from .lora import apply_lora
 from .policy import FusedHeadPolicy
 from .ppo import ds_config
 
@@ -35,15 +36,20 @@ def load_data(cfg: Config) -> Tuple[List[QAExample], List[QAExample]]:
 
 
 def build_actor(cfg: Config, lm: torch.nn.Module, gas: int):
-    """The trained policy as a DeepSpeed engine (AdamW, optional linear warm-up)."""
+    """The trained policy as a DeepSpeed engine (AdamW, optional linear warm-up).  With
+    ``model.lora.rank > 0`` the LM gets LoRA adapters and only they are trained."""
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
+        if cfg.model.lora.rank:
+            lm.enable_input_require_grads()      # a frozen embedding would cut the checkpointed graph
+    if cfg.model.lora.rank:
+        lm = apply_lora(lm, cfg.model.lora)
     policy = FusedHeadPolicy(lm, chunk_size=cfg.loss.chunk_size, temperature=1.0, packing=cfg.train.packing)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
     if cfg.train.offload_optimizer:   # DeepSpeed's CPU Adam steps the offloaded states (compiled once, ~100 s)
-        optimizer = DeepSpeedCPUAdam(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                     adamw_mode=True)
+        optimizer = DeepSpeedCPUAdam(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, adamw_mode=True)
     else:
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = None
     if cfg.train.warmup_steps > 0:
         w = cfg.train.warmup_steps
@@ -54,8 +60,9 @@ def build_actor(cfg: Config, lm: torch.nn.Module, gas: int):
 
 
 def build_reference(cfg: Config, model_path: str, gas: int):
-    """The frozen reference policy (a DeepSpeed engine without optimizer), or None when ``loss.kl_coef`` is 0."""
-    if cfg.loss.kl_coef <= 0:
+    """The frozen reference policy (a DeepSpeed engine without optimizer), or None when ``loss.kl_coef``
+    is 0 or the policy has LoRA adapters (then the reference is the actor with its adapters disabled)."""
+    if cfg.loss.kl_coef <= 0 or cfg.model.lora.rank:
         return None
     ref_policy = FusedHeadPolicy(load_causal_lm(model_path, cfg.model.dtype), chunk_size=cfg.loss.chunk_size,
                                  packing=cfg.train.packing)

@@ -10,7 +10,10 @@ itself (exact global normaliser, PPO epochs) is :mod:`tspo_fast.training.ppo`.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sys
+import threading
 import time
 import warnings
 from typing import Any, Dict, List, Optional
@@ -21,14 +24,17 @@ from tqdm import tqdm
 from ..algo.advantages import batch_advantages
 from ..algo.rewards import score_batch
 from ..config import Config, ConfigError, dump_config
-from ..data import QAExample, prompt_items
+from ..data import QAExample, drop_long_prompts, prompt_items
 from ..engines.base import mix_seed
 from ..engines.sync import release_for_update, sync_weights
 from ..models import load_policy, resolve_model_path
 from .builders import build_actor, build_agent, build_engine, build_reference, build_retriever, load_data
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import init_distributed, rank, seed_everything, shutdown, world_size
+from .checkpoint import (apply_optimizer_settings, consolidated_state, export_hf, find_checkpoint, list_checkpoints,
+                         load_checkpoint, read_state, resume_changes, save_checkpoint)
+from .distributed import global_max, init_distributed, rank, seed_everything, shutdown, world_size
 from .evaluate import evaluate
+from .guard import DivergenceError, DivergenceGuard
+from .lora import disabled_adapters, export_lora, is_lora, merged_weight_entries
 from .metrics import MetricsLogger, step_metrics
 from .plan import plan_memory
 from .ppo import compute_logprobs, gradient_accumulation_steps, plan_update, ppo_update
@@ -54,7 +60,9 @@ def preflight(cfg: Config, world: int) -> None:
 class Trainer:
     """Builds every part from a :class:`Config` and runs :meth:`fit`."""
 
-    def __init__(self, cfg: Config, *, resume: bool = False, quiet: bool = False):
+    def __init__(self, cfg: Config, *, resume=None, quiet: bool = False):
+        """``resume``: None/False (a fresh run), True or ``"latest"``, ``"auto"``, or a checkpoint
+        folder (:func:`~tspo_fast.training.checkpoint.find_checkpoint`)."""
         self.cfg = cfg
         self.quiet = quiet
         init_distributed()
@@ -62,8 +70,6 @@ class Trainer:
         seed_everything(cfg.seed + self.rank)
         self.gas = gradient_accumulation_steps(cfg, self.world)
         os.makedirs(cfg.output_dir, exist_ok=True)
-        if self.rank == 0:
-            dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
 
         preflight(cfg, self.world)
         self.model_path, self.tokenizer, self.lm = load_policy(cfg.model.path, cfg.model.dtype)
@@ -74,20 +80,57 @@ class Trainer:
         self.engine = build_engine(cfg, self.model_path, rank=self.rank, world=self.world)
         self.agent = build_agent(cfg, self.engine, self.retriever, self.tokenizer)
         self.ckpt_root = os.path.join(cfg.output_dir, "checkpoints")
+        for what in ("training", "test"):            # over-long prompts: skipped and counted, or an error
+            name = "train_examples" if what == "training" else "test_examples"
+            if getattr(self, name):
+                kept, report = drop_long_prompts(getattr(self, name), self.tokenizer, cfg.data.chat_template,
+                                                 cfg.data.max_prompt_tokens, policy=cfg.data.overlong_prompts, what=what)
+                setattr(self, name, kept)
+                if report:
+                    self._say(f"data: {report}")
         self.step = 0
-        if resume:
-            folder = latest_checkpoint(self.ckpt_root)
-            if folder is None:
-                raise FileNotFoundError(f"--resume: no checkpoint under {self.ckpt_root}")
-            self.step = int(load_checkpoint(self.actor, folder)["step"])
-            self.sync()
-        self.logger = MetricsLogger(cfg.output_dir, enabled=self.rank == 0, resume_step=self.step if resume else None)
+        resumed = self._resume(resume) if resume else False
+        if self.rank == 0:               # after the resume check: a config it refuses is not recorded
+            dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+        self.logger = MetricsLogger.from_config(cfg, enabled=self.rank == 0, resume_step=self.step if resumed else None)
+        self.guard = DivergenceGuard(cfg, self.step)
+        self._saved_step: Optional[int] = self.step if resumed else None
         self._stop = False
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._stop_signal: Optional[str] = None
+        self._in_step = False
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+
+    def _resume(self, mode) -> bool:
+        """Load the checkpoint ``--resume`` asks for: verified against its manifest, its config
+        compared with this run's (refused changes raise; applied ones are reported).  False when
+        ``--resume auto`` finds no checkpoint at all (a fresh start)."""
+        folder = find_checkpoint(self.ckpt_root, "latest" if mode is True else str(mode))
+        if folder is None:
+            self._say(f"resume: no checkpoint under {self.ckpt_root}; starting at step 0")
+            return False
+        for line in resume_changes(read_state(folder), self.cfg, self.world):
+            self._say(f"resume: {line}")
+        self.step = int(load_checkpoint(self.actor, folder, exclude_frozen=bool(self.cfg.model.lora.rank))["step"])
+        apply_optimizer_settings(self.actor, self.cfg)      # DeepSpeed restored the checkpoint's lr
+        self._say(f"resume: continuing from {folder} (step {self.step})")
+        self.sync()
+        return True
 
     # -- helpers
-    def _on_sigterm(self, signum, frame) -> None:
+    def _say(self, msg: str) -> None:
+        if self.rank == 0:
+            tqdm.write(msg, file=sys.stderr)
+
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM / SIGINT: finish the step, save, stop.  A second SIGINT stops at once."""
+        if self._stop and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self._stop = True
+        self._stop_signal = signal.Signals(signum).name
+        self._say(f"{self._stop_signal}: finishing the current step, then writing a checkpoint"
+                  + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""))
 
     def prompts_for_step(self, step: int) -> List[QAExample]:
         """This rank's prompts of ``step``: a seeded permutation per epoch, consumed in order."""
@@ -107,8 +150,10 @@ class Trainer:
         return mix_seed(self.cfg.seed, step, self.rank)
 
     def sync(self) -> float:
-        st = sync_weights(self.engine, self.actor.module.lm.named_parameters(), bucket_mb=self.cfg.rollout.sync_bucket_mb)
-        return st.seconds
+        """The actor's weights (LoRA merged) into the rollout engine, bucket by bucket."""
+        lm = self.actor.module.lm
+        named = merged_weight_entries(lm) if is_lora(lm) else lm.named_parameters()
+        return sync_weights(self.engine, named, bucket_mb=self.cfg.rollout.sync_bucket_mb).seconds
 
     # -- one step
     def train_step(self) -> Dict[str, float]:
@@ -137,6 +182,9 @@ class Trainer:
             compute_logprobs(self.actor, plan, "old_logp")
         if self.ref is not None:                                        # kl_coef > 0
             compute_logprobs(self.ref, plan, "ref_logp")
+        elif cfg.loss.kl_coef > 0 and cfg.model.lora.rank:             # LoRA: the frozen base is pi_ref
+            with disabled_adapters(self.actor.module.lm):
+                compute_logprobs(self.actor, plan, "ref_logp")
         times["time/logprobs"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
@@ -151,17 +199,48 @@ class Trainer:
         return step_metrics(batch, outcome, first_turn, token_adv, turn_adv, upd, times,
                             outcome_kind=cfg.reward.outcome, plan=plan)
 
-    def save(self) -> str:
-        return save_checkpoint(self.actor, self.ckpt_root, self.step,
-                               {"step": self.step, "data_position": self.step * self.cfg.train.prompts_per_step,
-                                "seed": self.cfg.seed}, keep=self.cfg.train.keep_checkpoints)
+    def save(self, *, healthy: bool = True) -> str:
+        """Checkpoint the state after ``self.step`` (collective), with this run's config and world
+        size (compared on resume) and the step's health (pruning keeps the newest healthy one)."""
+        state = {"step": self.step, "data_position": self.step * self.cfg.train.prompts_per_step,
+                 "seed": self.cfg.seed, "healthy": healthy, "world_size": self.world, "config": self.cfg.to_dict()}
+        folder = save_checkpoint(self.actor, self.ckpt_root, self.step, state, keep=self.cfg.train.keep_checkpoints,
+                                 exclude_frozen=bool(self.cfg.model.lora.rank))
+        self._saved_step = self.step
+        return folder
+
+    def export(self, out_dir: str, fmt: str = "merged") -> Optional[str]:
+        """Write the policy in Hugging Face format (collective; rank 0 writes).  LoRA runs:
+        ``fmt="merged"`` the base with the adapters merged in, ``"adapter"`` the adapter alone."""
+        if fmt not in ("merged", "adapter"):
+            raise ConfigError(f"--export-format: must be 'merged' or 'adapter', got {fmt!r}")
+        if not self.cfg.model.lora.rank:
+            if fmt == "adapter":
+                raise ConfigError("--export-format adapter: this run has no LoRA adapters (model.lora.rank is 0)")
+            return export_hf(self.actor, self.lm, self.tokenizer, out_dir)
+        state = consolidated_state(self.actor)          # collective: every rank takes part
+        if self.rank != 0:
+            return None
+        state = {k[len("lm."):] if k.startswith("lm.") else k: v for k, v in state.items()}
+        tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_lora(state, self.model_path, self.cfg.model.lora, tmp, merged=fmt == "merged", tokenizer=self.tokenizer,
+                    dtype=getattr(torch, self.cfg.model.dtype))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+        return out_dir
 
     def evaluate(self, examples=None, *, limit: Optional[int] = None) -> Dict[str, Any]:
         return evaluate(self.agent, self.tokenizer, examples if examples is not None else self.test_examples,
                         chat_template=self.cfg.data.chat_template, limit=limit, folr_source=self.cfg.reward.folr_source)
 
     def fit(self, max_steps: Optional[int] = None) -> Dict[str, float]:
-        """Train until ``train.total_steps`` (or ``max_steps`` more steps, or SIGTERM)."""
+        """Train until ``train.total_steps`` (or ``max_steps`` more steps, or SIGTERM / SIGINT).
+
+        A checkpoint is written every ``train.checkpoint_every`` healthy steps and at the end: of
+        the run, after a signal, and (one rank) after an exception in the loop when the state is
+        still that of the last completed healthy step.  The divergence guard stops the run without
+        writing one (:mod:`tspo_fast.training.guard`)."""
         cfg = self.cfg
         end = cfg.train.total_steps if max_steps is None else min(cfg.train.total_steps, self.step + max_steps)
         last: Dict[str, float] = {}
@@ -169,21 +248,78 @@ class Trainer:
             ev = self.evaluate()
             self.logger.log(0, {f"eval/{k}": v for k, v in ev["overall"].items()})
         bar = tqdm(total=end, initial=self.step, desc="train", disable=self.quiet or self.rank != 0, dynamic_ncols=True)
-        while self.step < end and not self._stop:
-            last = self.train_step()
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.test_examples:
-                ev = self.evaluate()
-                last.update({f"eval/{k}": v for k, v in ev["overall"].items()})
-            self.logger.log(self.step, last)
-            bar.update(1)
-            bar.set_postfix(reward=f"{last['reward/mean']:.3f}", folr=f"{last['reward/folr_hit']:.2f}",
-                            turns=f"{last['rollout/turns']:.2f}")
-            if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
-                self.save()
+        healthy = True                       # the state after self.step is that of a healthy step
+        opt_steps = self.actor.global_steps
+        try:
+            while self.step < end and not self._stop_agreed():
+                skipped, opt_steps = self.actor.skipped_steps, self.actor.global_steps
+                self._in_step = True
+                last = self.train_step()
+                self._in_step = False
+                try:
+                    healthy = self.guard.check(self.step, last, skipped=self.actor.skipped_steps - skipped)
+                except DivergenceError as e:
+                    self.logger.log(self.step, last)
+                    raise DivergenceError(f"{e}; {self._kept('no checkpoint was written for the diverged steps')}") \
+                        from None
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0 and self.test_examples:
+                    ev = self.evaluate()
+                    last.update({f"eval/{k}": v for k, v in ev["overall"].items()})
+                self.logger.log(self.step, last)
+                bar.update(1)
+                bar.set_postfix(reward=f"{last['reward/mean']:.3f}", folr=f"{last['reward/folr_hit']:.2f}",
+                                turns=f"{last['rollout/turns']:.2f}")
+                if cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0:
+                    if healthy:
+                        self.save()
+                    else:
+                        self._say(f"step {self.step}: checkpoint not written (an optimizer step was skipped for "
+                                  "non-finite gradients)")
+        except DivergenceError:
+            bar.close()
+            raise
+        except BaseException as e:       # any error, a second Ctrl-C: save what is consistent, then re-raise
+            bar.close()
+            self._save_after_error(e, healthy, mid_update=self._in_step and self.actor.global_steps != opt_steps)
+            raise
         bar.close()
-        if self._stop:  # SIGTERM: leave a checkpoint to resume from
+        if healthy and self.step > 0 and self._saved_step != self.step:
             self.save()
+        if self._stop:
+            self._say(f"stopped by {self._stop_signal} after step {self.step}; {self._kept('')}; continue with --resume")
         return last
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got SIGTERM / SIGINT (all ranks stop after the same step)."""
+        self._stop = global_max(1.0 if self._stop else 0.0) > 0
+        return self._stop
+
+    def _kept(self, prefix: str) -> str:
+        found = list_checkpoints(self.ckpt_root)
+        newest = f"the newest checkpoint is {found[-1][1]}" if found else f"there is no checkpoint under {self.ckpt_root}"
+        return f"{prefix}; {newest}" if prefix else newest
+
+    def _save_after_error(self, error: BaseException, healthy: bool, mid_update: bool) -> None:
+        """Best effort after an exception in the step loop: a checkpoint of the last completed step,
+        when the weights are still exactly its weights, it was healthy and it is not saved yet."""
+        what = type(error).__name__
+        if mid_update:
+            why = f"the {what} came after an optimizer step of step {self.step + 1} (the state is mid-step)"
+        elif not healthy:
+            why = f"step {self.step} was not healthy"
+        elif self.step == 0 or self._saved_step == self.step:
+            return
+        elif self.world > 1:
+            why = "the other ranks may not reach a collective save (world size > 1)"
+        else:
+            try:
+                folder = self.save()
+            except Exception as e:  # noqa: BLE001  (best effort: report, then re-raise the original error)
+                self._say(f"{what}: the checkpoint of step {self.step} could not be written ({type(e).__name__}: {e})")
+                return
+            self._say(f"{what}: wrote {folder} (step {self.step}) before stopping; continue with --resume")
+            return
+        self._say(f"{what}: no checkpoint written ({why}); {self._kept('')}")
 
     def close(self) -> None:
         """Close the metrics log and the process group."""

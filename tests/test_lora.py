@@ -1,0 +1,124 @@
+"""LoRA policies (model.lora; tspo_fast/training/lora.py): only adapters train, the rollout engine
+receives merged weights (vLLM's greedy output equals HF's on the merged model), checkpoints hold
+the adapters, export writes merged or adapter-only weights, resume is exact, world size 1 = 2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from test_trainer import SMALL, _metrics, _run  # noqa: E402
+from tspo_fast.config import load_config  # noqa: E402
+from tspo_fast.engines import SamplingConfig  # noqa: E402
+from tspo_fast.engines.hf import HFEngine  # noqa: E402
+from tspo_fast.engines.sync import sync_weights  # noqa: E402
+from tspo_fast.models import load_causal_lm  # noqa: E402
+from tspo_fast.models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer  # noqa: E402
+from tspo_fast.training.lora import apply_lora, merged_weight_entries  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LORA = ["model.lora.rank=4", "model.lora.alpha=8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_model(str(tmp_path_factory.mktemp("lora") / "m"), spec=TinyModelSpec(seed=3))
+
+
+def _adapted(tiny_dir):
+    cfg = load_config(None, LORA)
+    torch.manual_seed(0)
+    model = apply_lora(load_causal_lm(tiny_dir), cfg.model.lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)                   # as if trained: B starts at 0
+    return model
+
+
+def test_merged_entries_equal_peft_merge_and_go_into_vllm(tiny_dir):
+    """The sync's merged weights are PEFT's own merge; vLLM loaded with them generates greedily
+    exactly what HF generates with the merged model."""
+    model = _adapted(tiny_dir)
+    sent = {name: fn([p.detach() for p in params]) for name, params, fn in merged_weight_entries(model)}
+    reference = {k: v for k, v in model.merge_and_unload().state_dict().items()}
+    assert set(sent) <= set(reference) and len(sent) >= len(reference) - 1     # a tied head is sent once
+    for k, v in sent.items():
+        torch.testing.assert_close(v, reference[k], rtol=0, atol=1e-6, msg=k)
+    tok = load_tokenizer(tiny_dir)
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("Question: who is Paris", "Doc 1", "x y")]
+    greedy = SamplingConfig(temperature=0, max_new_tokens=16)
+    merged_lm = load_causal_lm(tiny_dir)
+    merged_lm.load_state_dict(reference, strict=False)
+    want = [g.token_ids for g in HFEngine(merged_lm, tok).generate(prompts, greedy)]
+    base_out = [g.token_ids for g in HFEngine(load_causal_lm(tiny_dir), tok).generate(prompts, greedy)]
+    assert want != base_out                                                   # the adapters matter
+    hf = HFEngine(load_causal_lm(tiny_dir), tok)
+    sync_weights(hf, merged_weight_entries(_adapted(tiny_dir)), bucket_mb=0.05)
+    assert [g.token_ids for g in hf.generate(prompts, greedy)] == want
+    pytest.importorskip("vllm")
+    from tspo_fast.engines.vllm import VLLMEngine
+    eng = VLLMEngine(tiny_dir, max_model_len=256)
+    try:
+        stats = sync_weights(eng, merged_weight_entries(_adapted(tiny_dir)), bucket_mb=0.05)
+        assert stats.num_buckets > 1
+        assert [g.token_ids for g in eng.generate(prompts, greedy)] == want
+    finally:
+        eng.close()
+
+
+def test_lora_update_same_on_one_and_two_ranks_and_touches_adapters_only(train_env, tmp_path, tiny_dir):
+    outs = {}
+    for name, launcher in (("ws1", [sys.executable]),
+                           ("ws2", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])):
+        outs[name] = str(tmp_path / f"{name}.pt")
+        _run(launcher + ["tests/_update_step.py", "--model", tiny_dir, "--micro", "2", "--out", outs[name],
+                         "--lora", "4", "--packing", "64"], train_env)
+    a, b = torch.load(outs["ws1"]), torch.load(outs["ws2"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-6, msg=k)
+    base = load_causal_lm(tiny_dir).state_dict()
+    for k, v in a.items():                     # "lm.base_model.model.<hf name with .base_layer>"
+        hf = k[len("lm.base_model.model."):].replace(".base_layer.", ".")
+        if ".lora_" not in k:
+            torch.testing.assert_close(v, base[hf], rtol=0, atol=0, msg=f"frozen {k} moved")
+    assert any(".lora_" in k for k in a)
+
+
+def test_lora_run_exports_resumes_and_keeps_only_adapters(train_env, tmp_path):
+    common = SMALL + LORA + ["rollout.engine=hf", "train.eval_every=0", "train.lr=0.01", "loss.entropy_coef=0.01",
+                             "train.total_steps=2"]
+    sets = lambda out: [x for s in common + [f"output_dir={out}"] for x in ("--set", s)]  # noqa: E731
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets(a), "--export", f"{a}/merged",
+          "--no-plot"], train_env)
+    _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets(b), "--max-steps", "1",
+          "--no-plot"], train_env)
+    _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets(b), "--resume",
+          "--export", f"{b}/adapter", "--export-format", "adapter", "--no-plot"], train_env)
+    rows = _metrics(a)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss/pg"] != rows[1]["loss/pg"]
+    # the checkpoint holds the adapters, not the base model
+    states = torch.load(os.path.join(a, "checkpoints", "step_000002", "ds", "zero_pp_rank_0_mp_rank_00_model_states.pt"),
+                        weights_only=False)
+    module = states["module"]
+    assert any(".lora_" in n for n in module)
+    assert all(".lora_" in n or t.numel() == 0 for n, t in module.items())   # (a tied head: an empty placeholder)
+    # adapter-only export of the resumed run, merged onto the base, equals the straight run's merged export
+    from safetensors.torch import load_file
+    from tspo_fast.models import resolve_model_path
+    assert os.path.exists(os.path.join(b, "adapter", "adapter_config.json"))
+    base = load_causal_lm(resolve_model_path("bundled:warmstart"))
+    resumed = peft.PeftModel.from_pretrained(base, os.path.join(b, "adapter")).merge_and_unload().state_dict()
+    straight = load_file(os.path.join(a, "merged", "model.safetensors"))
+    assert json.load(open(os.path.join(a, "merged", "config.json")))["model_type"] == "qwen2"
+    for k, v in straight.items():
+        torch.testing.assert_close(resumed[k], v, rtol=0, atol=1e-5, msg=k)
+    init = load_causal_lm(resolve_model_path("bundled:warmstart")).state_dict()
+    assert max((straight[k] - init[k]).abs().max().item() for k in straight) > 1e-5      # it learnt something
