@@ -29,11 +29,12 @@ from tspo_fast.algo.advantages import batch_advantages
 from tspo_fast.algo.rewards import score_batch
 from tspo_fast.config import load_config
 from tspo_fast.data import prompt_items
-from tspo_fast.env.batch import Trajectory, collate
 from tspo_fast.models import load_policy
 from tspo_fast.training.builders import build_actor, build_agent, build_engine, build_reference, build_retriever, load_data
 from tspo_fast.training.distributed import init_distributed
 from tspo_fast.training.ppo import compute_logprobs, plan_update, ppo_update
+
+from gpu_update_step import length_mix   # the same long-tail batch as the GPU script (bench/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = {"padded+old": ["train.packing=false", "train.recompute_old_logp=true"], "packed": ["train.packing=true"]}
@@ -54,27 +55,7 @@ def parts():
     outcome, first = score_batch(batch, tok)
     adv, _ = batch_advantages(batch, outcome, first, mode=cfg.advantage.mode, norm=cfg.advantage.norm,
                               max_turns=cfg.rollout.max_turns + 1)
-    return {"path": path, "lm": lm, "default": (batch, adv), "long_tail": _long_tail(lm.config.vocab_size)}
-
-
-def _long_tail(vocab, rows=40, cap=768, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    trajs = []
-    for i in range(rows):
-        t = Trajectory(torch.randint(0, vocab, (120,), generator=g).tolist(), uid=f"q{i // 5}")
-        total = cap if i % 10 == 0 else int(torch.randint(60, 240, (1,), generator=g))
-        k = 0
-        while len(t.response_ids) < total:
-            n = min(total - len(t.response_ids), 40)
-            t.append(torch.randint(0, vocab, (n,), generator=g).tolist(), k, False, [-1.0] * n)
-            m = min(total - len(t.response_ids), 120)
-            if m:
-                t.append(torch.randint(0, vocab, (m,), generator=g).tolist(), k, True)
-            k += 1
-        t.num_turns = k
-        trajs.append(t)
-    batch = collate(trajs, pad_id=0)
-    return batch, torch.randn(batch.input_ids.shape, generator=g) * batch.loss_mask
+    return {"path": path, "lm": lm, "default": (batch, adv), "long_tail": length_mix(lm.config.vocab_size)}
 
 
 class _PeakRSS:

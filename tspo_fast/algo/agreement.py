@@ -17,7 +17,7 @@ import re
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -141,31 +141,39 @@ def make_trajectories(n: int, seed: int = 0) -> List[Trajectory]:
     return out
 
 
-def tokenize(trajs: List[Trajectory], tokenizer: Any):
-    """Right-padded (ids, turn_id, is_obs) tensors; each segment tokenized on its own."""
-    rows = []
-    for t in trajs:
-        ids, turn, obs = encode(tokenizer, t.prompt), [], []
-        turn = [-1] * len(ids)
-        obs = [False] * len(ids)
-        for k, (a, o) in enumerate(zip(t.actions, t.observations)):
-            for text, is_o in ((a, False), (o, True)):
-                if text:
-                    seg = encode(tokenizer, text)
-                    ids += seg
-                    turn += [k] * len(seg)
-                    obs += [is_o] * len(seg)
-        rows.append((ids, turn, obs))
+def segment_row(prefix_ids: List[int], actions, observations, encode) -> Tuple[List[int], List[int], List[bool]]:
+    """One trajectory as (ids, turn_id, is_obs) lists: ``prefix_ids`` (turn -1), then per turn k its
+    action and observation texts (None or "" skipped), each encoded on its own by ``encode``."""
+    ids, turn, obs = list(prefix_ids), [-1] * len(prefix_ids), [False] * len(prefix_ids)
+    for k, (a, o) in enumerate(zip(actions, observations)):
+        for text, is_o in ((a, False), (o, True)):
+            if text:
+                seg = encode(text)
+                ids += seg
+                turn += [k] * len(seg)
+                obs += [is_o] * len(seg)
+    return ids, turn, obs
+
+
+def pad_segments(rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (ids int64, turn_id int32 with -1 padding, is_obs bool) (B, L) tensors of
+    :func:`segment_row` rows."""
     L = max(len(r[0]) for r in rows)
     B = len(rows)
     ids_t = torch.zeros(B, L, dtype=torch.int64)
     turn_t = torch.full((B, L), -1, dtype=torch.int32)
     obs_t = torch.zeros(B, L, dtype=torch.bool)
     for b, (ids, turn, obs) in enumerate(rows):
-        ids_t[b, :len(ids)] = torch.tensor(ids)
+        ids_t[b, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
         turn_t[b, :len(ids)] = torch.tensor(turn, dtype=torch.int32)
-        obs_t[b, :len(ids)] = torch.tensor(obs)
+        obs_t[b, :len(ids)] = torch.tensor(obs, dtype=torch.bool)
     return ids_t, turn_t, obs_t
+
+
+def tokenize(trajs: List[Trajectory], tokenizer: Any):
+    """Right-padded (ids, turn_id, is_obs) tensors; each segment tokenized on its own."""
+    enc = lambda text: encode(tokenizer, text)  # noqa: E731
+    return pad_segments([segment_row(enc(t.prompt), t.actions, t.observations, enc) for t in trajs])
 
 
 def _cause(t: Trajectory, k_text: int, k_tok: int, tokenizer: Any) -> str:

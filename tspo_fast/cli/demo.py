@@ -13,6 +13,7 @@ import torch
 
 import tspo_kernels as tk
 
+from ..algo.agreement import pad_segments, segment_row
 from ..algo.rewards import first_occurrence_turn_text, first_turns, outcome_reward
 
 QUESTION = "In which year was the founder of Velmora Records born?"
@@ -43,23 +44,8 @@ def _byte_tokenizer(text: str) -> List[int]:
 
 def run() -> None:
     tok = _byte_tokenizer
-    rows = []
-    for turns in ROLLOUTS:
-        ids, turn, obs = [], [], []
-        for k, (action, observation) in enumerate(turns):
-            for text, is_o in ((action, False), (observation, True)):
-                if text:
-                    t = tok(text)
-                    ids, turn, obs = ids + t, turn + [k] * len(t), obs + [is_o] * len(t)
-        rows.append((ids, turn, obs))
-    L = max(len(r[0]) for r in rows)
-    B = len(rows)
-    ids_t = torch.zeros(B, L, dtype=torch.long)
-    turn_t = torch.full((B, L), -1, dtype=torch.int32)
-    obs_t = torch.zeros(B, L, dtype=torch.bool)
-    for b, (ids, turn, obs) in enumerate(rows):
-        ids_t[b, : len(ids)], turn_t[b, : len(ids)], obs_t[b, : len(ids)] = (
-            torch.tensor(ids), torch.tensor(turn, dtype=torch.int32), torch.tensor(obs))
+    ids_t, turn_t, obs_t = pad_segments([segment_row([], [a for a, _ in t], [o for _, o in t], tok) for t in ROLLOUTS])
+    B = ids_t.shape[0]
     loss_mask = (turn_t >= 0) & ~obs_t
     outcome = torch.tensor([outcome_reward("".join(a for a, _ in t), ALIASES) for t in ROLLOUTS])
     k_star, _ = first_turns(ids_t, turn_t, obs_t, [ALIASES] * B, tok)
