@@ -1,10 +1,24 @@
 """K3 benchmarks: fused LM head + clipped policy-gradient loss, forward + backward.
 
-CPU (always): the chunked PyTorch path against an eager full-logits loss at a small shape.
+CPU (always): the chunked PyTorch path against an eager full-logits loss at a small shape, and
+``test_cpu_filtered_lm_like_matches_dense`` (a plain test, not timed): the gradient-filtered
+path on LM-like inputs skips tiles and stays within its error bound of the dense path.
+
 CUDA (skipped without a GPU): bf16, H=3584, V=152064 (Qwen2.5-7B's head), N = 16384 and 32768
-tokens, against eager PyTorch, torch.compile of it, liger-kernel's ``LigerFusedLinearGRPOLoss``
-and ``triton_grpo_loss`` (when importable), and the three matrix products alone (the floor).
-Peak memory above the inputs goes to ``benchmark.extra_info["peak_extra_GiB"]`` on CUDA.
+tokens.  Every K3 variant: the dense path with the weight gradient accumulated by
+``aten::addmm.dtype_out`` (``tspo_dense``) and by the Triton GEMM epilogue
+(``tspo_dense_triton_acc``, forced through ``pg_loss._ACC_OVERRIDE``), the gradient-filtered
+path (``tspo_filtered``: threshold 2^-12, the default; 0, nothing skipped, its worst case;
+2^-8) and the forward-only log-probs (``tspo_logprobs``), on two kinds of inputs: "uniform"
+(``make_inputs``: random h and W, logits about N(0, 1)) and "lm_like" (``lm_like.py``: a
+Zipf-biased low-rank head, per-token entropy and top-1 probability like a trained LM's).
+Against them: the three matrix products alone (``matmul_floor``, per kind of input), one
+product (``one_product``, the log-probs' floor), eager PyTorch, torch.compile of it,
+liger-kernel's ``LigerFusedLinearGRPOLoss`` and ``triton_grpo_loss`` (when importable).
+``benchmark.extra_info`` gets ``peak_extra_GiB`` (peak CUDA memory during one call above the
+inputs, the gradients of h and W included), the variant, the kind of inputs, the chunk rows,
+the accumulation strategy and, for the filtered path, the skipped fractions from
+``filter_stats``.  ``bench/device_check.sh`` runs them and prints the ratios to the floor.
 
     pytest bench/test_bench_pg_loss.py --benchmark-only
 """
@@ -15,6 +29,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tspo_kernels import fused_linear_logprobs, fused_linear_pg_loss
+from tspo_kernels import pg_loss as pg_mod
+
+from lm_like import make_lm_like_inputs
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; none is present")
@@ -55,8 +72,13 @@ def step(loss_fn, inputs, sync):
         torch.cuda.synchronize()
 
 
-def peak_extra_gib(fn):
-    """Peak CUDA memory above what was allocated before one call of ``fn``, in GiB."""
+def peak_extra_gib(fn, inputs=()):
+    """Peak CUDA memory during one call of ``fn`` above what was allocated before it, in GiB.
+    The gradients of the leaf tensors in ``inputs`` are dropped first, so the figure is above
+    the inputs alone and includes the gradients the call creates."""
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.is_leaf:
+            t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -121,6 +143,52 @@ def test_triton_small(benchmark):
     benchmark(step, lambda *a: fused_linear_pg_loss(*a, backend="triton").loss, inputs, True)
 
 
+# --------------------------------------------------------------------------- CPU: the filter on LM-like inputs
+LM_CPU_SHAPE = dict(N=256, H=128, V=32768)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_cpu_filtered_lm_like_matches_dense():
+    """The gradient-filtered path (PyTorch backend) on LM-like inputs (``lm_like.py``, bf16 values):
+    at the default threshold it skips a nonzero fraction of the tiles, its gradients stay within
+    the error bound it reports and within bf16's tolerance (2e-2 by norm, as in
+    tests/test_pg_loss.py) of the dense path's; at threshold 0 it keeps every tile and gives the
+    dense result.  The arithmetic is float64, so the only difference is what the filter drops."""
+    h16, w16, y, old, adv, mask = make_lm_like_inputs(**LM_CPU_SHAPE, dtype=torch.bfloat16, device="cpu", seed=3)
+
+    def run(**kw):
+        h = h16.detach().double().requires_grad_()
+        w = w16.detach().double().requires_grad_()
+        out = fused_linear_pg_loss(h, w, y, old, adv, mask, backend="torch", **kw)
+        out.loss.backward()
+        return out, h.grad, w.grad
+
+    dense, gh_d, gw_d = run()
+    stats = {}
+    filt, gh_f, gw_f = run(backward="filtered", filter_stats=stats)
+    skipped = float(stats["skipped_fraction"])
+    assert 0.0 < skipped < 1.0, stats
+    assert 0.0 < float(stats["skipped_dh"]) and 0.0 < float(stats["skipped_dw"]), stats
+    for k in ("loss", "logp", "entropy", "kl", "clip_frac"):          # the same forward
+        torch.testing.assert_close(getattr(filt, k), getattr(dense, k), rtol=1e-10, atol=1e-12)
+    # sum |error| <= (bound on the dropped sum |dlogits|) x (largest row 1-norm of the other factor)
+    w64, h64 = w16.detach().double(), h16.detach().double()
+    bound_h = float(stats["dropped_l1_bound_dh"]) * float(w64.abs().sum(1).max())
+    bound_w = float(stats["dropped_l1_bound_dw"]) * float(h64[mask].abs().sum(1).max())
+    err_h, err_w = float((gh_f - gh_d).abs().sum()), float((gw_f - gw_d).abs().sum())
+    assert err_h <= bound_h * (1 + 1e-9) + 1e-12, (err_h, bound_h)
+    assert err_w <= bound_w * (1 + 1e-9) + 1e-12, (err_w, bound_w)
+    assert _rel(gh_f, gh_d) <= 2e-2 and _rel(gw_f, gw_d) <= 2e-2, (_rel(gh_f, gh_d), _rel(gw_f, gw_d))
+
+    none = {}
+    _, gh_0, gw_0 = run(backward="filtered", filter_threshold=0.0, filter_stats=none)
+    assert float(none["skipped_fraction"]) == 0.0
+    assert _rel(gh_0, gh_d) <= 1e-10 and _rel(gw_0, gw_d) <= 1e-10
+
+
 # --------------------------------------------------------------------------- CUDA
 def _liger_fused_linear(inputs):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
@@ -178,9 +246,93 @@ def _matmul_floor(h, w, *_):
     return _ThreeProducts.apply(h, w)
 
 
-def _loss_fn(impl, inputs):
-    if impl == "tspo_triton":
+THRESHOLD = 2.0 ** -12          # the filtered path's default
+#: fwd+bwd cases, in the order they run (a run cut short keeps the first ones): (variant, inputs,
+#: options).  "acc": the dense path's weight-gradient accumulation; "threshold": the filtered path's.
+FWD_BWD_CASES = [
+    ("matmul_floor", "uniform", {}),
+    ("tspo_dense", "uniform", {"acc": "dtype_out"}),
+    ("tspo_dense_triton_acc", "uniform", {"acc": "triton"}),
+    ("tspo_filtered", "uniform", {"threshold": THRESHOLD}),
+    ("tspo_filtered_noskip", "uniform", {"threshold": 0.0}),
+    ("matmul_floor", "lm_like", {}),
+    ("tspo_dense", "lm_like", {"acc": "dtype_out"}),
+    ("tspo_filtered", "lm_like", {"threshold": THRESHOLD}),
+    ("tspo_filtered_t8", "lm_like", {"threshold": 2.0 ** -8}),
+    ("eager", "uniform", {}),
+    ("compiled_eager", "uniform", {}),
+    ("liger_fused_linear_grpo", "uniform", {}),
+    ("liger_triton_grpo_loss", "uniform", {}),
+]
+#: baselines that take seconds a call or compile for a minute: fewer rounds
+SLOW = ("eager", "compiled_eager", "liger_fused_linear_grpo", "liger_triton_grpo_loss")
+_CUDA_INPUTS: dict = {}
+
+
+def cuda_inputs(kind, N):
+    """The GPU-shape inputs of one kind, built once per session and kept (a few GiB in all; the
+    uniform ones from the CPU generator as before, the LM-like ones from the GPU's; the
+    LM-like statistics go to ``_LM_STATS``)."""
+    key = (kind, N)
+    if key not in _CUDA_INPUTS:
+        if kind == "uniform":
+            _CUDA_INPUTS[key] = make_inputs(N, GPU_H, GPU_V, torch.bfloat16, "cuda")
+        else:
+            stats = {}
+            _CUDA_INPUTS[key] = make_lm_like_inputs(N, GPU_H, GPU_V, torch.bfloat16, "cuda", seed=0, stats=stats)
+            _LM_STATS[N] = stats
+    return _CUDA_INPUTS[key]
+
+
+_LM_STATS: dict = {}
+
+
+@pytest.fixture
+def acc_override(monkeypatch):
+    """Force the dense path's float32 weight-gradient accumulation (``pg_loss._ACC_OVERRIDE``:
+    "dtype_out", "triton" or "upcast") for one test; monkeypatch restores the module's value
+    when the test ends, pass or fail."""
+    def force(strategy):
+        monkeypatch.setattr(pg_mod, "_ACC_OVERRIDE", strategy)
+    return force
+
+
+def _chunk_info(N, backward, grads=True):
+    """Chunk rows and chunk count the call will use (the module's own rule; information only)."""
+    elem = 2
+    kw = dict(device="cuda", elem=elem)
+    if grads:
+        kw.update(need_h=True, need_w=True, weight_half=True)
+    if backward == "filtered":
+        tiles = pg_mod.FILTER_TILES
+        kw.update(extra_fixed=GPU_V * GPU_H * elem, extra_per_row=-(-GPU_V // tiles["dh"][1]) * 8 + GPU_H * elem)
+    try:
+        rows = pg_mod._chunk_rows(None, N, GPU_H, GPU_V, **kw)
+    except Exception:  # noqa: BLE001  (a private helper: its signature may change)
+        return {}
+    return {"chunk_rows": rows, "chunks": -(-N // rows)}
+
+
+def _loss_fn(impl, inputs, opts, info, acc_override=None):
+    """The loss function of one case; fills ``info`` with what identifies the variant."""
+    if impl.startswith("tspo_dense"):
+        dev = torch.device("cuda")
+        want = opts["acc"]
+        if want == "dtype_out" and not pg_mod._dtype_out_ok(dev, torch.bfloat16):
+            pytest.skip("this torch has no working aten::addmm.dtype_out on CUDA: the dense path uses the Triton "
+                        "epilogue (tspo_dense_triton_acc)")
+        acc_override(want)
+        info.update(acc_strategy=pg_mod._acc_strategy(dev, torch.bfloat16), backward="dense",
+                    **_chunk_info(inputs[0].shape[0], "dense"))
         return lambda *a: fused_linear_pg_loss(*a, backend="triton").loss
+    if impl.startswith("tspo_filtered"):
+        # filter_stats costs a few extra elementwise ops per chunk: the untimed calls (warm-up,
+        # peak memory) fill it, the timed rounds run without it (test_cuda_pg_loss_fwd_bwd)
+        stats = info.setdefault("_filter_stats", {"on": True, "stats": {}})
+        thr = opts["threshold"]
+        info.update(backward="filtered", threshold=thr, **_chunk_info(inputs[0].shape[0], "filtered"))
+        return lambda *a: fused_linear_pg_loss(*a, backend="triton", backward="filtered", filter_threshold=thr,
+                                               filter_stats=stats["stats"] if stats["on"] else None).loss
     if impl == "eager":
         return eager_loss
     if impl == "compiled_eager":
@@ -194,37 +346,81 @@ def _loss_fn(impl, inputs):
         pytest.skip(f"liger-kernel not importable: {exc}")
 
 
-@needs_cuda
-@pytest.mark.benchmark(group="k3-cuda-fwd-bwd")
-@pytest.mark.parametrize("N", GPU_TOKENS)
-@pytest.mark.parametrize("impl", ["tspo_triton", "eager", "compiled_eager",
-                                  "liger_fused_linear_grpo", "liger_triton_grpo_loss", "matmul_floor"])
-def test_cuda_pg_loss_fwd_bwd(benchmark, impl, N):
-    torch.cuda.empty_cache()
-    inputs = make_inputs(N, GPU_H, GPU_V, torch.bfloat16, "cuda")
-    fn = _loss_fn(impl, inputs)
-    try:
-        step(fn, inputs, True)                                   # warm-up / compile
-        peak = peak_extra_gib(lambda: step(fn, inputs, True))
-    except torch.cuda.OutOfMemoryError as exc:
-        pytest.skip(f"{impl} runs out of memory at N={N}: {str(exc).splitlines()[0]}")
-    benchmark.extra_info.update(N=N, H=GPU_H, V=GPU_V, dtype="bfloat16", impl=impl,
-                                peak_extra_GiB=round(peak, 3),
-                                device=torch.cuda.get_device_name())
-    benchmark.pedantic(step, args=(fn, inputs, True), rounds=5, warmup_rounds=1)
+def _filter_info(stats):
+    """Skipped fractions and bounds of the last filtered call (0-dim tensors -> floats)."""
+    out = {}
+    for k in ("skipped_fraction", "skipped_dh", "skipped_dw", "dropped_l1_bound_dh", "dropped_l1_bound_dw",
+              "row_scale_l1"):
+        if k in stats:
+            out[k] = round(float(stats[k]), 6)
+    for k in ("tiles_dh", "tiles_dw"):
+        if k in stats:
+            out[k] = int(stats[k])
+    return out
+
+
+def _case_id(case):
+    impl, kind, _ = case
+    return f"{impl}-{kind}"
 
 
 @needs_cuda
 @pytest.mark.benchmark(group="k3-cuda-logprobs")
+@pytest.mark.parametrize("impl", ["tspo_logprobs", "one_product"])
 @pytest.mark.parametrize("N", GPU_TOKENS)
-def test_cuda_logprobs(benchmark, N):
-    hidden, weight, targets, *_ = make_inputs(N, GPU_H, GPU_V, torch.bfloat16, "cuda")
+def test_cuda_logprobs(benchmark, impl, N):
+    """Forward-only log pi(targets) (``fused_linear_logprobs``) against its floor, one product
+    ``h W^T`` into a fresh (N, V) bf16 tensor."""
+    hidden, weight, targets, *_ = inputs = cuda_inputs("uniform", N)
 
     def run():
-        fused_linear_logprobs(hidden, weight, targets, backend="triton")
+        with torch.no_grad():
+            if impl == "one_product":
+                out = hidden @ weight.t()
+            else:
+                out = fused_linear_logprobs(hidden, weight, targets, backend="triton")
         torch.cuda.synchronize()
+        return out
 
     run()
-    benchmark.extra_info.update(N=N, H=GPU_H, V=GPU_V, dtype="bfloat16",
-                                peak_extra_GiB=round(peak_extra_gib(run), 3))
+    info = dict(N=N, H=GPU_H, V=GPU_V, dtype="bfloat16", impl=impl, inputs="uniform",
+                device=torch.cuda.get_device_name())
+    if impl == "tspo_logprobs":
+        info.update(_chunk_info(N, "dense", grads=False))
+    info["peak_extra_GiB"] = round(peak_extra_gib(run, inputs), 3)
+    benchmark.extra_info.update(info)
     benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+
+
+@needs_cuda
+@pytest.mark.benchmark(group="k3-cuda-fwd-bwd")
+@pytest.mark.parametrize("case", FWD_BWD_CASES, ids=_case_id)
+@pytest.mark.parametrize("N", GPU_TOKENS)
+def test_cuda_pg_loss_fwd_bwd(benchmark, acc_override, case, N):
+    """One forward + backward per call (fresh gradients; ends in a device sync): a warm-up call
+    (compilation), one call for the peak memory (the filtered path's skipped fractions come from
+    it), then 5 timed rounds (3 for the slow baselines; the filtered path without filter_stats)."""
+    impl, kind, opts = case
+    inputs = cuda_inputs(kind, N)
+    info = dict(N=N, H=GPU_H, V=GPU_V, dtype="bfloat16", impl=impl, inputs=kind,
+                device=torch.cuda.get_device_name())
+    fn = _loss_fn(impl, inputs, opts, info, acc_override)
+    stats = info.pop("_filter_stats", None)
+    try:
+        step(fn, inputs, True)                                   # warm-up / compile
+        peak = peak_extra_gib(lambda: step(fn, inputs, True), inputs)
+    except torch.cuda.OutOfMemoryError as exc:
+        pytest.skip(f"{impl} runs out of memory at N={N}: {str(exc).splitlines()[0]}")
+    info["peak_extra_GiB"] = round(peak, 3)
+    if stats is not None:
+        info.update(_filter_info(stats["stats"]))
+        stats["on"] = False                                      # timed without filter_stats
+    if kind == "lm_like" and N in _LM_STATS:
+        s = _LM_STATS[N]
+        info.update(entropy_median=round(s["entropy"]["deciles"][4], 3),
+                    top1_median=round(s["top1"]["deciles"][4], 3),
+                    entropy_deciles=[round(x, 3) for x in s["entropy"]["deciles"]])
+    benchmark.extra_info.update(info)
+    rounds = 3 if impl in SLOW else 5
+    benchmark.pedantic(step, args=(fn, inputs, True), rounds=rounds, warmup_rounds=0)
+    inputs[0].grad = inputs[1].grad = None

@@ -555,3 +555,136 @@ def test_kernel_compiles_for_hopper():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- gradient-filtered path
+#: small filter tiles, so that the interpreter runs many tiles of a small problem quickly
+SMALL_TILES = {"dh": (32, 16), "dw": (16, 32)}
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(pg_mod, "FILTER_TILES", SMALL_TILES)
+    monkeypatch.setattr(pg_mod, "FILTER_BLOCK_H", 16)
+
+
+def peaked_case(seed, N=96, H=24, V=400, zipf=2.5):
+    """Inputs whose softmax mass sits on few tokens (a Zipf-shaped bias through a constant hidden
+    column, token frequency ranks in random order), as a trained LM's does: most vocabulary
+    tiles of d loss / d logits are tiny, so the filter has something to skip."""
+    args, kw = make_case(seed, N, H, V, torch.float32, opts={"ref": True, "beta": 0.05, "entropy_coef": 0.01})
+    hidden, weight, targets, old, adv, mask = args
+    g = torch.Generator().manual_seed(seed + 1)
+    rank = torch.randperm(V, generator=g).double() + 1.0
+    hidden, weight = hidden.clone(), weight.clone()
+    hidden[:, 0] = 1.0
+    weight[:, 0] = (-zipf * torch.log(rank)).float()
+    with torch.no_grad():                      # targets drawn from the model, old log-probs near it
+        logits = hidden.double() @ weight.double().t()
+        targets = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
+        lp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1).float()
+    old = lp - _away(0.3 * torch.randn(N, generator=g), [math.log(0.8), math.log(1.2)])
+    kw["ref_logp"] = lp + 0.5 * torch.randn(N, generator=g)
+    return (hidden, weight, targets, old, adv, mask), kw
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vocab_order", ["mean_logit", None])
+def test_filtered_threshold_zero_is_the_dense_result(backend, vocab_order, small_tiles):
+    """Threshold 0 keeps every tile with any mass: the filtered path computes the dense gradients."""
+    args, kw = make_case(1301, 45, 16, 150, torch.float32, opts=OPTION_SETS["all"])
+    stats = {}
+    got = run(fused_linear_pg_loss, args, kw, chunk_size=16, backend=backend, backward="filtered",
+              filter_threshold=0.0, vocab_order=vocab_order, filter_stats=stats)
+    assert_close(got, reference_of(args, kw), torch.float32)
+    assert float(stats["skipped_dh"]) == 0.0 and float(stats["skipped_dw"]) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_filtered_skips_tiles_within_its_error_bound(backend, small_tiles):
+    """At thresholds 2^-12, 2^-8 and 2^-4 the filter skips a growing share of the tiles; the
+    forward outputs are the dense ones, and the gradients' total error against the float64
+    reference stays within the bound the call reports (the dropped sum |d loss / d logits| times
+    the other factor's largest row 1-norm), plus fp32 rounding."""
+    args, kw = peaked_case(1311)
+    want = reference_of(args, kw)
+    hidden, weight, _, _, _, mask = args
+    w_row = float(weight.double().abs().sum(1).max())
+    h_row = float(hidden.double()[mask].abs().sum(1).max())
+    skipped = []
+    for threshold in (2.0 ** -12, 2.0 ** -8, 2.0 ** -4):
+        stats = {}
+        got = run(fused_linear_pg_loss, args, kw, chunk_size=48, backend=backend, backward="filtered",
+                  filter_threshold=threshold, filter_stats=stats)
+        assert_close(got, want, torch.float32, keys=["loss", "logp", "entropy", "kl", "clip_frac"])
+        for g_key, bound_key, row in (("grad_hidden", "dropped_l1_bound_dh", w_row),
+                                      ("grad_weight", "dropped_l1_bound_dw", h_row)):
+            err = float((got[g_key].double() - want[g_key]).abs().sum())
+            slack = 1e-5 * float(want[g_key].abs().sum())            # fp32 rounding of the kept part
+            assert err <= float(stats[bound_key]) * row + slack, (threshold, g_key, err, float(stats[bound_key]))
+        skipped.append((float(stats["skipped_dh"]), float(stats["skipped_dw"])))
+    assert skipped[0][0] > 0.2 and skipped[0][1] > 0.2, skipped       # peaked inputs: tiles are skipped
+    assert skipped == sorted(skipped) and skipped[-1] > skipped[0], skipped   # more with a larger threshold
+    # the default threshold drops entries below what a 16-bit product resolves: the gradients stay
+    # within the bf16 tolerance of the exact ones (they are not fp32-exact: 2e-3 here)
+    got = run(fused_linear_pg_loss, args, kw, chunk_size=48, backend=backend, backward="filtered")
+    assert rel(got["grad_hidden"], want["grad_hidden"]) <= TOL[torch.bfloat16]
+    assert rel(got["grad_weight"], want["grad_weight"]) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_filtered_matches_dense_in_bf16(backend, small_tiles):
+    """bf16 inputs: the filtered path (default threshold) is within bf16 tolerance of the float64
+    reference, like the dense path."""
+    args, kw = peaked_case(1321)
+    args = tuple(a.to(torch.bfloat16) if i < 2 else a for i, a in enumerate(args))
+    got = run(fused_linear_pg_loss, args, kw, chunk_size=48, backend=backend, backward="filtered")
+    assert_close(got, reference_of(args, kw), torch.bfloat16)
+
+
+@pytest.mark.parametrize("strategy", ["triton", "upcast", "dtype_out"])
+def test_weight_gradient_accumulation_strategies(strategy, monkeypatch):
+    """16-bit weights over several chunks: the float32 weight-gradient accumulator is filled inside
+    the product (cuBLAS dtype_out or the Triton GEMM epilogue on CUDA; an fp32 upcast on CPU);
+    every strategy gives the reference's gradient within bf16 tolerance, and the Triton GEMM
+    equals the upcast one to fp32 rounding."""
+    if strategy == "dtype_out" and not pg_mod._dtype_out_ok(torch.device("cuda" if torch.cuda.is_available()
+                                                                          else "cpu"), torch.bfloat16):
+        pytest.skip("this torch build has no aten::addmm.dtype_out for bf16 on this device")
+    args, kw = make_case(1331, 70, 32, 200, torch.bfloat16, opts={"bias": True, "ref": True, "beta": 0.05})
+    monkeypatch.setattr(pg_mod, "_ACC_OVERRIDE", strategy)
+    got = run(fused_linear_pg_loss, args, kw, chunk_size=16, backend="torch")
+    assert_close(got, reference_of(args, kw), torch.bfloat16)
+    monkeypatch.setattr(pg_mod, "_ACC_OVERRIDE", "upcast")
+    upcast = run(fused_linear_pg_loss, args, kw, chunk_size=16, backend="torch")
+    assert rel(got["grad_weight"], upcast["grad_weight"]) <= 1e-2      # one bf16 rounding of the result apart
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backward", ["dense", "filtered"])
+def test_non_finite_policy(backend, backward, small_tiles):
+    """docs/algorithm.md §5, the same on every backend and backward: NaN / inf hidden rows of
+    tokens outside the loss change neither the loss nor any gradient; a NaN in an input that
+    reaches a loss-masked token (here its ref_logp, beta != 0) makes the loss and the weight
+    gradient NaN; a normalizer of 0, < 0 or NaN is refused."""
+    args, kw = make_case(1341, 40, 16, 120, torch.float32, opts={"ref": True, "beta": 0.1})
+    hidden, weight, targets, old, adv, mask = args
+    opts = dict(chunk_size=16, backend=backend, backward=backward)
+    clean = run(fused_linear_pg_loss, args, kw, **opts)
+    poisoned = hidden.clone()
+    out_rows = (~mask).nonzero().flatten()
+    poisoned[out_rows[0]] = float("nan")
+    poisoned[out_rows[1], 3] = float("inf")
+    got = run(fused_linear_pg_loss, (poisoned,) + args[1:], kw, **opts)
+    for k in ("loss", "grad_weight"):
+        assert torch.isfinite(got[k]).all(), k
+        assert rel(got[k], clean[k]) <= 1e-6, k
+    assert (got["grad_hidden"][out_rows[:2]] == 0).all()
+    in_row = int(mask.nonzero()[0])
+    ref = kw["ref_logp"].clone()
+    ref[in_row] = float("nan")
+    bad = run(fused_linear_pg_loss, args, dict(kw, ref_logp=ref), **opts)
+    assert torch.isnan(bad["loss"]) and torch.isnan(bad["grad_weight"]).any()
+    for value in (0.0, -1.0, float("nan"), torch.tensor(0.0)):
+        with pytest.raises(ValueError, match="normalizer"):
+            fused_linear_pg_loss(*args, **kw, normalizer=value, **opts)

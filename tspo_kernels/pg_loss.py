@@ -294,13 +294,17 @@ def _filtered_dw_kernel(dl_ptr, s_dl, h_ptr, s_h, idx_ptr, idx_stride, cnt_ptr, 
                         HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
     """grad_weight of BN vocabulary rows x BH hidden columns, added into the float32 accumulator:
     sum over the token blocks that keep this tile of dlogits[block, tile]^T @ h[block, cols]
-    (and, with HAS_BIAS, the column sums into grad_bias)."""
-    u = tl.program_id(0)
+    (and, with HAS_BIAS, the column sums into grad_bias).
+
+    Grid (hidden blocks, vocabulary tiles): the hidden block varies fastest, so the programs of
+    one vocabulary tile run side by side and read its dlogits tiles once from DRAM (then L2);
+    the other way round every tile would be read once per hidden block."""
+    u = tl.program_id(1)
     n = tl.load(cnt_ptr + u)
     if n > 0:
         cols = u.to(tl.int64) * BN + tl.arange(0, BN)
         cin = cols < V
-        hcol = tl.program_id(1) * BH + tl.arange(0, BH)
+        hcol = tl.program_id(0) * BH + tl.arange(0, BH)
         hin = hcol < H
         acc = tl.zeros((BN, BH), tl.float32)
         csum = tl.zeros((BN,), tl.float32)
@@ -320,7 +324,7 @@ def _filtered_dw_kernel(dl_ptr, s_dl, h_ptr, s_h, idx_ptr, idx_stride, cnt_ptr, 
         msk = cin[:, None] & hin[None, :]
         tl.store(ptr, tl.load(ptr, mask=msk, other=0.0) + acc, mask=msk)
         if HAS_BIAS:
-            if tl.program_id(1) == 0:
+            if tl.program_id(0) == 0:
                 tl.store(gb_ptr + cols, tl.load(gb_ptr + cols, mask=cin, other=0.0) + csum, mask=cin)
 
 
@@ -833,7 +837,7 @@ def _filtered_products(logits, res, plan, h_w, w_p, y_p, mask, gh_c, gw_acc, gb_
         if gw_acc is not None or gb_acc is not None:
             idx, cnt = _kept_lists(plan["dw"].t())
             gw_t = gw_acc if gw_acc is not None else torch.empty(1, 1, dtype=torch.float32, device=logits.device)
-            _filtered_dw_kernel[(plan["dw"].shape[1], triton.cdiv(H, bh) if gw_acc is not None else 1)](
+            _filtered_dw_kernel[(triton.cdiv(H, bh) if gw_acc is not None else 1, plan["dw"].shape[1])](
                 logits, logits.stride(0), h_w, h_w.stride(0), idx, idx.shape[1], cnt, gw_t, gw_t.stride(0),
                 gb_acc if gb_acc is not None else gw_t, C, V, H if gw_acc is not None else 0, BM=r0, BN=bn3, BH=bh,
                 HAS_BIAS=gb_acc is not None, DOT_F32=f32, num_warps=4)
