@@ -31,7 +31,7 @@ from ..models import load_policy, resolve_model_path
 from .builders import build_actor, build_agent, build_engine, build_reference, build_retriever, load_data
 from .checkpoint import (apply_optimizer_settings, consolidated_state, export_hf, find_checkpoint, list_checkpoints,
                          load_checkpoint, read_state, resume_changes, save_checkpoint)
-from .distributed import global_max, init_distributed, rank, seed_everything, shutdown, world_size
+from .distributed import barrier, global_max, init_distributed, rank, seed_everything, shutdown, world_size
 from .evaluate import evaluate
 from .guard import DivergenceError, DivergenceGuard
 from .lora import disabled_adapters, export_lora, is_lora, merged_weight_entries
@@ -322,6 +322,12 @@ class Trainer:
         self._say(f"{what}: no checkpoint written ({why}); {self._kept('')}")
 
     def close(self) -> None:
-        """Close the metrics log and the process group."""
+        """Close the metrics log, the rollout engine and the process group, in that order: vLLM's
+        own shutdown tears down the process groups it joined (the default one included), so it
+        runs first, once every rank is done, instead of at interpreter exit after them."""
         self.logger.close()
+        barrier()
+        close_engine = getattr(self.engine, "close", None)
+        if close_engine is not None:
+            close_engine()
         shutdown()
