@@ -33,6 +33,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # before vLLM sets up it
 
 import torch  # noqa: E402
 from vllm import LLM, SamplingParams  # noqa: E402  (optional dependency: the cpu / gpu extras)
+from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.platforms import current_platform  # noqa: E402
 
 from . import vllm_patches  # noqa: E402
@@ -130,7 +131,11 @@ class VLLMEngine:
         """Queue one request; it advances with every :meth:`step`.  Returns its id."""
         self._awake("submit")
         rid = f"tspo-{next(self._ids)}"      # outputs and aborts use this (external) id
-        self.llm.llm_engine.add_request(rid, {"prompt_token_ids": list(map(int, prompt_ids))}, self._params(sampling, key))
+        params = self._params(sampling, key)
+        # only the finished output, as LLM.generate asks: the default (cumulative) rebuilds every
+        # running request's tokens and log-probs at every step
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        self.llm.llm_engine.add_request(rid, {"prompt_token_ids": list(map(int, prompt_ids))}, params)
         return rid
 
     def step(self) -> list[tuple[str, Generation]]:
