@@ -141,8 +141,10 @@ def paired_markdown(pairs: Dict[str, dict], baseline: str) -> str:
         lines.append(f"| {name} | {f['n']} | {f['mean']:+.3f} ± {f['std']:.3f} | [{f['ci95'][0]:+.3f}, {f['ci95'][1]:+.3f}] | "
                      f"{f['wins']} / {f['ties']} / {f['losses']} | {m['mean']:+.3f} ± {m['std']:.3f} | "
                      f"[{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}] | {m['wins']} / {m['ties']} / {m['losses']} |")
-        lines.append("")
-        lines.append(f"- {name}, final EM difference per seed: " + ", ".join(f"{x:+.3f}" for x in f["diff_per_seed"]))
+    lines.append("")                          # the per-seed lines after the table, not inside it
+    for name, r in pairs.items():
+        lines.append(f"- {name}, final EM difference per seed: "
+                     + ", ".join(f"{x:+.3f}" for x in r["final"]["diff_per_seed"]))
     return "\n".join(lines) + "\n"
 
 
