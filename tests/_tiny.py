@@ -91,15 +91,17 @@ class ScriptedEngine:
         self._n = 0
         self.steps = 0
         self.aborted: list[str] = []
+        self.priorities: list[int] = []    # streaming: the priority of each submitted request
 
     def generate(self, prompts_token_ids, sampling: SamplingConfig, keys=None) -> list[Generation]:
         self.calls.append(len(prompts_token_ids))
         return [self._one(p, sampling) for p in prompts_token_ids]
 
     # streaming, as the vLLM engine does it
-    def submit(self, prompt_ids, sampling: SamplingConfig, key: int = 0) -> str:
+    def submit(self, prompt_ids, sampling: SamplingConfig, key: int = 0, priority: int = 0) -> str:
         self._n += 1
         self._queue.append((f"r{self._n}", list(prompt_ids), sampling))
+        self.priorities.append(priority)
         return f"r{self._n}"
 
     def step(self):

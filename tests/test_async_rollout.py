@@ -113,10 +113,21 @@ def test_retrieval_overlaps_generation_and_is_bounded(tok):
     b = _agent(eng, slow, tok, mode="async", retrieval_concurrency=2, **limits).rollout(prompts(tok))
     assert b.stats["retrieval_calls"] >= 2 and slow.max_active <= 2
     assert max(slow.steps_during) > 0                           # the engine stepped during a retrieval
+    # turn k asks priority k: earlier turns (most work left) leave the engine's queue first
+    assert sorted(eng.priorities) == sorted(k for K in b.num_turns.tolist() for k in range(K))
     assert b.stats["retrieval_wait_seconds"] < b.stats["retrieval_seconds"]      # overlapped
     s = _agent(ScriptedEngine(tok, varied), _Timed(0.05), tok, mode="sync", **limits).rollout(prompts(tok))
     assert s.stats["retrieval_wait_seconds"] == pytest.approx(s.stats["retrieval_seconds"])  # the barrier waits
     _same(s, b)
+    # the critical path: the slowest trajectory's own turns and searches, within the rollout
+    for r in (b, s):
+        st, most = r.stats, int(r.num_searches.max())
+        assert most >= 1
+        assert st["critical_path_seconds"] == pytest.approx(st["critical_engine_seconds"] + st["critical_retrieval_seconds"])
+        assert 0.05 * most <= st["critical_path_seconds"] <= st["total_seconds"]   # each search waits 50 ms
+        assert 0 < st["critical_tokens"] <= r.loss_mask.sum(1).max()
+    # sync: every trajectory waits for the whole turn, so the last one's chain is the rollout
+    assert s.stats["critical_path_seconds"] >= 0.9 * s.stats["total_seconds"] - 0.05
 
 
 def test_queries_of_one_step_share_a_retriever_call(tok):

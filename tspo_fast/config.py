@@ -82,11 +82,13 @@ class RolloutConfig:
     top_p: float = 1.0
     mode: str = "async"                 # async: each trajectory moves on alone (engines that stream); sync: turn by turn
     max_seconds: float = 0.0            # step deadline of the rollout; unfinished trajectories are cut and flagged (0: none)
-    retrieval_window_ms: float = 5.0    # async: queries arriving within this window go in one retriever call
-    retrieval_concurrency: int = 4      # async: retriever calls in flight at once
+    retrieval_window_ms: float = 0.0    # async: queries arriving within this window go in one retriever call
+                                        # (0: those of one engine step, and those queued while every call is busy)
+    retrieval_concurrency: int = 8      # async: retriever calls in flight at once
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.5
     enforce_eager: Optional[bool] = None  # vLLM: null = eager on CPU, CUDA graphs on GPU
+    max_num_seqs: Optional[int] = None  # vLLM: sequences decoded at once (null = vLLM's default)
     seeding: str = "request"            # request: one seed per request (reproducible); engine: the engine's generator
     sync_bucket_mb: float = 256.0
 
@@ -311,6 +313,8 @@ def check_rollout(r: RolloutConfig, where: str = "rollout") -> RolloutConfig:
     _check(0 < r.gpu_memory_utilization <= 1, f"{where}.gpu_memory_utilization",
            f"must be in (0, 1], got {r.gpu_memory_utilization}")
     _check(r.sync_bucket_mb > 0, f"{where}.sync_bucket_mb", f"must be > 0, got {r.sync_bucket_mb}")
+    _check(r.max_num_seqs is None or r.max_num_seqs >= 1, f"{where}.max_num_seqs",
+           f"must be >= 1 or null (vLLM's default), got {r.max_num_seqs}")
     return r
 
 

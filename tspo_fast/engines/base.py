@@ -88,7 +88,8 @@ class Engine(Protocol):
     whether the cache was reset.
 
     Engines that can advance requests one by one (``supports_streaming``) also have
-    ``submit(prompt_ids, sampling, key) -> request id``, ``step() -> [(request id, Generation)]``
+    ``submit(prompt_ids, sampling, key, priority=0) -> request id`` (lower priority values are
+    scheduled first when requests wait for a slot), ``step() -> [(request id, Generation)]``
     for the requests that finished in that step, ``abort(request_ids)`` and ``num_pending()``:
     the asynchronous agent loop drives them.
     """

@@ -73,6 +73,8 @@ class VLLMEngine:
             raise ValueError(f"rollout.seeding: must be one of {SEEDING}, got {seeding!r}")
         _in_process_env(kv_cache_gib)
         llm_kwargs.setdefault("distributed_executor_backend", "uni")
+        # waiting requests by priority (submit's ``priority``); equal priorities keep arrival order
+        llm_kwargs.setdefault("scheduling_policy", "priority")
         if llm_kwargs["distributed_executor_backend"] not in ("uni", "external_launcher"):
             raise ValueError("VLLMEngine runs in the trainer's process: distributed_executor_backend must be 'uni' "
                              f"or 'external_launcher', got {llm_kwargs['distributed_executor_backend']!r}")
@@ -127,15 +129,19 @@ class VLLMEngine:
         return [self._to_generation(o.outputs[0]) for o in outs]
 
     # ------------------------------------------------------------------ streaming
-    def submit(self, prompt_ids: Sequence[int], sampling: SamplingConfig, key: int = 0) -> str:
-        """Queue one request; it advances with every :meth:`step`.  Returns its id."""
+    def submit(self, prompt_ids: Sequence[int], sampling: SamplingConfig, key: int = 0, priority: int = 0) -> str:
+        """Queue one request; it advances with every :meth:`step`.  Returns its id.
+
+        priority: lower values leave the waiting queue first (vLLM's convention; ties in arrival
+        order); it matters only when more requests wait than the engine has slots."""
         self._awake("submit")
         rid = f"tspo-{next(self._ids)}"      # outputs and aborts use this (external) id
         params = self._params(sampling, key)
         # only the finished output, as LLM.generate asks: the default (cumulative) rebuilds every
         # running request's tokens and log-probs at every step
         params.output_kind = RequestOutputKind.FINAL_ONLY
-        self.llm.llm_engine.add_request(rid, {"prompt_token_ids": list(map(int, prompt_ids))}, params)
+        self.llm.llm_engine.add_request(rid, {"prompt_token_ids": list(map(int, prompt_ids))}, params,
+                                        priority=int(priority))
         return rid
 
     def step(self) -> list[tuple[str, Generation]]:
@@ -223,7 +229,8 @@ def from_config(cfg, model_path: str, *, rank: int = 0, world: int = 1) -> VLLME
     (``external_launcher`` when there are several ranks, ``uni`` otherwise)."""
     r = cfg.rollout
     backend = "external_launcher" if world > 1 else "uni"
+    extra = {} if r.max_num_seqs is None else {"max_num_seqs": r.max_num_seqs}
     return VLLMEngine(model_path, max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens,
                       tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
                       dtype=cfg.model.dtype, seed=mix_seed(cfg.seed, rank) % 2 ** 32, enforce_eager=r.enforce_eager,
-                      seeding=r.seeding, distributed_executor_backend=backend)
+                      seeding=r.seeding, distributed_executor_backend=backend, **extra)

@@ -4,9 +4,10 @@ Two loops behind one ``rollout(prompts) -> RolloutBatch``; both produce the same
 
 * **async** (``rollout.mode: async``, engines that stream, i.e. vLLM): every trajectory moves on
   alone.  Its turn is a request of the engine; when it ends with ``</search>`` the query goes to
-  the retriever at once (queries arriving within ``rollout.retrieval_window_ms`` share one call,
-  at most ``rollout.retrieval_concurrency`` calls in flight), and the next turn is submitted the
-  moment its observation is appended, while the engine keeps generating for the others;
+  the retriever at once (the queries of one engine step, or of ``rollout.retrieval_window_ms``,
+  share one call, at most ``rollout.retrieval_concurrency`` calls in flight), and the next turn is
+  submitted the moment its observation is appended, while the engine keeps generating for the
+  others (earlier turns first when requests wait for engine slots);
 * **sync** (``mode: sync``, and engines that cannot stream, e.g. HF ``generate``): Search-R1's
   turn barrier — one engine call per turn for every active trajectory, then all the turn's
   queries in one retriever call.
@@ -16,6 +17,13 @@ ids are never decoded and re-encoded: the trained sequence is exactly the engine
 tokenized observations.  Request seeds depend on (call seed, turn, trajectory) only, never on
 batch composition.  ``rollout.max_seconds`` is a step deadline: trajectories unfinished then are
 cut and flagged ``truncated`` (``stats["deadline_truncated"]`` counts them).
+
+Both loops record each trajectory's own chain: the seconds its turns spent in the engine (from
+submission to finish; in the sync loop, the whole engine call it was part of) and its searches
+spent at the retriever (from query to observation).  ``stats["critical_path_seconds"]`` is the
+longest chain, split into ``critical_engine_seconds`` and ``critical_retrieval_seconds`` (with
+``critical_tokens`` sampled by it).  No loop can end a rollout before its slowest trajectory's
+own retrieval waits plus its own turns, so it tells how much of a rollout scheduling can still win.
 
 The retriever is any :class:`tspo_fast.retrieval.Retriever`; its failures arrive as
 :class:`~tspo_fast.retrieval.RetrievalError` (after the retrieval layer's retries) and leave
@@ -94,15 +102,17 @@ class SearchAgent:
                      invalid_actions=0.0, answered=0.0, truncated=0.0, deadline_truncated=0.0, async_loop=0.0)
         t0 = time.perf_counter()
         deadline = t0 + cfg.max_seconds if cfg.max_seconds > 0 else None
+        chains = _Chains(len(trajs))
         if cfg.mode == "async" and getattr(self.engine, "supports_streaming", False):
             stats["async_loop"] = 1.0
-            self._run_async(trajs, temperature, seed, stats, deadline)
+            self._run_async(trajs, temperature, seed, stats, deadline, chains)
         else:
-            self._run_sync(trajs, temperature, seed, stats, deadline)
+            self._run_sync(trajs, temperature, seed, stats, deadline, chains)
         for t in trajs:
             stats["obs_tokens"] += sum(t.is_obs)
             stats["answered"] += t.answer_text is not None
             stats["truncated"] += t.truncated
+        stats.update(chains.critical(trajs))
         stats["total_seconds"] = time.perf_counter() - t0
         stats["engine_busy_frac"] = stats["gen_seconds"] / max(stats["total_seconds"], 1e-9)
         return collate(trajs, self.pad_id, self.pad_to_multiple, stats)
@@ -123,7 +133,7 @@ class SearchAgent:
         return "done" if traj.done else "next"
 
     def _run_sync(self, trajs: List[Trajectory], temperature: float, seed: Optional[int], stats: dict,
-                  deadline: Optional[float]) -> None:
+                  deadline: Optional[float], chains: "_Chains") -> None:
         for turn in range(self.config.max_turns + 1):
             active = [i for i, t in enumerate(trajs) if not t.done]
             if not active:
@@ -132,18 +142,23 @@ class SearchAgent:
                 self._cut_at_deadline([trajs[i] for i in active], stats)
                 break
             sampling = self._sampling([trajs[i] for i in active], temperature, seed, turn)
+            t1 = time.perf_counter()
             gens = self._generate([trajs[i] for i in active], sampling, active, stats)
+            chains.add(active, "engine", time.perf_counter() - t1)
             searches: list[tuple[Trajectory, str]] = []
+            searching: list[int] = []
             for i, gen in zip(active, gens):
                 traj = trajs[i]
                 kind, content = self._take_action(traj, gen, turn)
                 if self._after_action(traj, kind, turn, stats) == "search":
                     searches.append((traj, content))
+                    searching.append(i)
             if searches:
                 queries = [q for _, q in searches]
                 t1 = time.perf_counter()
                 results = self._retrieve(queries, [turn])
                 dt = time.perf_counter() - t1
+                chains.add(searching, "retrieval", dt)
                 stats["retrieval_seconds"] += dt
                 stats["retrieval_wait_seconds"] += dt           # the engine idles meanwhile
                 stats["retrieval_calls"] += 1
@@ -153,7 +168,7 @@ class SearchAgent:
                     self._append_obs(traj, search_observation(res), turn)
 
     def _run_async(self, trajs: List[Trajectory], temperature: float, seed: Optional[int], stats: dict,
-                   deadline: Optional[float]) -> None:
+                   deadline: Optional[float], chains: "_Chains") -> None:
         cfg, eng = self.config, self.engine
         running: Dict[str, Tuple[int, int]] = {}           # request id -> (trajectory, turn)
         batcher = _RetrievalBatcher(self.retriever, self.topk, cfg.retrieval_window_ms / 1000.0,
@@ -161,7 +176,10 @@ class SearchAgent:
 
         def submit(i: int, turn: int) -> None:
             sampling = self._sampling([trajs[i]], temperature, seed, turn)
-            running[eng.submit(trajs[i].context, sampling, key=i)] = (i, turn)
+            # earlier turns first (most work left: the longest remaining chains start soonest, so their
+            # searches overlap the others' turns); matters only when requests wait for engine slots
+            running[eng.submit(trajs[i].context, sampling, key=i, priority=turn)] = (i, turn)
+            chains.start(i)
             stats["engine_calls"] += 1
 
         try:
@@ -179,11 +197,13 @@ class SearchAgent:
                     stats["gen_seconds"] += time.perf_counter() - t1
                     for rid, gen in finished:
                         i, turn = running.pop(rid)
+                        chains.stop(i, "engine")
                         stats["generated_tokens"] += len(gen.token_ids)
                         kind, content = self._take_action(trajs[i], gen, turn)
                         after = self._after_action(trajs[i], kind, turn, stats)
                         if after == "search":
                             batcher.submit((i, turn), content)
+                            chains.start(i)
                         elif after == "next":
                             submit(i, turn + 1)
                 elif batcher.pending:                          # nothing to generate: wait for an observation
@@ -191,6 +211,7 @@ class SearchAgent:
                     batcher.wait(None if deadline is None else max(0.0, deadline - t2))
                     stats["retrieval_wait_seconds"] += time.perf_counter() - t2
                 for (i, turn), hits in batcher.completed():
+                    chains.stop(i, "retrieval")
                     traj = trajs[i]
                     traj.num_searches += 1
                     self._append_obs(traj, search_observation(hits), turn)
@@ -275,6 +296,34 @@ def _retrieve(retriever: Retriever, queries: List[str], topk: int, turns: Sequen
         where = ", ".join(str(t) for t in sorted(set(turns)))
         raise RetrievalError(f"retrieval failed at turn {where} for queries {shown}: {cause}",
                              retryable=False, attempts=getattr(e, "attempts", 1)) from e
+
+
+class _Chains:
+    """Each trajectory's own engine and retrieval seconds (see the module docstring)."""
+
+    def __init__(self, n: int):
+        self.seconds = {"engine": [0.0] * n, "retrieval": [0.0] * n}
+        self._since: Dict[int, float] = {}
+
+    def add(self, rows: Sequence[int], kind: str, dt: float) -> None:
+        for i in rows:
+            self.seconds[kind][i] += dt
+
+    def start(self, i: int) -> None:
+        self._since[i] = time.perf_counter()
+
+    def stop(self, i: int, kind: str) -> None:
+        self.seconds[kind][i] += time.perf_counter() - self._since.pop(i)
+
+    def critical(self, trajs: Sequence[Trajectory]) -> Dict[str, float]:
+        eng, ret = self.seconds["engine"], self.seconds["retrieval"]
+        if not trajs:
+            return dict(critical_path_seconds=0.0, critical_engine_seconds=0.0,
+                        critical_retrieval_seconds=0.0, critical_tokens=0.0)
+        i = max(range(len(trajs)), key=lambda j: eng[j] + ret[j])
+        sampled = sum(1 for o in trajs[i].is_obs if not o)
+        return dict(critical_path_seconds=eng[i] + ret[i], critical_engine_seconds=eng[i],
+                    critical_retrieval_seconds=ret[i], critical_tokens=float(sampled))
 
 
 class _RetrievalBatcher:

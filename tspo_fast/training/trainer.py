@@ -166,6 +166,7 @@ class Trainer:
         times["time/rollout"] = time.perf_counter() - t0
         times["time/rollout_generate"] = batch.stats.get("gen_seconds", 0.0)
         times["time/rollout_retrieval_wait"] = batch.stats.get("retrieval_wait_seconds", 0.0)
+        times["time/rollout_critical_path"] = batch.stats.get("critical_path_seconds", 0.0)
 
         t1 = time.perf_counter()
         outcome, first_turn = score_batch(batch, self.tokenizer, outcome=cfg.reward.outcome,
