@@ -10,7 +10,8 @@ to generate, generated tokens per second, and the critical path (the slowest tra
 engine + retrieval seconds: no loop can finish sooner).  Each case runs with vLLM's default
 number of engine slots and with 8 (more trajectories than slots).
 
-Run: ``python -m pytest bench/test_bench_async.py --benchmark-only -s``.
+Run: ``python -m pytest bench/test_bench_async.py --benchmark-only -s`` (``BENCH_DELAYS_MS=200``
+to measure one latency only).
 """
 from __future__ import annotations
 
