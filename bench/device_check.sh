@@ -13,13 +13,14 @@
 #     runs the CPU-built test inputs through the GPU: for K3 only the row kernel goes there), then
 #     the K3 check on device tensors (k3check): large vocabularies (several BLOCK_V blocks per
 #     row), the dense path's float32 weight-gradient accumulation by addmm.dtype_out and by the
-#     Triton epilogue over several chunks, the gradient-filtered path (thresholds 0 and 2^-12, float32
+#     Triton epilogue over several chunks, the gradient-filtered path (threshold 0 through the sparse
+#     kernels and through the dense fallback, and 2^-12; float32
 #     and bf16, random and LM-like inputs; its error bound; Triton against its PyTorch ops) and the
 #     forward-only log-probs, each against the float64 reference;
 # (d) kgraph: device-side times of K1, K2 and K2's copy floor (CUDA events, CUDA-graph replay)
 #     and the two ceilings (a 1 GiB copy, an 8192^3 bf16 product); then the kernel benchmarks:
 #     bench/test_bench_k1_k2.py, bench/test_bench_pg_loss.py (every K3 variant: dense with either
-#     accumulation, filtered at 2^-12 / 0 / 2^-8, log-probs; on uniform and LM-like inputs; the
+#     accumulation, filtered at 2^-12 / 0 (dense fallback and sparse) / 2^-8, log-probs; on uniform and LM-like inputs; the
 #     matmul floor, one product, eager; then liger-kernel; then torch.compile last, it compiles
 #     for a minute); the DeepSpeed / vLLM benchmarks (rollout, trainer, retrieval) are not run;
 # (e) $OUT/summary.txt (and stdout, last): test counts, failures, the K3 check, per benchmark the
@@ -267,13 +268,14 @@ for strategy in ("dtype_out", "triton"):
     guarded(f"dense acc={strategy}", lambda: dense_acc(strategy))
 
 
-# (2) filtered path: threshold 0 (keeps every tile: the dense result) and 2^-12 (the default), on
+# (2) filtered path: threshold 0 (keeps every tile: the dense result; through the sparse kernels and
+# through the dense fallback of filter_dense_above) and 2^-12 (the default), on
 # make_case's random inputs (bias, temperature, entropy and KL terms: every branch of the bound)
 # and on LM-like inputs (bench/lm_like.py), float32 and bf16, Triton against the float64 reference
 REFS = {}
 
 
-def filtered_case(kind, dtype, thr):
+def filtered_case(kind, dtype, thr, dense_above=0.75):
     if kind == "random":
         N, H, V, chunk = (256, 64, 40000, 128) if CUDA else (40, 16, 300, 16)
         args, kw = T.make_case(811, N, H, V, dtype, opts=T.OPTION_SETS["all"])
@@ -282,11 +284,11 @@ def filtered_case(kind, dtype, thr):
         h, w, y, old, adv, mask = make_lm_like_inputs(N, H, V, dtype, "cpu", seed=5)
         args, kw = (h.detach(), w.detach(), y, old, adv, mask), {}
     dn = str(dtype).split(".")[-1]
-    name = f"pg_loss filtered {kind} {dn} threshold={thr:g} N={N} H={H} V={V} chunk={chunk}"
+    name = f"pg_loss filtered {kind} {dn} threshold={thr:g} dense_above={dense_above:g} N={N} H={H} V={V} chunk={chunk}"
     stats = {}
     dargs, dkw = tuple(on(a) for a in args), {k: on(v) for k, v in kw.items()}
     got = T.run(fused_linear_pg_loss, dargs, dkw, chunk_size=chunk, backend="triton", backward="filtered",
-                filter_threshold=thr, filter_stats=stats)
+                filter_threshold=thr, filter_stats=stats, filter_dense_above=dense_above)
     got = {k: v.cpu() for k, v in got.items()}
     dense = {k: v.cpu() for k, v in T.run(fused_linear_pg_loss, dargs, dkw, chunk_size=chunk,
                                           backend="triton").items()}
@@ -295,7 +297,10 @@ def filtered_case(kind, dtype, thr):
     ref = REFS[(kind, dtype)]
     skipped = float(stats["skipped_fraction"])
     ok = skipped == 0.0 if thr == 0.0 else (skipped > 0.0 or kind == "random" or not CUDA)
-    note = f" [skipped {skipped:.3f}: dh {float(stats['skipped_dh']):.3f}, dw {float(stats['skipped_dw']):.3f}]"
+    note = (f" [skipped {skipped:.3f}: dh {float(stats['skipped_dh']):.3f}, dw {float(stats['skipped_dw']):.3f};"
+            f" dense chunks {stats['dense_chunks']}/{stats['chunks']}]")
+    if thr == 0.0:                                # every chunk keeps all: dense products unless told never
+        ok = ok and stats["dense_chunks"] == (stats["chunks"] if dense_above < 1.0 else 0)
     if dtype == f32:   # the error bound: sum|filtered - dense| <= dropped bound x largest row 1-norm
         w64, h64, m = args[1].double(), args[0].double(), args[5] != 0
         for g, bound in (("grad_hidden", float(stats["dropped_l1_bound_dh"]) * float(w64.abs().sum(1).max())),
@@ -316,8 +321,11 @@ def filtered_case(kind, dtype, thr):
 
 for kind in ("random", "lm_like"):
     for dtype in (f32, bf16):
-        for thr in (0.0, 2.0 ** -12):
-            guarded(f"filtered {kind} {dtype} {thr}", lambda: filtered_case(kind, dtype, thr))
+        # threshold 0 through the block-sparse kernels over every tile (dense_above 1), and the default
+        for thr, da in ((0.0, 1.0), (2.0 ** -12, 0.75)):
+            guarded(f"filtered {kind} {dtype} {thr} {da}", lambda: filtered_case(kind, dtype, thr, da))
+for dtype in (f32, bf16):   # threshold 0 with the default dense_above: the chunks fall back to dense products
+    guarded(f"filtered random {dtype} 0 fallback", lambda: filtered_case("random", dtype, 0.0, 0.75))
 
 
 # (3) the filtered path's Triton kernels against its PyTorch ops on the same device tensors (same plan)
@@ -649,8 +657,10 @@ if fwd or lpb:
     line("   threshold 2^-8 (same target)", vs("tspo_filtered_t8", "lm_like", "matmul_floor", "lm_like", 0.75, True))
     line("K3 filtered never slower than dense on uniform inputs (threshold 2^-12; x dense)",
          vs("tspo_filtered", "uniform", "tspo_dense", "uniform", 1.0, True))
-    line("   worst case: threshold 0, nothing skipped (x dense)",
+    line("   worst case: threshold 0, nothing skipped, dense fallback (x dense)",
          vs("tspo_filtered_noskip", "uniform", "tspo_dense", "uniform", 1.0, True))
+    line("   threshold 0 through the sparse kernels, no fallback (x dense; the model predicts 1.26-1.33x)",
+         vs("tspo_filtered_noskip_sparse", "uniform", "tspo_dense", "uniform", 1.35, True))
 by = {b["name"]: b["stats"]["median"] for b in benches}
 k1w, k1g, k1e = by.get("test_k1_triton"), kg_us("k1", "graph_us"), kg_us("k1", "events_us")
 if k1w or k1g:

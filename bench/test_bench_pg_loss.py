@@ -8,7 +8,8 @@ CUDA (skipped without a GPU): bf16, H=3584, V=152064 (Qwen2.5-7B's head), N = 16
 tokens.  Every K3 variant: the dense path with the weight gradient accumulated by
 ``aten::addmm.dtype_out`` (``tspo_dense``) and by the Triton GEMM epilogue
 (``tspo_dense_triton_acc``, forced through ``pg_loss._ACC_OVERRIDE``), the gradient-filtered
-path (``tspo_filtered``: threshold 2^-12, the default; 0, nothing skipped, its worst case;
+path (``tspo_filtered``: threshold 2^-12, the default; 0, nothing skipped, its worst case, through
+the dense fallback of ``filter_dense_above`` and, ``_sparse``, through the block-sparse kernels;
 2^-8) and the forward-only log-probs (``tspo_logprobs``), on two kinds of inputs: "uniform"
 (``make_inputs``: random h and W, logits about N(0, 1)) and "lm_like" (``lm_like.py``: a
 Zipf-biased low-rank head, per-token entropy and top-1 probability like a trained LM's).
@@ -168,7 +169,9 @@ def test_cpu_filtered_lm_like_matches_dense():
 
     dense, gh_d, gw_d = run()
     stats = {}
-    filt, gh_f, gw_f = run(backward="filtered", filter_stats=stats)
+    # the block-sparse route (dense_above 1): at this reduced size the default 0.75 would run the
+    # dense products, since fewer tiles are skipped than at V = 152064 (bench/RESULTS.md)
+    filt, gh_f, gw_f = run(backward="filtered", filter_stats=stats, filter_dense_above=1.0)
     skipped = float(stats["skipped_fraction"])
     assert 0.0 < skipped < 1.0, stats
     assert 0.0 < float(stats["skipped_dh"]) and 0.0 < float(stats["skipped_dw"]), stats
@@ -255,6 +258,7 @@ FWD_BWD_CASES = [
     ("tspo_dense_triton_acc", "uniform", {"acc": "triton"}),
     ("tspo_filtered", "uniform", {"threshold": THRESHOLD}),
     ("tspo_filtered_noskip", "uniform", {"threshold": 0.0}),
+    ("tspo_filtered_noskip_sparse", "uniform", {"threshold": 0.0, "dense_above": 1.0}),
     ("matmul_floor", "lm_like", {}),
     ("tspo_dense", "lm_like", {"acc": "dtype_out"}),
     ("tspo_filtered", "lm_like", {"threshold": THRESHOLD}),
@@ -329,9 +333,10 @@ def _loss_fn(impl, inputs, opts, info, acc_override=None):
         # filter_stats costs a few extra elementwise ops per chunk: the untimed calls (warm-up,
         # peak memory) fill it, the timed rounds run without it (test_cuda_pg_loss_fwd_bwd)
         stats = info.setdefault("_filter_stats", {"on": True, "stats": {}})
-        thr = opts["threshold"]
-        info.update(backward="filtered", threshold=thr, **_chunk_info(inputs[0].shape[0], "filtered"))
+        thr, da = opts["threshold"], opts.get("dense_above", 0.75)
+        info.update(backward="filtered", threshold=thr, dense_above=da, **_chunk_info(inputs[0].shape[0], "filtered"))
         return lambda *a: fused_linear_pg_loss(*a, backend="triton", backward="filtered", filter_threshold=thr,
+                                               filter_dense_above=da,
                                                filter_stats=stats["stats"] if stats["on"] else None).loss
     if impl == "eager":
         return eager_loss

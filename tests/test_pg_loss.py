@@ -590,14 +590,25 @@ def peaked_case(seed, N=96, H=24, V=400, zipf=2.5):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("vocab_order", ["mean_logit", None])
-def test_filtered_threshold_zero_is_the_dense_result(backend, vocab_order, small_tiles):
-    """Threshold 0 keeps every tile with any mass: the filtered path computes the dense gradients."""
+@pytest.mark.parametrize("dense_above", [0.75, 1.0])
+def test_filtered_threshold_zero_is_the_dense_result(backend, vocab_order, dense_above, small_tiles):
+    """Threshold 0 keeps every tile with any mass: the filtered path computes the dense gradients,
+    through the dense products (every chunk keeps more than ``filter_dense_above`` = 0.75 of its
+    tiles) or, with 1, through the block-sparse kernels over every tile."""
     args, kw = make_case(1301, 45, 16, 150, torch.float32, opts=OPTION_SETS["all"])
     stats = {}
     got = run(fused_linear_pg_loss, args, kw, chunk_size=16, backend=backend, backward="filtered",
-              filter_threshold=0.0, vocab_order=vocab_order, filter_stats=stats)
+              filter_threshold=0.0, vocab_order=vocab_order, filter_stats=stats, filter_dense_above=dense_above)
     assert_close(got, reference_of(args, kw), torch.float32)
     assert float(stats["skipped_dh"]) == 0.0 and float(stats["skipped_dw"]) == 0.0
+    assert stats["chunks"] == 3 and stats["dense_chunks"] == (3 if dense_above < 1 else 0)
+
+
+def test_filtered_dense_above_is_checked():
+    args, kw = make_case(1302, 8, 16, 40, torch.float32)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="filter_dense_above"):
+            fused_linear_pg_loss(*args, **kw, backward="filtered", filter_dense_above=bad, backend="torch")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -615,7 +626,7 @@ def test_filtered_skips_tiles_within_its_error_bound(backend, small_tiles):
     for threshold in (2.0 ** -12, 2.0 ** -8, 2.0 ** -4):
         stats = {}
         got = run(fused_linear_pg_loss, args, kw, chunk_size=48, backend=backend, backward="filtered",
-                  filter_threshold=threshold, filter_stats=stats)
+                  filter_threshold=threshold, filter_stats=stats, filter_dense_above=1.0)   # always the sparse path
         assert_close(got, want, torch.float32, keys=["loss", "logp", "entropy", "kl", "clip_frac"])
         for g_key, bound_key, row in (("grad_hidden", "dropped_l1_bound_dh", w_row),
                                       ("grad_weight", "dropped_l1_bound_dw", h_row)):

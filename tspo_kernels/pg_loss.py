@@ -49,6 +49,9 @@ Error admitted, per token row t with dropped entries D_t (per product):
 so |err grad_h[t, j]| <= max_v |W_vj| sum_{D_t} |delta_tv| and |err grad_W[v, j]| <= max_t
 |h_tj| sum_t |delta_tv|; ``filter_stats["dropped_l1_bound_dh" / "_dw"]`` reports
 sum over dropped tiles of U x unit width / T, an upper bound on sum |delta| of each product.
+A chunk whose kept share of tiles (both products) exceeds ``filter_dense_above`` (default
+0.75) gains little from skipping: it runs sweep 2 over the whole chunk and the dense products
+instead (exact for that chunk; ``filter_stats["dense_chunks"]`` counts them).
 ``vocab_order="mean_logit"`` (default for the filtered path) sorts the vocabulary by its mean
 logit over the loss-masked tokens before tiling (the products run on a permuted copy of W;
 gradients come back in the original order), which clusters the mass into fewer tiles.
@@ -384,6 +387,7 @@ class _Filter:
     tiles: dict
     block_h: int
     stats: Optional[dict] = field(default=None)
+    dense_above: float = 1.0
 
 
 def _number(name: str, value, *, low: float, strict: bool) -> float:
@@ -789,8 +793,18 @@ def _filter_plan(res: dict, C: int, V: int, filt: _Filter, inv_t: float) -> dict
     fine = kp.view(Cp // r0, r0, nUp).any(1)                          # (rows / r0, units)
     dh = fine.view(nb2, m2, nUp).any(1)                               # (rows / bm2, units)
     dw = fine.view(Cp // r0, nUp // k3, k3).any(2)                    # (rows / r0, units / k3)
+    tiles_dh, tiles_dw = nb2 * triton.cdiv(V, unit), triton.cdiv(C, r0) * triton.cdiv(V, bn3)
+    dense = False
+    if filt.dense_above < 1.0:          # one host sync per chunk: is the sparse sweep worth it here?
+        kept = float(dh.sum() + dw.sum()) / (tiles_dh + tiles_dw)
+        if kept > filt.dense_above:
+            dense = True
+            dh = torch.zeros_like(dh)
+            dh[:, :nU] = True
+            dw = torch.zeros_like(dw)
+            dw[:triton.cdiv(C, r0)] = True
     write = dh.repeat_interleave(m2, 0) | dw.repeat_interleave(k3, 1)
-    plan = {"dh": dh, "dw": dw, "write": write}
+    plan = {"dh": dh, "dw": dw, "write": write, "dense": dense}
     if filt.stats is not None:
         Ue = torch.where(active[:, None], U, torch.zeros((), dtype=U.dtype, device=U.device))
         drop_dh = ~dh.repeat_interleave(bm2, 0)[:C, :nU]
@@ -798,8 +812,7 @@ def _filter_plan(res: dict, C: int, V: int, filt: _Filter, inv_t: float) -> dict
         plan["dropped_dh"] = (Ue * drop_dh).sum() * (unit * inv_t)
         plan["dropped_dw"] = (Ue * drop_dw).sum() * (unit * inv_t)
         plan["row_scale"] = torch.where(active, s, torch.zeros((), dtype=s.dtype, device=s.device)).sum() * inv_t
-        plan["tiles_dh"] = nb2 * triton.cdiv(V, unit)
-        plan["tiles_dw"] = triton.cdiv(C, r0) * triton.cdiv(V, bn3)
+        plan["tiles_dh"], plan["tiles_dw"] = tiles_dh, tiles_dw
     return plan
 
 
@@ -827,6 +840,9 @@ def _filtered_products(logits, res, plan, h_w, w_p, y_p, mask, gh_c, gw_acc, gb_
         _soft_grad_kernel[(C,)](logits, logits.stride(0), mask.to(torch.int8), res["lse"], res["ez"], res["g_lp"],
                                 res["g_ent"], write, write.shape[1], V, inv_t, ROWS=r0, UNIT=unit, BLOCK_V=block,
                                 num_warps=8 if block >= 2048 else 4)
+        if plan["dense"]:               # every tile kept: the soft part fills the chunk, dense products
+            _dense_products(logits, logits, coef, w_p, y_p, h_w, gh_c, gw_acc, gb_acc)
+            return _target_term(coef, h_w, y_p, gw_acc, gb_acc)
         f32 = _INTERPRET or logits.dtype == torch.float32
         bh = min(filt.block_h, max(16, triton.next_power_of_2(H)))
         if gh_c is not None:
@@ -847,21 +863,36 @@ def _filtered_products(logits, res, plan, h_w, w_p, y_p, mask, gh_c, gw_acc, gb_
         p = torch.exp(z - res["lse"][:, None])
         soft = -p * (res["g_lp"][:, None] + res["g_ent"][:, None] * (z - res["ez"][:, None])) * inv_t
         soft = torch.where(mask[:, None], soft, torch.zeros((), dtype=cd, device=soft.device))
-        zero = torch.zeros((), dtype=cd, device=soft.device)
-        if gh_c is not None:
+        if plan["dense"]:
+            dl = soft.to(logits.dtype)
+            _dense_products(dl, dl, coef, w_p, y_p, h_w, gh_c, gw_acc, gb_acc)
+        else:
+            zero = torch.zeros((), dtype=cd, device=soft.device)
             dh = torch.where(_expand(plan["dh"], bm2, unit, C, V), soft, zero).to(logits.dtype)
-            gh_c.copy_((dh @ w_p).to(cd) + coef[:, None] * w_p[y_p].to(cd))
-        if gw_acc is not None or gb_acc is not None:
-            dw = torch.where(_expand(plan["dw"], r0, bn3, C, V), soft, zero)
-            if gw_acc is not None:
-                if gw_acc.dtype == logits.dtype:
-                    gw_acc.addmm_(dw.to(logits.dtype).t(), h_w)
-                else:
-                    _add_product_(gw_acc, dw.to(logits.dtype).t(), h_w, False, _acc_strategy(logits.device,
-                                                                                            logits.dtype))
-            if gb_acc is not None:
-                gb_acc.add_(dw.to(logits.dtype).sum(0, dtype=gb_acc.dtype))
-    if gw_acc is not None:                                # the target term, exactly
+            dw = torch.where(_expand(plan["dw"], r0, bn3, C, V), soft, zero).to(logits.dtype)
+            _dense_products(dh, dw, coef, w_p, y_p, h_w, gh_c, gw_acc, gb_acc)
+    _target_term(coef, h_w, y_p, gw_acc, gb_acc)
+
+
+def _dense_products(dh, dw, coef, w_p, y_p, h_w, gh_c, gw_acc, gb_acc) -> None:
+    """grad_hidden = dh W_p + coef W_p[y] (the target term's row gather), grad_weight += dw^T h
+    (float32 accumulation for 16-bit operands), grad_bias += column sums of dw; ``dh`` / ``dw``
+    are the (C, V) soft parts in the logits' dtype (filtered: dropped tiles zeroed)."""
+    cd = coef.dtype
+    if gh_c is not None:
+        gh_c.copy_((dh @ w_p).to(cd) + coef[:, None] * w_p[y_p].to(cd))
+    if gw_acc is not None:
+        if gw_acc.dtype == dw.dtype:
+            gw_acc.addmm_(dw.t(), h_w)
+        else:
+            _add_product_(gw_acc, dw.t(), h_w, False, _acc_strategy(dw.device, dw.dtype))
+    if gb_acc is not None:
+        gb_acc.add_(dw.sum(0, dtype=gb_acc.dtype))
+
+
+def _target_term(coef, h_w, y_p, gw_acc, gb_acc) -> None:
+    """The target term of grad_weight / grad_bias, exactly: coef h_t scattered onto row y_t."""
+    if gw_acc is not None:
         gw_acc.index_add_(0, y_p, (coef[:, None] * h_w.to(coef.dtype)).to(gw_acc.dtype))
     if gb_acc is not None:
         gb_acc.index_add_(0, y_p, coef.to(gb_acc.dtype))
@@ -988,7 +1019,7 @@ def _chunk_loop_filtered(hidden, weight, bias, targets, tok, opt, inv_norm, rows
     unit = filt.tiles["dh"][1]
     inv_t = 1.0 / opt.temperature
     stats = {"kept_dh": 0, "tiles_dh": 0, "kept_dw": 0, "tiles_dw": 0, "dropped_dh": 0.0, "dropped_dw": 0.0,
-             "row_scale": 0.0}
+             "row_scale": 0.0, "dense_chunks": 0, "chunks": 0}
     buf = torch.empty(min(rows, N), V, dtype=hidden.dtype, device=dev)
     wt = w_p.t()
     core = _core_triton if triton_path else _core_torch
@@ -1010,6 +1041,8 @@ def _chunk_loop_filtered(hidden, weight, bias, targets, tok, opt, inv_norm, rows
         h_w = torch.where(mask_c[:, None], h_c, torch.zeros((), dtype=h_c.dtype, device=dev))
         _filtered_products(logits, res, plan, h_w, w_p, y_p[s:e], mask_c, None if gh is None else gh[s:e],
                            gw_acc, gb_acc, filt, inv_t, triton_path)
+        stats["dense_chunks"] += plan["dense"]
+        stats["chunks"] += 1
         if filt.stats is not None:
             stats["kept_dh"] = stats["kept_dh"] + plan["dh"].sum()
             stats["kept_dw"] = stats["kept_dw"] + plan["dw"].sum()
@@ -1029,7 +1062,8 @@ def _chunk_loop_filtered(hidden, weight, bias, targets, tok, opt, inv_norm, rows
             tiles_dh=stats["tiles_dh"], tiles_dw=stats["tiles_dw"],
             dropped_l1_bound_dh=f(stats["dropped_dh"]), dropped_l1_bound_dw=f(stats["dropped_dw"]),
             row_scale_l1=f(stats["row_scale"]), threshold=filt.threshold, vocab_ordered=order is not None,
-            tiles=dict(filt.tiles))
+            tiles=dict(filt.tiles), dense_chunks=stats["dense_chunks"], chunks=stats["chunks"],
+            dense_above=filt.dense_above)
         filt.stats["skipped_fraction"] = 0.5 * (filt.stats["skipped_dh"] + filt.stats["skipped_dw"])
     return out, gh, gw, gb
 
@@ -1072,7 +1106,7 @@ def fused_linear_pg_loss(
     normalizer: Union[None, float, torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None, memory_budget: Optional[int] = None, backward: str = "dense",
     filter_threshold: float = 2.0 ** -12, vocab_order: Union[None, str, torch.Tensor] = "mean_logit",
-    filter_stats: Optional[dict] = None, backend: str = "auto",
+    filter_stats: Optional[dict] = None, filter_dense_above: float = 0.75, backend: str = "auto",
 ) -> PGLossOutput:
     """docs/algorithm.md §4 clipped policy-gradient loss through the LM head, without (N, V) logits.
 
@@ -1106,8 +1140,11 @@ def fused_linear_pg_loss(
     entries are all <= ``filter_threshold`` * (|d loss/d logp| + |d loss/d entropy|) / T, with
     the error bound of the module docstring; ``vocab_order`` "mean_logit" (default), None or a
     permutation of range(V) sets the vocabulary order the tiles follow; ``filter_stats``, a dict,
-    receives the skipped fractions of both products (0-dim tensors, no sync), the tile counts
-    and the dropped-mass bounds).
+    receives the skipped fractions of both products (0-dim tensors), the tile counts, the
+    dropped-mass bounds and ``dense_chunks`` / ``chunks``).  ``filter_dense_above``: a chunk
+    whose kept share of tiles (both products) exceeds it runs the dense products instead of the
+    block-sparse ones (the sparse sweep costs more than it saves there; exact, nothing dropped
+    in that chunk; one host sync per chunk to decide); 1 = never.
     backend: "auto" (Triton on CUDA, PyTorch on CPU), "triton", "torch" (the chunked PyTorch
     path) or "reference" (:func:`tspo_kernels.reference.pg_loss_reference`: builds the (N, V)
     logits; for tests and small inputs).
@@ -1123,6 +1160,9 @@ def fused_linear_pg_loss(
                    temperature, ref_logp, rollout_logp)
     _checks.choice("backward", backward, BACKWARDS)
     threshold = _number("filter_threshold", filter_threshold, low=0.0, strict=False)
+    dense_above = _number("filter_dense_above", filter_dense_above, low=0.0, strict=False)
+    if dense_above > 1.0:
+        raise ValueError(f"filter_dense_above must be in [0, 1] (1 = never dense), got {filter_dense_above}")
     budget = _budget(memory_budget)
     cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if backend == "reference":          # the plain math: (N, V) logits, autograd
@@ -1152,7 +1192,8 @@ def fused_linear_pg_loss(
         tiles = {k: tuple(v) for k, v in FILTER_TILES.items()}
         _check_tiles(tiles)
         order = _vocab_permutation(vocab_order, hidden_c.detach(), weight_c.detach(), bias_c, tok["mask"])
-        filt = _Filter(threshold=threshold, order=order, tiles=tiles, block_h=FILTER_BLOCK_H, stats=filter_stats)
+        filt = _Filter(threshold=threshold, order=order, tiles=tiles, block_h=FILTER_BLOCK_H, stats=filter_stats,
+                       dense_above=dense_above)
         extra_fixed = V * H * elem if order is not None else 0                  # the permuted weight copy
         extra_per_row = triton.cdiv(V, tiles["dh"][1]) * 8 + H * elem          # unit maxima and masks, h rows
     rows = _chunk_rows(chunk_size, N, H, V, device=dev, elem=elem, torch_path=not triton_path, need_h=grads[0],
