@@ -25,9 +25,13 @@ class Delayed:
     def __init__(self, inner, delay_s: float):
         self.inner, self.delay_s = inner, delay_s
 
-    def search(self, queries, topk):
+    def search(self, queries, topk):           # what the server's app calls
         time.sleep(self.delay_s)
         return self.inner.search(queries, topk)
+
+    def retrieve(self, queries, topk):         # what the agent calls (in-process use)
+        time.sleep(self.delay_s)
+        return self.inner.retrieve(queries, topk)
 
     def info(self):
         return self.inner.info()
