@@ -150,23 +150,27 @@ def _remaining(trace: Trace, traj: int, turn: int, cost: StepCost, retrieval: Re
 
 
 def simulate(trace: Trace, cost: StepCost, retrieval: RetrievalCost, mode: str = "async", *,
-             slots: Optional[int] = None, order: str = "turn", loop_overhead: float = 0.0) -> Result:
+             slots: Optional[int] = None, order="turn", loop_overhead: float = 0.0) -> Result:
     """Replay ``trace`` through the ``mode`` loop ("sync" or "async").
 
     slots: the engine's ``max_num_seqs`` (None: every request runs at once); order: which waiting
     request the engine admits first, "turn" (earlier turns first, as the agent asks vLLM) or
-    "chain" (the longest remaining chain first: a clairvoyant scheduler that knows the trace);
+    "chain" (the longest remaining chain first: a clairvoyant scheduler that knows the trace), or a
+    function ``(trajectory, turn) -> key`` (lower first; ties by row);
     loop_overhead: seconds the async loop spends between two engine steps (parsing actions,
     tokenizing observations, submitting), added after every step, not to the engine's busy time.
     """
-    if mode not in ("sync", "async") or order not in ("turn", "chain"):
-        raise ValueError(f"simulate: mode must be sync|async and order turn|chain, got {mode!r}, {order!r}")
+    if mode not in ("sync", "async") or not (callable(order) or order in ("turn", "chain")):
+        raise ValueError(f"simulate: mode must be sync|async and order turn|chain or a function, "
+                         f"got {mode!r}, {order!r}")
     if any(len(turns) == 0 for turns in trace):
         raise ValueError("simulate: every trajectory needs at least one turn")
     eng = _Engine(cost, slots)
     chains = [0.0] * len(trace)
 
     def key(traj: int, turn: int) -> tuple:
+        if callable(order):
+            return (order(traj, turn), traj)
         if order == "chain":
             return (-_remaining(trace, traj, turn, cost, retrieval), traj)
         return (turn, traj)

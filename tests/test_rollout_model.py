@@ -54,6 +54,8 @@ def test_admission_order_with_few_slots():
     assert turn.total == chain.total == 6
     assert turn.chains == [1, 3, 6]                    # ties broken by row: shortest first
     assert chain.chains == [6, 5, 3]                   # the longest remaining chain first
+    mine = simulate(trace, UNIT, RetrievalCost(0.0), "async", slots=1, order=lambda i, k: -i)
+    assert mine.chains == [6, 5, 3]                    # a function's key: lower first
 
 
 def test_retrieval_concurrency_queues_calls():
