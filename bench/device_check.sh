@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# One-shot check of the Triton kernels on a lent GPU (H100 / H200), run from the repo root:
+# One-shot check of the Triton kernels (and one ZeRO-3 update) on a lent GPU (H100 / H200), run
+# from the repo root:
 #
 #     OUT=$OUT bash bench/device_check.sh          (carry: .device_wheels)
 #
+# and, once, on this machine before the call (needs pip's registry; the wheels are ignored by git):
+#
+#     bash bench/device_check.sh --wheels          (fills .device_wheels, ~6 MB, for the GPU
+#                                                   image's Python 3.12; nothing else runs)
+#
 # (a) $OUT/env.txt: date, nvidia-smi, Python / torch / triton versions, the offline installs;
-# (b) installs what the GPU image may lack from the carried wheels in .device_wheels/ (only
-#     packages that are missing: liger-kernel, pytest-benchmark, pytest-timeout, pytest-xdist
-#     and their pure-Python needs) and makes `tspo_kernels` importable (the repository root on
-#     PYTHONPATH, nothing built);
+# (b) installs what the GPU image may lack from the carried wheels in .device_wheels/ into a
+#     folder of its own on PYTHONPATH (only packages that are missing, one by one: liger-kernel,
+#     the pytest plugins, and DeepSpeed with the needs the image lacks: hjson, pydantic,
+#     pydantic-core, annotated-types, typing-inspection) and makes `tspo_kernels` and `tspo_fast`
+#     importable (the repository root on PYTHONPATH, nothing built);
 # (c) the kernel correctness tests (tests/test_first_occurrence.py, test_advantages.py,
 #     test_pg_loss.py) with TRITON_INTERPRET unset, so the compiled kernels run (tests/conftest.py
 #     runs the CPU-built test inputs through the GPU: for K3 only the row kernel goes there), then
@@ -28,19 +35,40 @@
 #     inputs and to the dense path, peak memory, skipped fraction, chunk) and the target lines
 #     (PASS / MISS): K3 dense <= 1.10x floor, log-probs <= 1.05x one product, filtered <= 0.75x
 #     floor on LM-like inputs and not slower than dense on uniform ones, K1 <= 30 us, K2 <= 1.5x
-#     its copy floor.
+#     its copy floor;
+# (f) update, last (cut first when time runs short): one ZeRO-3 training update on a random
+#     Qwen2 of Qwen2.5-0.5B's shape, padded vs packed micro-batches (bench/gpu_update_step.py,
+#     `--small` without CUDA), if DeepSpeed imports; its JSON goes into summary.txt.
 #
 # Every step has its own time limit, cut to what is left of DEVICE_BUDGET_S (default 340 s),
 # so the whole script ends within about that (+ ~15 s); when time runs short the last steps
-# (liger, compile) are cut first.  A step at its limit gets SIGINT, so pytest still writes the
-# junit / benchmark JSON of what finished.  STEPS (default "tests k3check kgraph k1k2 k3 liger
-# compile") picks steps for a rerun; XDIST_WORKERS (default 8, 0 = off) sets the test processes
-# on CUDA.  No `set -e`: a failed step does not stop the later ones.  Without CUDA the script
-# still runs (k3check in Triton's interpreter at small shapes, kgraph reports "no CUDA").
+# (update, compile, liger) are cut first.  A step at its limit gets SIGINT, so pytest still writes
+# the junit / benchmark JSON of what finished.  STEPS (default "tests k3check kgraph k1k2 k3 liger
+# compile update") picks steps for a rerun (STEPS=update: the ZeRO-3 update alone, 1-2 min);
+# XDIST_WORKERS (default 8, 0 = off) sets the test processes on CUDA.  No `set -e`: a failed
+# step does not stop the later ones.  Without CUDA the script still runs (k3check in Triton's
+# interpreter at small shapes, kgraph reports "no CUDA", update runs `--small`).
 # $OUT receives at most 7 files (the device tool brings back 8): env.txt, tests.log,
 # tests_junit.xml, bench.log, bench.json, summary.txt, raw.tar.gz (the work folder's logs).
-set -x
 cd "$(dirname "$0")/.." || exit 1
+WHEELS=.device_wheels
+# what the GPU image lacks (its package list: the device notes), at the versions this repository
+# is tested with; the pytest plugins are there already and are installed only where missing
+KERNEL_PKGS="liger-kernel==0.8.5 pytest-benchmark pytest-timeout py-cpuinfo pytest-xdist execnet"
+DS_PKGS="deepspeed==0.19.8 hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0
+         typing-inspection==0.4.2"
+if [ "${1:-}" = "--wheels" ]; then
+  # binary wheels for the image's CPython 3.12 on x86-64 Linux; DeepSpeed is an sdist on PyPI:
+  # built here into a pure-Python wheel (no ops: the trainer uses torch's AdamW on the GPU)
+  mkdir -p "$WHEELS"
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$WHEELS" $KERNEL_PKGS ${DS_PKGS/deepspeed==0.19.8/} || exit 1
+  DS_BUILD_OPS=0 python3 -m pip wheel --no-deps --no-build-isolation -w "$WHEELS" deepspeed==0.19.8 || exit 1
+  ls -la "$WHEELS"
+  exit 0
+fi
+set -x
 OUT=${OUT:-/tmp/devout}
 mkdir -p "$OUT"
 WORK=${DEVICE_WORK:-/tmp/devwork}
@@ -48,7 +76,7 @@ rm -rf "$WORK"
 mkdir -p "$WORK"
 PY=${PYTHON:-python3}
 BUDGET=${DEVICE_BUDGET_S:-340}
-STEPS=${STEPS:-"tests k3check kgraph k1k2 k3 liger compile"}
+STEPS=${STEPS:-"tests k3check kgraph k1k2 k3 liger compile update"}
 T0=$SECONDS
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -82,22 +110,23 @@ EOF
 } > "$OUT/env.txt" 2>&1
 
 # ------------------------------------------------------------------ (b) installs
-WHEELS=.device_wheels
-PKGS="liger-kernel pytest-benchmark pytest-timeout py-cpuinfo pytest-xdist execnet"
 {
-  echo "== pip install (offline, missing packages only) from $WHEELS"
+  echo "== pip install (offline, missing packages only, one by one) from $WHEELS"
   ls -la "$WHEELS" 2>&1
   if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    # a package already there is left as it is ("Requirement already satisfied")
-    if ! "$PY" -m pip install --no-index --find-links "$WHEELS" --no-deps --no-compile \
-         --disable-pip-version-check $PKGS; then
-      echo "== install into the environment failed; into /tmp/site instead"
-      "$PY" -m pip install --no-index --find-links "$WHEELS" --no-deps --no-compile \
-        --disable-pip-version-check --target /tmp/site $PKGS \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    fi
+    # into a folder of its own on PYTHONPATH, never into the environment: the image (or a
+    # workstation running this script) keeps its packages as they are
+    SITE=/tmp/tspo_device_site
+    rm -rf "$SITE"
+    for req in $KERNEL_PKGS $DS_PKGS; do
+      "$PY" -m pip show "${req%%==*}" >/dev/null 2>&1 && continue      # there already: left as it is
+      "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-deps --no-compile \
+        --disable-pip-version-check --target "$SITE" "$req" \
+        || echo "== $req: no wheel in $WHEELS, or it does not install here"
+    done
+    [ -d "$SITE" ] && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "no wheels in $WHEELS (pass it in the device tool's carry list)"
+    echo "no wheels in $WHEELS (make them with 'bash bench/device_check.sh --wheels' and carry the folder)"
   fi
 } >> "$OUT/env.txt" 2>&1
 # tspo_kernels (and tspo_fast) import from the repository root: nothing to build
@@ -694,6 +723,22 @@ if skipped:
     say("== benchmark skips")
     for l in skipped[:20]:
         say("   " + l[:200])
+upd = os.path.join(work, "update_step.json")
+if os.path.exists(upd):
+    try:
+        u = json.load(open(upd))
+        say(f"== ZeRO-3 update (bench/gpu_update_step.py): {u.get('device')}, {u.get('rows')} rows, "
+            f"{u.get('tokens')} tokens")
+        for m, r in u.get("modes", {}).items():
+            say(f"   {m:11s} log-probs {fmt(r.get('logprobs_s'))}  update {fmt(r.get('update_s'))}  "
+                f"{r.get('tokens_per_s', 0):.0f} tokens/s  padding {r.get('padding_frac', 0):.2f}  "
+                f"peak {r.get('peak_gib')} GiB  micro-batches {r.get('micro_batches')}")
+        a, b = u.get("modes", {}).get("padded+old"), u.get("modes", {}).get("packed")
+        if a and b:
+            say(f"   packed / padded+old, log-prob + update phases: "
+                f"{(a['logprobs_s'] + a['update_s']) / (b['logprobs_s'] + b['update_s']):.2f}x faster")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        say(f"== ZeRO-3 update: unreadable result ({e})")
 steps = os.path.join(work, "steps.txt")
 if os.path.exists(steps):
     say("== steps (name, exit code, seconds, limit)")
@@ -773,6 +818,19 @@ if [ "$HAVE_BENCH" = 1 ]; then
   fi
 else
   echo "pytest-benchmark is not importable: benchmarks skipped" | tee -a "$OUT/bench.log"
+fi
+
+# ------------------------------------------------------------------ (f) a ZeRO-3 training update
+if want update; then
+  if "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+    SMALL=""
+    [ "$CUDA" = 1 ] || SMALL="--small"
+    step update "$(limit 120 5)" "$WORK/update.log" "$PY" bench/gpu_update_step.py $SMALL --rounds 2 \
+      --out "$WORK/update_step.json" --work "$WORK/update_work"
+  else
+    echo "update skipped: deepspeed does not import (carry .device_wheels)" | tee -a "$WORK/update.log"
+    echo "update - 0 0 (deepspeed does not import)" >> "$WORK/steps.txt"
+  fi
 fi
 
 # ------------------------------------------------------------------ (e) summary
