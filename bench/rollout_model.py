@@ -305,7 +305,12 @@ def _measure(delays_ms: Sequence[float], seeds: Sequence[int], slots: Optional[i
     steps, calls, gaps, scheduled, computed = [], [], [], [], [0]
     # what each step ran, from vLLM's scheduler (in-process engine core): requests scheduled and
     # tokens computed (one per decoding request, the uncached prompt tokens of a prefilling one)
-    scheduler = engine.llm.llm_engine.engine_core.engine_core.scheduler
+    try:
+        scheduler = engine.llm.llm_engine.engine_core.engine_core.scheduler
+    except AttributeError as e:
+        engine.close()
+        raise RuntimeError("rollout_model needs vLLM's engine core in this process (V1, InprocClient) to read "
+                           f"what each step scheduled; this vLLM has no such path ({e})") from e
     schedule, step = scheduler.schedule, engine.step
 
     def logged_schedule(*a, **kw):
