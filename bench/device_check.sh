@@ -826,7 +826,7 @@ if want update; then
     SMALL=""
     [ "$CUDA" = 1 ] || SMALL="--small"
     step update "$(limit 120 5)" "$WORK/update.log" "$PY" bench/gpu_update_step.py $SMALL --rounds 2 \
-      --out "$WORK/update_step.json" --work "$WORK/update_work"
+      --out "$WORK/update_step.json" --work /tmp/tspo_update_model     # the model (GBs) stays out of raw.tar.gz
   else
     echo "update skipped: deepspeed does not import (carry .device_wheels)" | tee -a "$WORK/update.log"
     echo "update - 0 0 (deepspeed does not import)" >> "$WORK/steps.txt"
