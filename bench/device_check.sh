@@ -12,8 +12,8 @@
 # (a) $OUT/env.txt: date, nvidia-smi, Python / torch / triton versions, the offline installs;
 # (b) installs what the GPU image may lack from the carried wheels in .device_wheels/ into a
 #     folder of its own on PYTHONPATH (only packages that are missing, one by one: liger-kernel,
-#     the pytest plugins, and DeepSpeed with the needs the image lacks: hjson, pydantic,
-#     pydantic-core, annotated-types, typing-inspection) and makes `tspo_kernels` and `tspo_fast`
+#     the pytest plugins, DeepSpeed with the needs the image lacks: hjson, pydantic,
+#     pydantic-core, annotated-types, typing-inspection, and bm25s for the trainer's retriever) and makes `tspo_kernels` and `tspo_fast`
 #     importable (the repository root on PYTHONPATH, nothing built);
 # (c) the kernel correctness tests (tests/test_first_occurrence.py, test_advantages.py,
 #     test_pg_loss.py) with TRITON_INTERPRET unset, so the compiled kernels run (tests/conftest.py
@@ -38,13 +38,16 @@
 #     its copy floor;
 # (f) update, last (cut first when time runs short): one ZeRO-3 training update on a random
 #     Qwen2 of Qwen2.5-0.5B's shape, padded vs packed micro-batches (bench/gpu_update_step.py,
-#     `--small` without CUDA), if DeepSpeed imports; its JSON goes into summary.txt.
+#     `--small` without CUDA), if DeepSpeed imports; its JSON goes into summary.txt;
+# (g) train: the trainer as users run it, `tspo-fast train --config configs/tiny.yaml` for 3 steps
+#     with the HF engine (vLLM cannot be carried): ZeRO-3, multi-turn rollouts with in-process
+#     BM25, K1 / K2 / K3 in the update, weight sync; each step's time breakdown into summary.txt.
 #
 # Every step has its own time limit, cut to what is left of DEVICE_BUDGET_S (default 340 s),
 # so the whole script ends within about that (+ ~15 s); when time runs short the last steps
-# (update, compile, liger) are cut first.  A step at its limit gets SIGINT, so pytest still writes
+# (train, update, compile, liger) are cut first.  A step at its limit gets SIGINT, so pytest still writes
 # the junit / benchmark JSON of what finished.  STEPS (default "tests k3check kgraph k1k2 k3 liger
-# compile update") picks steps for a rerun (STEPS=update: the ZeRO-3 update alone, 1-2 min);
+# compile update train") picks steps for a rerun (STEPS="update train": the trainer parts, ~3 min);
 # XDIST_WORKERS (default 8, 0 = off) sets the test processes on CUDA.  No `set -e`: a failed
 # step does not stop the later ones.  Without CUDA the script still runs (k3check in Triton's
 # interpreter at small shapes, kgraph reports "no CUDA", update runs `--small`).
@@ -56,7 +59,7 @@ WHEELS=.device_wheels
 # is tested with; the pytest plugins are there already and are installed only where missing
 KERNEL_PKGS="liger-kernel==0.8.5 pytest-benchmark pytest-timeout py-cpuinfo pytest-xdist execnet"
 DS_PKGS="deepspeed==0.19.8 hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0
-         typing-inspection==0.4.2"
+         typing-inspection==0.4.2 bm25s==0.3.16"
 if [ "${1:-}" = "--wheels" ]; then
   # binary wheels for the image's CPython 3.12 on x86-64 Linux; DeepSpeed is an sdist on PyPI:
   # built here into a pure-Python wheel (no ops: the trainer uses torch's AdamW on the GPU)
@@ -76,7 +79,7 @@ rm -rf "$WORK"
 mkdir -p "$WORK"
 PY=${PYTHON:-python3}
 BUDGET=${DEVICE_BUDGET_S:-340}
-STEPS=${STEPS:-"tests k3check kgraph k1k2 k3 liger compile update"}
+STEPS=${STEPS:-"tests k3check kgraph k1k2 k3 liger compile update train"}
 T0=$SECONDS
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -739,6 +742,17 @@ if os.path.exists(upd):
                 f"{(a['logprobs_s'] + a['update_s']) / (b['logprobs_s'] + b['update_s']):.2f}x faster")
     except (OSError, ValueError, KeyError, TypeError) as e:
         say(f"== ZeRO-3 update: unreadable result ({e})")
+tm = os.path.join(work, "train_run", "metrics.jsonl")
+if os.path.exists(tm):
+    recs = [json.loads(l) for l in open(tm) if l.strip()]
+    say(f"== trainer (tspo-fast train, configs/tiny.yaml, HF engine): {len(recs)} records")
+    for r in recs:
+        if "time/step" in r:
+            parts = "  ".join(f"{k[5:]} {fmt(v)}" for k, v in r.items() if k.startswith("time/") and k != "time/step")
+            say(f"   step {r.get('step')}: {fmt(r['time/step'])} ({parts}); "
+                f"{r.get('train/tokens_per_s', 0):.0f} tokens/s, reward {r.get('reward/mean')}")
+        if "eval/em" in r:
+            say(f"   eval at step {r.get('step')}: EM {r['eval/em']}")
 steps = os.path.join(work, "steps.txt")
 if os.path.exists(steps):
     say("== steps (name, exit code, seconds, limit)")
@@ -830,6 +844,18 @@ if want update; then
   else
     echo "update skipped: deepspeed does not import (carry .device_wheels)" | tee -a "$WORK/update.log"
     echo "update - 0 0 (deepspeed does not import)" >> "$WORK/steps.txt"
+  fi
+fi
+
+# ------------------------------------------------------------------ (g) the trainer, 3 steps
+if want train; then
+  if "$PY" -c "import deepspeed, bm25s" >/dev/null 2>&1; then
+    step train "$(limit 150 5)" "$WORK/train.log" "$PY" -m tspo_fast.cli train --config configs/tiny.yaml \
+      --set rollout.engine=hf --set train.total_steps=3 --set train.eval_every=3 --set data.eval_limit=20 \
+      --set train.checkpoint_every=0 --set output_dir="$WORK/train_run"
+  else
+    echo "train skipped: deepspeed or bm25s does not import (carry .device_wheels)" | tee -a "$WORK/train.log"
+    echo "train - 0 0 (deepspeed or bm25s does not import)" >> "$WORK/steps.txt"
   fi
 fi
 
