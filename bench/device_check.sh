@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-shot check of the Triton kernels (and one ZeRO-3 update) on a lent GPU (H100 / H200), run
-# from the repo root:
+# One-shot check of the Triton kernels (then a ZeRO-3 update and 3 trainer steps) on a lent GPU
+# (H100 / H200), run from the repo root:
 #
 #     OUT=$OUT bash bench/device_check.sh          (carry: .device_wheels)
 #
@@ -13,8 +13,9 @@
 # (b) installs what the GPU image may lack from the carried wheels in .device_wheels/ into a
 #     folder of its own on PYTHONPATH (only packages that are missing, one by one: liger-kernel,
 #     the pytest plugins, DeepSpeed with the needs the image lacks: hjson, pydantic,
-#     pydantic-core, annotated-types, typing-inspection, and bm25s for the trainer's retriever) and makes `tspo_kernels` and `tspo_fast`
-#     importable (the repository root on PYTHONPATH, nothing built);
+#     pydantic-core, annotated-types, typing-inspection, and bm25s for the trainer's retriever)
+#     and makes `tspo_kernels` and `tspo_fast` importable (the repository root on PYTHONPATH,
+#     nothing built);
 # (c) the kernel correctness tests (tests/test_first_occurrence.py, test_advantages.py,
 #     test_pg_loss.py) with TRITON_INTERPRET unset, so the compiled kernels run (tests/conftest.py
 #     runs the CPU-built test inputs through the GPU: for K3 only the row kernel goes there), then
@@ -45,9 +46,10 @@
 #
 # Every step has its own time limit, cut to what is left of DEVICE_BUDGET_S (default 340 s),
 # so the whole script ends within about that (+ ~15 s); when time runs short the last steps
-# (train, update, compile, liger) are cut first.  A step at its limit gets SIGINT, so pytest still writes
-# the junit / benchmark JSON of what finished.  STEPS (default "tests k3check kgraph k1k2 k3 liger
-# compile update train") picks steps for a rerun (STEPS="update train": the trainer parts, ~3 min);
+# (train, update, compile, liger) are cut first.  A step at its limit gets SIGINT, so pytest
+# still writes the junit / benchmark JSON of what finished.  STEPS (default "tests k3check kgraph
+# k1k2 k3 liger compile update train") picks steps for a rerun (STEPS="update train": the trainer
+# parts, about 3 min);
 # XDIST_WORKERS (default 8, 0 = off) sets the test processes on CUDA.  No `set -e`: a failed
 # step does not stop the later ones.  Without CUDA the script still runs (k3check in Triton's
 # interpreter at small shapes, kgraph reports "no CUDA", update runs `--small`).
@@ -744,7 +746,12 @@ if os.path.exists(upd):
         say(f"== ZeRO-3 update: unreadable result ({e})")
 tm = os.path.join(work, "train_run", "metrics.jsonl")
 if os.path.exists(tm):
-    recs = [json.loads(l) for l in open(tm) if l.strip()]
+    recs = []
+    for l in open(tm):
+        try:
+            recs.append(json.loads(l))
+        except ValueError:                  # a line cut by the step's time limit
+            pass
     say(f"== trainer (tspo-fast train, configs/tiny.yaml, HF engine): {len(recs)} records")
     for r in recs:
         if "time/step" in r:
