@@ -868,7 +868,7 @@ fi
 
 # ------------------------------------------------------------------ (e) summary
 summarize
-tar -czf "$OUT/raw.tar.gz" -C "$WORK" --exclude=pyshim . 2>/dev/null
+tar -czf "$OUT/raw.tar.gz" -C "$WORK" --exclude=pyshim --exclude=checkpoints . 2>/dev/null   # the trainer's final checkpoint: MBs
 set +x
 echo
 echo "==================== SUMMARY ($(( SECONDS - T0 )) s; files in \$OUT: $(ls "$OUT" | tr '\n' ' '))"
