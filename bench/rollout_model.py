@@ -27,20 +27,18 @@ from __future__ import annotations
 import argparse
 import copy
 import heapq
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
+from embedded import embedded_vllm
 from slow_server import SlowServer
 
-from tspo_fast.config import load_config
 from tspo_fast.data import prompt_items
-from tspo_fast.models import load_tokenizer, resolve_model_path
 from tspo_fast.retrieval.http import HTTPRetriever
-from tspo_fast.training.builders import build_agent, build_engine, load_data
+from tspo_fast.training.builders import build_agent
 
 __all__ = ["Turn", "StepCost", "RetrievalCost", "Result", "simulate", "trace_of", "fit_step_cost"]
 
@@ -293,13 +291,7 @@ def fit_step_cost(steps: Sequence[Tuple[int, int, float]]) -> Tuple[StepCost, fl
 def _measure(delays_ms: Sequence[float], seeds: Sequence[int], slots: Optional[int]):
     """Real rollouts of both loops at each delay: (records, step log, retrieval call log, the
     async loop's gaps between steps)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    extra = [] if slots is None else [f"rollout.max_num_seqs={slots}"]
-    cfg = load_config(os.path.join(root, "configs", "tiny.yaml"), ["rollout.engine=vllm"] + extra)
-    path = resolve_model_path(cfg.model.path)
-    tok = load_tokenizer(path)
-    engine = build_engine(cfg, path)
-    train, _ = load_data(cfg)
+    cfg, tok, engine, train = embedded_vllm(slots)
     items = prompt_items(train[:cfg.train.prompts_per_step], tok)
 
     steps, calls, gaps, scheduled, computed = [], [], [], [], [0]

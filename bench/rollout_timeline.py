@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import time
 
+from embedded import embedded_vllm
 from slow_server import Delayed
 
-from tspo_fast.config import load_config
 from tspo_fast.data import prompt_items
 from tspo_fast.engines.base import SamplingConfig
-from tspo_fast.models import load_tokenizer, resolve_model_path
 from tspo_fast.retrieval.bundled import bundled_index
 from tspo_fast.retrieval.inprocess import InProcessRetriever
-from tspo_fast.training.builders import build_agent, build_engine, load_data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tspo_fast.training.builders import build_agent
 
 
 def step_times(engine, items) -> None:
@@ -46,11 +42,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--delay-ms", type=float, default=50.0)
     args = ap.parse_args()
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["rollout.engine=vllm"])
-    path = resolve_model_path(cfg.model.path)
-    tok = load_tokenizer(path)
-    engine = build_engine(cfg, path)
-    train, _ = load_data(cfg)
+    cfg, tok, engine, train = embedded_vllm()
     retriever = Delayed(InProcessRetriever.from_dir(bundled_index("bm25")), args.delay_ms / 1000.0)
     step_times(engine, prompt_items(train[:40], tok))
 

@@ -20,15 +20,12 @@ import os
 import sys
 
 import pytest
+from embedded import embedded_vllm
 from slow_server import SlowServer
 
-from tspo_fast.config import load_config
 from tspo_fast.data import prompt_items
-from tspo_fast.models import load_tokenizer, resolve_model_path
 from tspo_fast.retrieval.http import HTTPRetriever
-from tspo_fast.training.builders import build_agent, build_engine, load_data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tspo_fast.training.builders import build_agent
 
 
 @pytest.fixture(scope="module", params=[None, 8], ids=["slots_default", "slots_8"])
@@ -38,12 +35,7 @@ def setup(request):
     (512 prompts x 5 against vLLM's few hundred), where another trajectory can use the engine
     while one waits on retrieval.  One engine at a time: pytest closes one before the next."""
     pytest.importorskip("vllm")
-    slots = [] if request.param is None else [f"rollout.max_num_seqs={request.param}"]
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["rollout.engine=vllm"] + slots)
-    path = resolve_model_path(cfg.model.path)
-    tok = load_tokenizer(path)
-    engine = build_engine(cfg, path)
-    train, _ = load_data(cfg)
+    cfg, tok, engine, train = embedded_vllm(request.param)
     yield cfg, tok, engine, prompt_items(train[:cfg.train.prompts_per_step], tok)
     engine.close()
 
