@@ -67,4 +67,5 @@ def main(model_dir: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    from _worker import run_worker
+    run_worker(main, sys.argv[1], sys.argv[2])

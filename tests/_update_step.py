@@ -97,4 +97,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from _worker import run_worker
+    run_worker(main)
