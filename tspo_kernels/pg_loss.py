@@ -604,11 +604,15 @@ def _add_product_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bo
 
 # --------------------------------------------------------------------------- per-chunk cores
 def _k3_and_expm1(d):
-    """(exp(d) - d - 1, exp(d) - 1) without the cancellation at small |d| (as in the kernel)."""
+    """(exp(d) - d - 1, exp(d) - 1) without the cancellation at small |d| (as in the kernel):
+    below |d| = 0.5 a Taylor sum to d^K / K!, whose truncation, relative to exp(d) - d - 1, is
+    under 2 * 0.5^(K-1) / (K+1)!: 2e-9 with the kernel's K = 9 (float32 and 16-bit inputs),
+    6e-18 with K = 15 for float64 inputs."""
+    top = 15 if d.dtype == torch.float64 else 9
     small = d.abs() < 0.5
     ds = torch.where(small, d, torch.zeros_like(d))
-    poly = torch.full_like(d, 1.0 / 362880.0)
-    for k in range(8, 1, -1):                        # sum_{k=2..9} d^(k-2) / k!
+    poly = torch.full_like(d, 1.0 / math.factorial(top))
+    for k in range(top - 1, 1, -1):                  # sum_{k=2..top} d^(k-2) / k!
         poly = poly * ds + 1.0 / math.factorial(k)
     ed = torch.exp(d)
     return (torch.where(small, ds * ds * poly, ed - d - 1.0),
