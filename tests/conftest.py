@@ -11,8 +11,12 @@ kernel) are wrapped: they run on GPU copies of their tensor arguments, and the r
 buffers they write in place: ``out=``, K3's logits chunk) come back to the CPU tensors.  Calls
 whose tensors are already on the GPU (the ``gpu``-marked tests) go straight through.
 """
+import hashlib
 import os
+import random
+import secrets
 
+import numpy as np
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -22,6 +26,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
+
+# Fresh random inputs that can be replayed.  Each run draws one seed (or takes TSPO_TEST_SEED);
+# every test gets its own seed, derived from the run's seed and the test's id: the ``seed``
+# fixture, and Python's, NumPy's and torch's global generators, seeded before each test.  The
+# run's seed is printed in the header and after any failure, so that
+#     TSPO_TEST_SEED=<seed> python -m pytest '<test id>'
+# gives that test the very inputs it failed on.
+RUN_SEED = int(os.environ.get("TSPO_TEST_SEED") or secrets.randbelow(2**31))
+
+
+def seed_of(test_id: str) -> int:
+    """The seed of one test in this run (31 bits)."""
+    return int.from_bytes(hashlib.sha256(f"{RUN_SEED}:{test_id}".encode()).digest()[:4], "little") >> 1
+
 
 COMPILED_KERNELS = HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")
 
@@ -118,10 +136,32 @@ if COMPILED_KERNELS:
 
 
 def pytest_report_header(config):
+    seeds = f"random inputs: TSPO_TEST_SEED={RUN_SEED}"
     if HAS_CUDA:
         mode = "compiled (launchers run CPU-built inputs on the GPU)" if COMPILED_KERNELS else "interpreter"
-        return f"tspo_kernels: CUDA device {torch.cuda.get_device_name()}; Triton kernels {mode}"
-    return "tspo_kernels: no CUDA device; Triton kernels run in the interpreter"
+        return [f"tspo_kernels: CUDA device {torch.cuda.get_device_name()}; Triton kernels {mode}", seeds]
+    return ["tspo_kernels: no CUDA device; Triton kernels run in the interpreter", seeds]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    failed = terminalreporter.stats.get("failed", []) + terminalreporter.stats.get("error", [])
+    if failed:
+        terminalreporter.write_line(f"random inputs of this run: TSPO_TEST_SEED={RUN_SEED}; replay a failure with "
+                                    f"TSPO_TEST_SEED={RUN_SEED} python -m pytest '{failed[0].nodeid}'")
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_generators(request):
+    s = seed_of(request.node.nodeid)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """This test's seed in this run: fresh every run, replayable with TSPO_TEST_SEED."""
+    return seed_of(request.node.nodeid)
 
 
 def pytest_collection_modifyitems(config, items):
