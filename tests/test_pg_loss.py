@@ -2,8 +2,8 @@
 
 Both paths are checked: the chunked PyTorch path (backend="torch") and the Triton row kernel
 (backend="triton"; on a CPU machine it runs in Triton's interpreter, hence the small shapes).
-Inputs are random (seeded per test); the reference runs on float64 copies of the very inputs
-the kernel sees.
+Inputs are random and fresh every run (the ``seed`` fixture; TSPO_TEST_SEED replays a run); the
+reference runs on float64 copies of the very inputs the kernel sees.
 """
 import math
 import os
@@ -18,8 +18,10 @@ import tspo_kernels
 from tspo_kernels import fused_linear_logprobs, fused_linear_pg_loss, pg_loss as pg_mod
 from tspo_kernels.reference import logprobs_reference, pg_loss_reference
 
-# relative error by norm, per input dtype
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# relative error by norm, per input dtype (error_of adjusts it for badly conditioned outputs).
+# bf16: over 2,000 random cases per option set the worst gradient error was 2.05e-2 (T = 1), so
+# 3e-2; the PyTorch path's float32 errors stayed below 3.1e-6 and its fp16 ones below 4.4e-3
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 BACKENDS = ["torch", "triton"]
 OUTPUTS = ("loss", "logp", "entropy", "kl", "clip_frac")
 
@@ -44,10 +46,13 @@ OPTION_SETS = {
 
 
 # --------------------------------------------------------------------------- helpers
-MARGIN = 0.03   # keep log-ratios this far from the clip / clamp switches (16-bit rounding)
+#: how far log-ratios are kept from the clip / clamp switches, per input dtype: a token's logp in
+#: a 16-bit kernel is off by up to ~0.03 (logits rounded to 8 bits, then divided by a temperature
+#: of 0.6), enough to move a token across a switch at a margin of 0.03 in ~3% of random cases
+MARGIN = {torch.float64: 0.03, torch.float32: 0.03, torch.float16: 0.1, torch.bfloat16: 0.1}
 
 
-def _away(x, bounds, margin=MARGIN):
+def _away(x, bounds, margin):
     """Move entries of ``x`` lying within ``margin`` of a switch point to ``margin`` from it:
     clip_frac and the gradient are discontinuous there, and 16-bit rounding of the logits
     would otherwise flip single tokens between branches."""
@@ -85,19 +90,22 @@ def make_case(seed, N, H, V, dtype, *, opts=None, mask_p=0.7):
     switches = [math.log(1 - opts.get("eps_low", 0.2)), math.log(1 + opts.get("eps_high", 0.2))]
     if opts.get("dual_clip"):
         switches.append(math.log(opts["dual_clip"]))
-    old = lp - _away(0.4 * torch.randn(N, generator=g), switches)
+    log_ratio = _away(0.4 * torch.randn(N, generator=g), switches, MARGIN[dtype])
+    forced = min(N, 2) if opts.get("dual_clip") else 0   # tokens in the dual clip's region: A < 0,
+    log_ratio[:forced] = math.log(opts.get("dual_clip") or 1.0) + 0.3   # ratio above dual_clip
+    old = lp - log_ratio
     kw = {"bias": bias}
     if opts.pop("ref", False):
-        d = _away(0.8 * torch.randn(N, generator=g), _k3_roots(opts.get("kl_clamp", 10.0)))
+        d = _away(0.8 * torch.randn(N, generator=g), _k3_roots(opts.get("kl_clamp", 10.0)), MARGIN[dtype])
         kw["ref_logp"] = lp + d
     if opts.pop("roll", False):
         kw["rollout_logp"] = old + 0.5 * torch.randn(N, generator=g)
     if opts.pop("weights", False):                    # per-token weights, e.g. 1/len(sequence)
         kw["weights"] = 0.1 + 1.4 * torch.rand(N, generator=g)
     kw.update(opts)
-    args = (hidden, weight, targets, old, torch.randn(N, generator=g),
-            torch.rand(N, generator=g) < mask_p)
-    return args, kw
+    adv, mask = torch.randn(N, generator=g), torch.rand(N, generator=g) < mask_p
+    adv[:forced], mask[:forced] = -adv[:forced].abs(), True
+    return (hidden, weight, targets, old, adv, mask), kw
 
 
 def run(fn, args, kw, *, dtype=None, grad_bias=True, **extra):
@@ -126,27 +134,61 @@ def rel(a, b):
     return float((a - b).norm() / scale) if scale > 0 else float((a - b).norm())
 
 
+#: what reference_of adds to the reference's outputs to judge an error with (not outputs)
+JUDGING = ("loss_scale", "kl_slope", "grad_cond")
+
+
+def outputs_of(want):
+    return [k for k in want if k not in JUDGING]
+
+
+def error_of(k, got, want, dtype):
+    """(error, tolerance) of output ``k``: its relative error by norm against ``TOL[dtype]``,
+    judged by how well the output is conditioned:
+
+    - the scalar loss is a signed sum that can cancel: its error is taken relative to the size
+      of its terms (``want["loss_scale"]``) when that is larger;
+    - kl = exp(d) - d - 1 of d = ref_logp - logp is ill-conditioned where it is small: the logp
+      error (checked on its own) reaches it times its slope exp(d) - 1, so that share of the
+      error (twice: second order) is not counted against the kl;
+    - a temperature T < 1 multiplies the logits' rounding error by 1/T before the softmax: the
+      gradients' tolerance grows by as much (``want["grad_cond"]``)."""
+    g = got[k].double()
+    err, tol = rel(g, want[k]), TOL[dtype]
+    if k == "loss":
+        err = float((g - want[k]).abs() / max(abs(float(want[k])), want["loss_scale"]))
+    elif k == "kl" and "kl_slope" in want and float(want[k].norm()) > 0:
+        carried = float((want["kl_slope"] * (got["logp"].double() - want["logp"])).norm())
+        err = max(0.0, float((g - want[k]).norm()) - 2.0 * carried) / float(want[k].norm())
+    elif k.startswith("grad_"):
+        tol *= want.get("grad_cond", 1.0)
+    return err, tol
+
+
 def assert_close(got, want, dtype, keys=None):
-    """Relative errors by norm.  The scalar loss is a signed sum that can cancel, so its error
-    is taken relative to the size of its terms (``want["loss_scale"]``) when that is larger."""
-    for k in keys or [k for k in want if k != "loss_scale"]:
+    for k in keys or outputs_of(want):
         assert got[k] is not None, f"{k} is missing"
         assert got[k].shape == want[k].shape, f"{k}: shape {got[k].shape} vs {want[k].shape}"
         assert torch.isfinite(got[k]).all(), f"{k} has non-finite values"
-        err = rel(got[k], want[k])
-        if k == "loss":
-            err = float((got[k].double() - want[k]).abs() / max(abs(float(want[k])), want["loss_scale"]))
-        assert err <= TOL[dtype], f"{k}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+        err, tol = error_of(k, got, want, dtype)
+        assert err <= tol, f"{k}: relative error {err:.2e} > {tol:.1e}"
 
 
 def reference_of(args, kw, **extra):
-    """float64 reference, plus the loss's term scale: sum over masked tokens of |w A| / normalizer."""
+    """float64 reference, plus what assert_close needs to judge an error: the loss's term scale
+    (sum over masked tokens of |w A| / normalizer), the gradients' conditioning by the
+    temperature, and the slope of the kl in logp."""
     want = run(pg_loss_reference, args, kw, dtype=torch.float64, **extra)
     adv, mask = args[4].double(), args[5] != 0
     if kw.get("weights") is not None:
         adv = adv * kw["weights"].double()
     norm = kw.get("normalizer") or max(int(mask.sum()), 1)
     want["loss_scale"] = float(adv.abs()[mask].sum()) / norm
+    want["grad_cond"] = max(1.0, 1.0 / float(kw.get("temperature", extra.get("temperature", 1.0))))
+    if kw.get("ref_logp") is not None:              # |d kl / d logp| on loss tokens (0 where clamped)
+        d = kw["ref_logp"].double() - want["logp"]
+        raw = torch.expm1(d) - d
+        want["kl_slope"] = torch.where(mask & (raw <= kw.get("kl_clamp", 10.0)), torch.expm1(d), 0.0)
     return want
 
 
@@ -154,8 +196,7 @@ def reference_of(args, kw, **extra):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("opt_name", list(OPTION_SETS))
-def test_matches_reference(backend, dtype, opt_name):
-    seed = 1000 + list(OPTION_SETS).index(opt_name)
+def test_matches_reference(backend, dtype, opt_name, seed):
     args, kw = make_case(seed, 61, 32, 300, dtype, opts=OPTION_SETS[opt_name])
     got = run(fused_linear_pg_loss, args, kw, chunk_size=16, backend=backend)
     want = reference_of(args, kw)
@@ -171,10 +212,9 @@ def test_matches_reference(backend, dtype, opt_name):
                                           ("tis", {"tis_cap": 1e9}),
                                           ("asym_clip", {"eps_low": 0.2, "eps_high": 0.2}),
                                           ("weights", {"weights": None})])
-def test_option_cases_are_not_trivial(opt_name, off):
+def test_option_cases_are_not_trivial(opt_name, off, seed):
     """The test_matches_reference cases really take each option's branch: switching the
     option off changes the reference loss or its gradient."""
-    seed = 1000 + list(OPTION_SETS).index(opt_name)
     args, kw = make_case(seed, 61, 32, 300, torch.float32, opts=OPTION_SETS[opt_name])
     on_ = reference_of(args, kw)
     off_ = reference_of(args, dict(kw, **off))
@@ -182,15 +222,15 @@ def test_option_cases_are_not_trivial(opt_name, off):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fp16_all_options(backend):
-    args, kw = make_case(7, 40, 32, 200, torch.float16, opts=OPTION_SETS["all"])
+def test_fp16_all_options(backend, seed):
+    args, kw = make_case(seed, 40, 32, 200, torch.float16, opts=OPTION_SETS["all"])
     assert_close(run(fused_linear_pg_loss, args, kw, chunk_size=16, backend=backend),
                  reference_of(args, kw), torch.float16)
 
 
 @pytest.mark.parametrize("opt_name", ["plain", "all"])
-def test_fp64_torch_path(opt_name):
-    args, kw = make_case(11, 50, 24, 257, torch.float64, opts=OPTION_SETS[opt_name])
+def test_fp64_torch_path(opt_name, seed):
+    args, kw = make_case(seed, 50, 24, 257, torch.float64, opts=OPTION_SETS[opt_name])
     got = run(fused_linear_pg_loss, args, kw, chunk_size=9, backend="torch")
     assert got["logp"].dtype == torch.float64
     assert_close(got, reference_of(args, kw), torch.float64)
@@ -198,16 +238,16 @@ def test_fp64_torch_path(opt_name):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk_size", [None, 1, 7, 64])
-def test_chunk_size_does_not_change_results(backend, chunk_size):
-    args, kw = make_case(21, 23, 16, 150, torch.float32, opts=OPTION_SETS["all"])
+def test_chunk_size_does_not_change_results(backend, chunk_size, seed):
+    args, kw = make_case(seed, 23, 16, 150, torch.float32, opts=OPTION_SETS["all"])
     assert_close(run(fused_linear_pg_loss, args, kw, chunk_size=chunk_size, backend=backend),
                  reference_of(args, kw), torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("N,V", [(1, 300), (1, 1), (9, 129), (5, 2)])
-def test_small_shapes(backend, N, V):
-    args, kw = make_case(31 + N + V, N, 8, V, torch.float32, opts={"bias": True, "ref": True,
+def test_small_shapes(backend, N, V, seed):
+    args, kw = make_case(seed, N, 8, V, torch.float32, opts={"bias": True, "ref": True,
                                                                    "beta": 0.1, "entropy_coef": 0.1},
                          mask_p=1.0)
     assert_close(run(fused_linear_pg_loss, args, kw, chunk_size=4, backend=backend),
@@ -215,9 +255,9 @@ def test_small_shapes(backend, N, V):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fully_masked_rows_and_batch(backend):
+def test_fully_masked_rows_and_batch(backend, seed):
     B, L = 4, 9
-    args, kw = make_case(41, B * L, 16, 100, torch.float32, opts=OPTION_SETS["all"])
+    args, kw = make_case(seed, B * L, 16, 100, torch.float32, opts=OPTION_SETS["all"])
     mask = args[5].view(B, L).clone()
     mask[1] = False                                   # one sequence entirely outside the loss
     mask[2] = True
@@ -235,17 +275,17 @@ def test_fully_masked_rows_and_batch(backend):
     assert_close(got, want, torch.float32, keys=["logp", "entropy"])
 
 
-def test_empty_batch():
-    args, kw = make_case(43, 0, 8, 50, torch.float32)
+def test_empty_batch(seed):
+    args, kw = make_case(seed, 0, 8, 50, torch.float32)
     got = run(fused_linear_pg_loss, args, kw, backend="torch")
     assert float(got["loss"]) == 0.0 and got["logp"].shape == (0,)
     assert torch.count_nonzero(got["grad_weight"]) == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tokens_outside_the_mask_are_ignored(backend):
+def test_tokens_outside_the_mask_are_ignored(backend, seed):
     """NaN / inf per-token inputs outside the loss mask change nothing."""
-    args, kw = make_case(51, 30, 16, 120, torch.float32, opts={"ref": True, "roll": True,
+    args, kw = make_case(seed, 30, 16, 120, torch.float32, opts={"ref": True, "roll": True,
                                                                 "beta": 0.1, "tis_cap": 2.0,
                                                                 "weights": True})
     hidden, weight, targets, old, adv, mask = args
@@ -260,7 +300,7 @@ def test_tokens_outside_the_mask_are_ignored(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_output_element_is_written(backend, monkeypatch):
+def test_every_output_element_is_written(backend, monkeypatch, seed):
     """torch.empty / empty_like return NaN-filled memory: no output may keep any of it."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
@@ -269,15 +309,15 @@ def test_every_output_element_is_written(backend, monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_fill(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_fill(real_empty_like(*a, **k)))
-    args, kw = make_case(61, 37, 16, 140, torch.float32, opts=OPTION_SETS["all"])
+    args, kw = make_case(seed, 37, 16, 140, torch.float32, opts=OPTION_SETS["all"])
     got = run(fused_linear_pg_loss, args, kw, chunk_size=8, backend=backend)
     monkeypatch.undo()
     assert_close(got, reference_of(args, kw), torch.float32)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradient_scaling_and_partial_requires_grad(backend):
-    args, kw = make_case(71, 20, 16, 90, torch.float32, opts={"bias": True})
+def test_gradient_scaling_and_partial_requires_grad(backend, seed):
+    args, kw = make_case(seed, 20, 16, 90, torch.float32, opts={"bias": True})
     want = reference_of(args, kw)
     hidden, weight, *rest = args
     w = weight.clone().requires_grad_()
@@ -293,9 +333,9 @@ def test_gradient_scaling_and_partial_requires_grad(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_input_dtype_variants(backend):
+def test_input_dtype_variants(backend, seed):
     """int32 targets, a float 0/1 mask, fp16 per-token inputs and a tensor normalizer."""
-    args, kw = make_case(75, 26, 16, 90, torch.float32, opts={"ref": True, "beta": 0.1})
+    args, kw = make_case(seed, 26, 16, 90, torch.float32, opts={"ref": True, "beta": 0.1})
     hidden, weight, targets, old, adv, mask = args
     variant = (hidden, weight, targets.int(), old.half().float(), adv, mask.float())
     kw_var = dict(kw, ref_logp=kw["ref_logp"].half(), normalizer=torch.tensor(9.0))
@@ -305,17 +345,17 @@ def test_input_dtype_variants(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bias_without_grad(backend):
-    args, kw = make_case(73, 20, 16, 90, torch.float32, opts={"bias": True, "temperature": 0.8})
+def test_bias_without_grad(backend, seed):
+    args, kw = make_case(seed, 20, 16, 90, torch.float32, opts={"bias": True, "temperature": 0.8})
     got = run(fused_linear_pg_loss, args, kw, grad_bias=False, chunk_size=8, backend=backend)
     assert_close(got, reference_of(args, kw, grad_bias=False), torch.float32)
 
 
-def test_weights_give_sequence_mean_of_token_means():
+def test_weights_give_sequence_mean_of_token_means(seed):
     """weights = 1/(masked tokens of the row), normalizer = rows with a masked token: the loss
     and its gradient are the mean over sequences of each sequence's token-mean loss."""
     B, L = 4, 7
-    args, kw = make_case(45, B * L, 16, 80, torch.float32, opts={"entropy_coef": 0.01})
+    args, kw = make_case(seed, B * L, 16, 80, torch.float32, opts={"entropy_coef": 0.01})
     mask = args[5].view(B, L).clone()
     mask[1] = False                                  # a row outside the loss counts for nothing
     mask[3, :2] = True
@@ -339,10 +379,10 @@ def test_weights_give_sequence_mean_of_token_means():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_on_policy_old_logp_none(backend, dtype):
+def test_on_policy_old_logp_none(backend, dtype, seed):
     """old_logp=None: pi_old = pi (rho = 1, nothing clipped); as the reference, and as passing
     the current log-probs explicitly."""
-    args, kw = make_case(47, 33, 16, 120, dtype, opts={"ref": True, "beta": 0.05, "entropy_coef": 0.01,
+    args, kw = make_case(seed, 33, 16, 120, dtype, opts={"ref": True, "beta": 0.05, "entropy_coef": 0.01,
                                                        "roll": True, "tis_cap": 1.5, "weights": True})
     on_policy = args[:3] + (None,) + args[4:]
     got = run(fused_linear_pg_loss, on_policy, kw, chunk_size=8, backend=backend)
@@ -356,8 +396,8 @@ def test_on_policy_old_logp_none(backend, dtype):
 # --------------------------------------------------------------------------- forward only
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_logprobs_forward_only(backend, dtype):
-    args, kw = make_case(81, 45, 32, 230, dtype, opts={"bias": True, "temperature": 0.7})
+def test_logprobs_forward_only(backend, dtype, seed):
+    args, kw = make_case(seed, 45, 32, 230, dtype, opts={"bias": True, "temperature": 0.7})
     hidden, weight, targets = args[:3]
     h = hidden.clone().requires_grad_()
     logp, ent = fused_linear_logprobs(h, weight, targets, bias=kw["bias"], temperature=0.7,
@@ -374,10 +414,10 @@ def test_logprobs_forward_only(backend, dtype):
 
 # --------------------------------------------------------------------------- GRPO "dapo"
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_one_advantage_per_sequence_equals_grpo_dapo_loss(backend):
+def test_one_advantage_per_sequence_equals_grpo_dapo_loss(backend, seed):
     """TRL GRPOTrainer, loss_type="dapo", beta=0: token mean over all completion tokens."""
     B, L, H, V, temp = 5, 11, 16, 97, 0.9
-    g = torch.Generator().manual_seed(91)
+    g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, L, H, generator=g)
     weight = torch.randn(V, H, generator=g) / 2.0
     ids = torch.randint(0, V, (B, L), generator=g)
@@ -422,9 +462,9 @@ class _LargestFloatTensor(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_full_logits_tensor(backend):
+def test_no_full_logits_tensor(backend, seed):
     N, H, V, chunk = 192, 8, 256, 16
-    args, kw = make_case(101, N, H, V, torch.float32, opts={"ref": True, "beta": 0.1,
+    args, kw = make_case(seed, N, H, V, torch.float32, opts={"ref": True, "beta": 0.1,
                                                              "entropy_coef": 0.01})
     hidden, weight, *rest = args
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -583,7 +623,7 @@ def peaked_case(seed, N=96, H=24, V=400, zipf=2.5):
         logits = hidden.double() @ weight.double().t()
         targets = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
         lp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1).float()
-    old = lp - _away(0.3 * torch.randn(N, generator=g), [math.log(0.8), math.log(1.2)])
+    old = lp - _away(0.3 * torch.randn(N, generator=g), [math.log(0.8), math.log(1.2)], MARGIN[torch.bfloat16])
     kw["ref_logp"] = lp + 0.5 * torch.randn(N, generator=g)
     return (hidden, weight, targets, old, adv, mask), kw
 
@@ -591,11 +631,11 @@ def peaked_case(seed, N=96, H=24, V=400, zipf=2.5):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("vocab_order", ["mean_logit", None])
 @pytest.mark.parametrize("dense_above", [0.75, 1.0])
-def test_filtered_threshold_zero_is_the_dense_result(backend, vocab_order, dense_above, small_tiles):
+def test_filtered_threshold_zero_is_the_dense_result(backend, vocab_order, dense_above, small_tiles, seed):
     """Threshold 0 keeps every tile with any mass: the filtered path computes the dense gradients,
     through the dense products (every chunk keeps more than ``filter_dense_above`` = 0.75 of its
     tiles) or, with 1, through the block-sparse kernels over every tile."""
-    args, kw = make_case(1301, 45, 16, 150, torch.float32, opts=OPTION_SETS["all"])
+    args, kw = make_case(seed, 45, 16, 150, torch.float32, opts=OPTION_SETS["all"])
     stats = {}
     got = run(fused_linear_pg_loss, args, kw, chunk_size=16, backend=backend, backward="filtered",
               filter_threshold=0.0, vocab_order=vocab_order, filter_stats=stats, filter_dense_above=dense_above)
@@ -612,12 +652,12 @@ def test_filtered_dense_above_is_checked():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_filtered_skips_tiles_within_its_error_bound(backend, small_tiles):
+def test_filtered_skips_tiles_within_its_error_bound(backend, small_tiles, seed):
     """At thresholds 2^-12, 2^-8 and 2^-4 the filter skips a growing share of the tiles; the
     forward outputs are the dense ones, and the gradients' total error against the float64
     reference stays within the bound the call reports (the dropped sum |d loss / d logits| times
     the other factor's largest row 1-norm), plus fp32 rounding."""
-    args, kw = peaked_case(1311)
+    args, kw = peaked_case(seed)
     want = reference_of(args, kw)
     hidden, weight, _, _, _, mask = args
     w_row = float(weight.double().abs().sum(1).max())
@@ -634,7 +674,8 @@ def test_filtered_skips_tiles_within_its_error_bound(backend, small_tiles):
             slack = 1e-5 * float(want[g_key].abs().sum())            # fp32 rounding of the kept part
             assert err <= float(stats[bound_key]) * row + slack, (threshold, g_key, err, float(stats[bound_key]))
         skipped.append((float(stats["skipped_dh"]), float(stats["skipped_dw"])))
-    assert skipped[0][0] > 0.2 and skipped[0][1] > 0.2, skipped       # peaked inputs: tiles are skipped
+    # peaked inputs: tiles are skipped (at 2^-12, 13-49% of them over 300 random cases)
+    assert skipped[0][0] > 0.05 and skipped[0][1] > 0.05, skipped
     assert skipped == sorted(skipped) and skipped[-1] > skipped[0], skipped   # more with a larger threshold
     # the default threshold drops entries below what a 16-bit product resolves: the gradients stay
     # within the bf16 tolerance of the exact ones (they are not fp32-exact: 2e-3 here)
@@ -644,17 +685,17 @@ def test_filtered_skips_tiles_within_its_error_bound(backend, small_tiles):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_filtered_matches_dense_in_bf16(backend, small_tiles):
+def test_filtered_matches_dense_in_bf16(backend, small_tiles, seed):
     """bf16 inputs: the filtered path (default threshold) is within bf16 tolerance of the float64
     reference, like the dense path."""
-    args, kw = peaked_case(1321)
+    args, kw = peaked_case(seed)
     args = tuple(a.to(torch.bfloat16) if i < 2 else a for i, a in enumerate(args))
     got = run(fused_linear_pg_loss, args, kw, chunk_size=48, backend=backend, backward="filtered")
     assert_close(got, reference_of(args, kw), torch.bfloat16)
 
 
 @pytest.mark.parametrize("strategy", ["triton", "upcast", "dtype_out"])
-def test_weight_gradient_accumulation_strategies(strategy, monkeypatch):
+def test_weight_gradient_accumulation_strategies(strategy, monkeypatch, seed):
     """16-bit weights over several chunks: the float32 weight-gradient accumulator is filled inside
     the product (cuBLAS dtype_out or the Triton GEMM epilogue on CUDA; an fp32 upcast on CPU);
     every strategy gives the reference's gradient within bf16 tolerance, and the Triton GEMM
@@ -662,7 +703,7 @@ def test_weight_gradient_accumulation_strategies(strategy, monkeypatch):
     if strategy == "dtype_out" and not pg_mod._dtype_out_ok(torch.device("cuda" if torch.cuda.is_available()
                                                                           else "cpu"), torch.bfloat16):
         pytest.skip("this torch build has no aten::addmm.dtype_out for bf16 on this device")
-    args, kw = make_case(1331, 70, 32, 200, torch.bfloat16, opts={"bias": True, "ref": True, "beta": 0.05})
+    args, kw = make_case(seed, 70, 32, 200, torch.bfloat16, opts={"bias": True, "ref": True, "beta": 0.05})
     monkeypatch.setattr(pg_mod, "_ACC_OVERRIDE", strategy)
     got = run(fused_linear_pg_loss, args, kw, chunk_size=16, backend="torch")
     assert_close(got, reference_of(args, kw), torch.bfloat16)
@@ -673,12 +714,12 @@ def test_weight_gradient_accumulation_strategies(strategy, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("backward", ["dense", "filtered"])
-def test_non_finite_policy(backend, backward, small_tiles):
+def test_non_finite_policy(backend, backward, small_tiles, seed):
     """docs/algorithm.md §5, the same on every backend and backward: NaN / inf hidden rows of
     tokens outside the loss change neither the loss nor any gradient; a NaN in an input that
     reaches a loss-masked token (here its ref_logp, beta != 0) makes the loss and the weight
     gradient NaN; a normalizer of 0, < 0 or NaN is refused."""
-    args, kw = make_case(1341, 40, 16, 120, torch.float32, opts={"ref": True, "beta": 0.1})
+    args, kw = make_case(seed, 40, 16, 120, torch.float32, opts={"ref": True, "beta": 0.1})
     hidden, weight, targets, old, adv, mask = args
     opts = dict(chunk_size=16, backend=backend, backward=backward)
     clean = run(fused_linear_pg_loss, args, kw, **opts)
@@ -687,9 +728,12 @@ def test_non_finite_policy(backend, backward, small_tiles):
     poisoned[out_rows[0]] = float("nan")
     poisoned[out_rows[1], 3] = float("inf")
     got = run(fused_linear_pg_loss, (poisoned,) + args[1:], kw, **opts)
-    for k in ("loss", "grad_weight"):
-        assert torch.isfinite(got[k]).all(), k
-        assert rel(got[k], clean[k]) <= 1e-6, k
+    assert torch.isfinite(got["loss"]) and torch.isfinite(got["grad_weight"]).all()
+    # fp32 rounding only (the sum may run in another order); the loss is a signed sum that can
+    # cancel, so its error is taken against the size of its terms, as in assert_close
+    scale = max(abs(float(clean["loss"])), reference_of(args, kw)["loss_scale"])
+    assert abs(float(got["loss"]) - float(clean["loss"])) <= 1e-6 * scale
+    assert rel(got["grad_weight"], clean["grad_weight"]) <= 1e-6
     assert (got["grad_hidden"][out_rows[:2]] == 0).all()
     in_row = int(mask.nonzero()[0])
     ref = kw["ref_logp"].clone()
