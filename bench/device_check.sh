@@ -200,6 +200,20 @@ def errors(got, want, dtype):
 
 
 passed = failed = 0
+
+
+def verdict(name, errs, extra_ok=True, note=""):
+    """errs: output -> (error, tolerance), from errors()."""
+    global passed, failed
+    worst = max(errs, key=lambda k: errs[k][0] / errs[k][1])
+    ok = all(e <= tol for e, tol in errs.values()) and bool(extra_ok)
+    print(f"{'PASS' if ok else 'FAIL'} {name}: worst {worst} rel err {errs[worst][0]:.2e} "
+          f"(tol {errs[worst][1]:.1e}){note}")
+    if not ok:
+        print("    all:", {k: f"{e:.2e} (tol {tol:.1e})" for k, (e, tol) in errs.items()})
+    passed, failed = passed + ok, failed + (not ok)
+
+
 for i, (opts, dtype, N, H, V, chunk) in enumerate(CASES):
     name = f"pg_loss {opts} {str(dtype).split('.')[-1]} N={N} H={H} V={V} chunk={chunk}"
     try:
@@ -208,14 +222,7 @@ for i, (opts, dtype, N, H, V, chunk) in enumerate(CASES):
         got = T.run(fused_linear_pg_loss, tuple(on(a) for a in args), {k: on(v) for k, v in kw.items()},
                     chunk_size=chunk, backend="triton")
         got = {k: v.cpu() for k, v in got.items()}
-        errs = errors(got, T.reference_of(args, kw), dtype)
-        worst = max(errs, key=lambda k: errs[k][0] / errs[k][1])
-        ok = all(e <= tol for e, tol in errs.values())
-        print(f"{'PASS' if ok else 'FAIL'} {name}: worst {worst} rel err {errs[worst][0]:.2e} "
-              f"(tol {errs[worst][1]:.1e}) [{time.time() - t:.1f} s]")
-        if not ok:
-            print("    all:", {k: f"{e:.2e} (tol {tol:.1e})" for k, (e, tol) in errs.items()})
-        passed, failed = passed + ok, failed + (not ok)
+        verdict(name, errors(got, T.reference_of(args, kw), dtype), note=f" [{time.time() - t:.1f} s]")
     except Exception as exc:  # noqa: BLE001
         failed += 1
         print(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:500]}")
@@ -245,18 +252,6 @@ for dtype, V in ((f32, 152064), (bf16, 40000)):
 sys.path.insert(0, "bench")
 from lm_like import make_lm_like_inputs  # noqa: E402
 from tspo_kernels import pg_loss as PG  # noqa: E402
-
-
-def verdict(name, errs, extra_ok=True, note=""):
-    """errs: output -> (error, tolerance), from errors()."""
-    global passed, failed
-    worst = max(errs, key=lambda k: errs[k][0] / errs[k][1])
-    ok = all(e <= tol for e, tol in errs.values()) and bool(extra_ok)
-    print(f"{'PASS' if ok else 'FAIL'} {name}: worst {worst} rel err {errs[worst][0]:.2e} "
-          f"(tol {errs[worst][1]:.1e}){note}")
-    if not ok:
-        print("    all:", {k: f"{e:.2e} (tol {tol:.1e})" for k, (e, tol) in errs.items()})
-    passed, failed = passed + ok, failed + (not ok)
 
 
 def guarded(name, fn):
