@@ -150,18 +150,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
                                     f"TSPO_TEST_SEED={RUN_SEED} python -m pytest '{failed[0].nodeid}'")
 
 
-@pytest.fixture(autouse=True)
-def _seed_global_generators(request):
-    s = seed_of(request.node.nodeid)
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
-
-
 @pytest.fixture
 def seed(request) -> int:
     """This test's seed in this run: fresh every run, replayable with TSPO_TEST_SEED."""
     return seed_of(request.node.nodeid)
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_generators(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def pytest_collection_modifyitems(config, items):

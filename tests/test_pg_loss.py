@@ -627,6 +627,7 @@ def peaked_case(seed, N=96, H=24, V=400, zipf=2.5):
         logits = hidden.double() @ weight.double().t()
         targets = torch.multinomial(torch.softmax(logits, -1), 1, generator=g).squeeze(1)
         lp = torch.log_softmax(logits, -1).gather(1, targets[:, None]).squeeze(1).float()
+    # the 16-bit margin: test_filtered_matches_dense_in_bf16 runs these inputs in bf16
     old = lp - _away(0.3 * torch.randn(N, generator=g), [math.log(0.8), math.log(1.2)], MARGIN[torch.bfloat16])
     kw["ref_logp"] = lp + 0.5 * torch.randn(N, generator=g)
     return (hidden, weight, targets, old, adv, mask), kw
