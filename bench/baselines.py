@@ -30,7 +30,7 @@ def k1_unfold(ids, turn, obs, pats, source: str = "observation"):
     B, L = ids.shape
     M = pats.shape[-1]
     seg = torch.where(turn >= 0, 2 * turn.long() + obs.long(), torch.full_like(turn, -1, dtype=torch.long))
-    pad = lambda x: torch.nn.functional.pad(x, (0, M - 1), value=-1)  # noqa: E731
+    pad = lambda x: torch.nn.functional.pad(x, (0, M - 1), value=-1)
     win = pad(ids).unfold(1, M, 1)                        # (B, L, M)
     segw = pad(seg).unfold(1, M, 1)
     same_seg = (segw == segw[..., :1]).all(-1)            # (B, L)

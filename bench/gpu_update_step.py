@@ -27,13 +27,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tspo_fast.config import load_config  # noqa: E402
-from tspo_fast.env.batch import Trajectory, collate  # noqa: E402
-from tspo_fast.models import load_causal_lm  # noqa: E402
-from tspo_fast.models.tiny import TinyModelSpec, build_tiny_model  # noqa: E402
-from tspo_fast.training.builders import build_actor, build_reference  # noqa: E402
-from tspo_fast.training.distributed import init_distributed, shutdown  # noqa: E402
-from tspo_fast.training.ppo import compute_logprobs, plan_update, ppo_update  # noqa: E402
+from tspo_fast.config import load_config
+from tspo_fast.env.batch import Trajectory, collate
+from tspo_fast.models import load_causal_lm
+from tspo_fast.models.tiny import TinyModelSpec, build_tiny_model
+from tspo_fast.training.builders import build_actor, build_reference
+from tspo_fast.training.distributed import init_distributed, shutdown
+from tspo_fast.training.ppo import compute_logprobs, plan_update, ppo_update
 
 MODES = {"padded+old": ["train.packing=false", "train.micro_batch_size=8", "train.recompute_old_logp=true"],
          "packed": ["train.packing=true"]}

@@ -6,9 +6,9 @@ so their CPU times are not kernel speed.
 """
 import pytest
 import torch
+from baselines import k1_python, k1_unfold, k2_grouped_ops, k2_python, make_k1_inputs, make_k2_inputs
 
 import tspo_kernels as tk
-from baselines import k1_python, k1_unfold, k2_grouped_ops, k2_python, make_k1_inputs, make_k2_inputs
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")

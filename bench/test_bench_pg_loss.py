@@ -27,12 +27,11 @@ import math
 
 import pytest
 import torch
+from lm_like import make_lm_like_inputs
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tspo_kernels import fused_linear_logprobs, fused_linear_pg_loss
 from tspo_kernels import pg_loss as pg_mod
-
-from lm_like import make_lm_like_inputs
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device; none is present")
@@ -131,7 +130,7 @@ def test_cpu_logprobs(benchmark, impl):
         with torch.no_grad():
             return torch.log_softmax((hidden @ weight.t()).float(), -1).gather(1, targets[:, None])
 
-    fused = lambda: fused_linear_logprobs(hidden, weight, targets, backend="torch")  # noqa: E731
+    fused = lambda: fused_linear_logprobs(hidden, weight, targets, backend="torch")
     benchmark.extra_info.update(CPU_SHAPE, dtype="float32", impl=impl)
     benchmark(eager if impl == "eager_full_logits" else fused)
 
@@ -312,7 +311,7 @@ def _chunk_info(N, backward, grads=True):
         kw.update(extra_fixed=GPU_V * GPU_H * elem, extra_per_row=-(-GPU_V // tiles["dh"][1]) * 8 + GPU_H * elem)
     try:
         rows = pg_mod._chunk_rows(None, N, GPU_H, GPU_V, **kw)
-    except Exception:  # noqa: BLE001  (a private helper: its signature may change)
+    except Exception:  # a private helper: its signature may change
         return {}
     return {"chunk_rows": rows, "chunks": -(-N // rows)}
 

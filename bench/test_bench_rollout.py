@@ -23,14 +23,20 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from _tiny import KeywordRetriever  # noqa: E402
+from _tiny import KeywordRetriever
 
-from tspo_fast.config import RolloutConfig  # noqa: E402
-from tspo_fast.data import PromptItem  # noqa: E402
-from tspo_fast.engines.sync import sync_weights  # noqa: E402
-from tspo_fast.env.agent import SearchAgent  # noqa: E402
-from tspo_fast.models.tiny import (TinyModelSpec, build_tiny_model, default_texts, load_tokenizer,  # noqa: E402
-                                  search_episode_texts, train_tiny_lm)
+from tspo_fast.config import RolloutConfig
+from tspo_fast.data import PromptItem
+from tspo_fast.engines.sync import sync_weights
+from tspo_fast.env.agent import SearchAgent
+from tspo_fast.models.tiny import (
+    TinyModelSpec,
+    build_tiny_model,
+    default_texts,
+    load_tokenizer,
+    search_episode_texts,
+    train_tiny_lm,
+)
 
 QUESTIONS = ["What is the capital of France?", "What is the highest mountain?",
              "Which river has the largest discharge?", "Who won two Nobel Prizes?",

@@ -44,7 +44,7 @@ def test_tiny_step_phases(benchmark, tmp_path, engine, mode):
 
     benchmark.pedantic(run, rounds=1, iterations=1)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]  # skip the warm-up step
-    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)
     benchmark.extra_info.update({k: round(mean(k), 3) for k in rows[0] if k.startswith("time/")})
     benchmark.extra_info["tokens_per_s"] = round(mean("train/tokens_per_s"), 1)
     for k in ("train/padding_frac", "train/micro_batches", "rollout/response_tokens"):

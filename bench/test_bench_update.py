@@ -24,17 +24,23 @@ import time
 import psutil
 import pytest
 import torch
+from gpu_update_step import length_mix  # the same long-tail batch as the GPU script (bench/ is on sys.path)
 
 from tspo_fast.algo.advantages import batch_advantages
 from tspo_fast.algo.rewards import score_batch
 from tspo_fast.config import load_config
 from tspo_fast.data import prompt_items
 from tspo_fast.models import load_policy
-from tspo_fast.training.builders import build_actor, build_agent, build_engine, build_reference, build_retriever, load_data
+from tspo_fast.training.builders import (
+    build_actor,
+    build_agent,
+    build_engine,
+    build_reference,
+    build_retriever,
+    load_data,
+)
 from tspo_fast.training.distributed import init_distributed
 from tspo_fast.training.ppo import compute_logprobs, plan_update, ppo_update
-
-from gpu_update_step import length_mix   # the same long-tail batch as the GPU script (bench/ is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = {"padded+old": ["train.packing=false", "train.recompute_old_logp=true"], "packed": ["train.packing=true"]}

@@ -13,9 +13,9 @@ import torch
 
 def main(model_dir: str, out_dir: str) -> None:
     import deepspeed
+    from _tiny import KeywordRetriever
     from transformers import AutoModelForCausalLM
 
-    from _tiny import KeywordRetriever
     from tspo_fast.config import load_config
     from tspo_fast.data import PromptItem
     from tspo_fast.engines import SamplingConfig, build_engine

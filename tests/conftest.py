@@ -25,7 +25,7 @@ if not HAS_CUDA:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest  # noqa: E402  (after TRITON_INTERPRET is set: pytest's plugins may import triton)
 
 # Fresh random inputs that can be replayed.  Each run draws one seed (or takes TSPO_TEST_SEED);
 # every test gets its own seed, derived from the run's seed and the test's id: the ``seed``

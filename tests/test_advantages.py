@@ -298,7 +298,7 @@ def test_alpha_zero_reduces_tspo_and_stage_to_grpo_exactly(backend, norm):
     R, ks, K, gid, turn, mask = _mixed_inputs(gen, 37, 50, 4)
     gid[:3], R[:3], K[:3], ks[:3] = -5, 0.0, 2, torch.tensor([0, -1, -1])   # an all-fail group with a FOLR hit
     gid[3:6], R[3:6], K[3:6] = -6, torch.tensor([1.0, 0.0, 1.0]), 1        # and a mixed one: GRPO is not all zero
-    run = lambda **kw: tk.turn_advantages(R, ks, K, gid, turn, mask, alpha=0.0, gamma=1.0, backend=backend, **kw)  # noqa: E731
+    run = lambda **kw: tk.turn_advantages(R, ks, K, gid, turn, mask, alpha=0.0, gamma=1.0, backend=backend, **kw)
     grpo = run(mode="grpo")
     assert torch.count_nonzero(grpo[1]) > 0
     stage = run(mode="tspo_stage", norm=norm)

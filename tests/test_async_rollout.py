@@ -11,8 +11,8 @@ import time
 
 import pytest
 import torch
-
 from _tiny import FailingRetriever, KeywordRetriever, ScriptedEngine, SlowRetriever
+
 from tspo_fast.config import RolloutConfig
 from tspo_fast.data import PromptItem
 from tspo_fast.env.agent import SearchAgent

@@ -3,8 +3,8 @@ ordinary trainer, exercised by test_trainer.py and test_learning.py)."""
 import json
 import os
 import random
-import statistics
 import shutil
+import statistics
 
 import pytest
 

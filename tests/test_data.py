@@ -7,8 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from tspo_fast.data import (PROMPT_TEMPLATE, DataError, QAExample, build_prompt, convert_file,
-                            load_examples, prompt_text, read_rows, to_searchr1_row, write_rows)
+from tspo_fast.data import (
+    PROMPT_TEMPLATE,
+    DataError,
+    QAExample,
+    build_prompt,
+    convert_file,
+    load_examples,
+    prompt_text,
+    read_rows,
+    to_searchr1_row,
+    write_rows,
+)
 from tspo_fast.world import corpus_path, qa_path
 
 EXPECTED_PROMPT = (

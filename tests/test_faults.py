@@ -13,9 +13,9 @@ import time
 
 import httpx
 import pytest
+from _world import world_index_dir
+from test_trainer import SMALL
 
-from _world import world_index_dir  # noqa: E402
-from test_trainer import SMALL  # noqa: E402
 from tspo_fast.cli.eval import main as eval_main
 from tspo_fast.config import ConfigError
 from tspo_fast.training.checkpoint import CheckpointError, list_checkpoints, verify_checkpoint

@@ -17,20 +17,19 @@ import torch
 pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
-from trl.chat_template_utils import qwen2_5_chat_template  # noqa: E402
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from trl import GRPOConfig, GRPOTrainer
+from trl.chat_template_utils import qwen2_5_chat_template
 
-import tspo_kernels  # noqa: E402
-from tspo_fast.algo.rewards import outcome_reward  # noqa: E402
-from tspo_fast.integrations.segments import turns_from_action_mask  # noqa: E402
-from tspo_fast.integrations.trl import TSPOGRPOTrainer, outcome_reward_func  # noqa: E402
-from tspo_fast.models.tiny import (build_tiny_model, default_texts, load_tokenizer, train_tiny_lm,  # noqa: E402
-                                   train_tokenizer)
-from tspo_fast.retrieval import InProcessRetriever, build_index  # noqa: E402
-from tspo_fast.retrieval.server import BackgroundServer, create_app  # noqa: E402
-from tspo_kernels import reference  # noqa: E402
+import tspo_kernels
+from tspo_fast.algo.rewards import outcome_reward
+from tspo_fast.integrations.segments import turns_from_action_mask
+from tspo_fast.integrations.trl import TSPOGRPOTrainer, outcome_reward_func
+from tspo_fast.models.tiny import build_tiny_model, default_texts, load_tokenizer, train_tiny_lm, train_tokenizer
+from tspo_fast.retrieval import InProcessRetriever, build_index
+from tspo_fast.retrieval.server import BackgroundServer, create_app
+from tspo_kernels import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,14 +12,15 @@ import torch
 
 peft = pytest.importorskip("peft")
 
-from test_trainer import SMALL, _metrics, _run  # noqa: E402
-from tspo_fast.config import load_config  # noqa: E402
-from tspo_fast.engines import SamplingConfig  # noqa: E402
-from tspo_fast.engines.hf import HFEngine  # noqa: E402
-from tspo_fast.engines.sync import sync_weights  # noqa: E402
-from tspo_fast.models import load_causal_lm  # noqa: E402
-from tspo_fast.models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer  # noqa: E402
-from tspo_fast.training.lora import apply_lora, merged_weight_entries  # noqa: E402
+from test_trainer import SMALL, _metrics, _run
+
+from tspo_fast.config import load_config
+from tspo_fast.engines import SamplingConfig
+from tspo_fast.engines.hf import HFEngine
+from tspo_fast.engines.sync import sync_weights
+from tspo_fast.models import load_causal_lm
+from tspo_fast.models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer
+from tspo_fast.training.lora import apply_lora, merged_weight_entries
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA = ["model.lora.rank=4", "model.lora.alpha=8"]
@@ -94,7 +94,7 @@ def test_lora_update_same_on_one_and_two_ranks_and_touches_adapters_only(train_e
 def test_lora_run_exports_resumes_and_keeps_only_adapters(train_env, tmp_path):
     common = SMALL + LORA + ["rollout.engine=hf", "train.eval_every=0", "train.lr=0.01", "loss.entropy_coef=0.01",
                              "train.total_steps=2"]
-    sets = lambda out: [x for s in common + [f"output_dir={out}"] for x in ("--set", s)]  # noqa: E731
+    sets = lambda out: [x for s in common + [f"output_dir={out}"] for x in ("--set", s)]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets(a), "--export", f"{a}/merged",
           "--no-plot"], train_env)
@@ -112,6 +112,7 @@ def test_lora_run_exports_resumes_and_keeps_only_adapters(train_env, tmp_path):
     assert all(".lora_" in n or t.numel() == 0 for n, t in module.items())   # (a tied head: an empty placeholder)
     # adapter-only export of the resumed run, merged onto the base, equals the straight run's merged export
     from safetensors.torch import load_file
+
     from tspo_fast.models import resolve_model_path
     assert os.path.exists(os.path.join(b, "adapter", "adapter_config.json"))
     base = load_causal_lm(resolve_model_path("bundled:warmstart"))

@@ -15,7 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tspo_kernels
-from tspo_kernels import fused_linear_logprobs, fused_linear_pg_loss, pg_loss as pg_mod
+from tspo_kernels import fused_linear_logprobs, fused_linear_pg_loss
+from tspo_kernels import pg_loss as pg_mod
 from tspo_kernels.reference import logprobs_reference, pg_loss_reference
 
 # relative error by norm, per input dtype (error_of adjusts it for badly conditioned outputs).
@@ -64,7 +65,7 @@ def _away(x, bounds, margin):
 
 def _k3_roots(c):
     """Both roots of exp(d) - d - 1 = c (where the KL clamp switches), by bisection."""
-    f = lambda d: math.exp(d) - d - 1.0 - c  # noqa: E731
+    f = lambda d: math.exp(d) - d - 1.0 - c
     roots = []
     for lo, hi in ((-c - 2.0, 0.0), (0.0, math.log(c + 2.0) + 2.0)):
         for _ in range(80):
@@ -294,7 +295,7 @@ def test_tokens_outside_the_mask_are_ignored(backend, seed):
                                                                 "weights": True})
     hidden, weight, targets, old, adv, mask = args
     out_of_loss = ~mask
-    poison = lambda x, v: torch.where(out_of_loss, torch.full_like(x, v), x)  # noqa: E731
+    poison = lambda x, v: torch.where(out_of_loss, torch.full_like(x, v), x)
     bad_args = (hidden, weight, targets, poison(old, float("nan")), poison(adv, float("inf")), mask)
     bad_kw = dict(kw, ref_logp=poison(kw["ref_logp"], float("-inf")),
                   rollout_logp=poison(kw["rollout_logp"], float("nan")),

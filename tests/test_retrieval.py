@@ -7,15 +7,23 @@ import shutil
 
 import numpy as np
 import pytest
+from _world import world_index_dir
 
 from tspo_fast.data import load_examples
 from tspo_fast.env.protocol import format_docs
-from tspo_fast.retrieval import (Corpus, CorpusError, IndexError_, IndexMismatchError,
-                                 InProcessRetriever, build_index, load_index, split_title)
+from tspo_fast.retrieval import (
+    Corpus,
+    CorpusError,
+    IndexError_,
+    IndexMismatchError,
+    InProcessRetriever,
+    build_index,
+    load_index,
+    split_title,
+)
 from tspo_fast.retrieval.encoder import DEFAULT_ENCODER, Encoder, canonical_encoder_name
 from tspo_fast.retrieval.index import DenseIndex, corpus_fingerprint
 from tspo_fast.world import corpus_path, qa_path
-from _world import world_index_dir  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,21 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
+from _world import world_index_dir
 
 from tspo_fast.data import load_examples
 from tspo_fast.env.protocol import format_docs, search_observation
-from tspo_fast.retrieval import HTTPRetriever, InProcessRetriever, RetrievalError, build_index
+from tspo_fast.retrieval import HTTPRetriever, InProcessRetriever, RetrievalError
 from tspo_fast.retrieval.server import BackgroundServer, ServerLimits, create_app
 from tspo_fast.world import corpus_path, qa_path
-from _world import world_index_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,7 +266,8 @@ def test_slow_server_times_out_then_errors_and_5xx_is_retried():
 def test_one_call_makes_at_most_retries_plus_one_posts():
     """One retry layer: a rollout's retrieval over HTTP that keeps failing makes exactly
     retries + 1 POSTs and raises one RetrievalError naming the turn and the query."""
-    from _tiny import ScriptedEngine  # noqa: E402
+    from _tiny import ScriptedEngine
+
     from tspo_fast.config import RolloutConfig
     from tspo_fast.data import PromptItem
     from tspo_fast.env.agent import SearchAgent

@@ -59,7 +59,7 @@ def test_first_occurrence_turn_text():
 
 
 def test_first_turns_on_token_ids_matches_string_rule():
-    tok = lambda s: list(s.encode())  # byte-level tokenizer  # noqa: E731
+    tok = lambda s: list(s.encode())  # byte-level tokenizer
     segs = [("<search> who </search>", False, 0), ("\n\n<information>Doc 1(Title: A) Bob met Paris.</information>", True, 0),
             ("<answer> Paris </answer>", False, 1)]
     ids, turn, obs = [], [], []

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _tiny import FailingRetriever, KeywordRetriever, ScriptedEngine, SlowRetriever
+
 from tspo_fast.config import RolloutConfig
 from tspo_fast.data import PromptItem
 from tspo_fast.env.agent import SearchAgent
 from tspo_fast.env.batch import collate, group_id_of
 from tspo_fast.env.protocol import INVALID_ACTION_OBS, format_docs, parse_action, search_observation
-from tspo_fast.retrieval import Resilient, RetrievalError, RetryPolicy
 from tspo_fast.models.tiny import build_tiny_model, load_tokenizer
+from tspo_fast.retrieval import Resilient, RetrievalError, RetryPolicy
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,9 @@ def test_search_then_answer_layout(tok):
 def test_invalid_action_then_final_turn_without_search(tok):
     # never answers, always searches -> max_turns turns with observations, then one last turn
     ret = KeywordRetriever()
-    pol = (lambda ctx, turn: "I am confused." if turn == 0 else "<search> Berlin </search>")
+    def pol(ctx, turn):
+        return "I am confused." if turn == 0 else "<search> Berlin </search>"
+
     eng = ScriptedEngine(tok, pol)
     b = make_agent(eng, ret, tok, n=1, max_turns=3, topk=1).rollout(prompts(tok, ["q?"]))
     assert b.num_turns.tolist() == [4]                          # 3 turns + the final one
@@ -263,7 +265,9 @@ def test_hf_engine_rollout_token_in_token_out(tiny_dir, tok):
 
 def test_collate_padding_multiple(tok):
     from tspo_fast.env.batch import Trajectory
-    t1 = Trajectory([1, 2, 3], "a"); t1.append([4, 5], 0, False, [-1.0, -2.0]); t1.append([6], 0, True)
+    t1 = Trajectory([1, 2, 3], "a")
+    t1.append([4, 5], 0, False, [-1.0, -2.0])
+    t1.append([6], 0, True)
     t2 = Trajectory([7], 5)
     b = collate([t1, t2], pad_id=0, pad_to_multiple=8)
     assert b.input_ids.shape == (2, 8)
@@ -277,8 +281,8 @@ def test_sync_weights_into_hf_engine(tiny_dir):
     """sync_weights with plain parameters into the HF engine, several buckets, tied embeddings."""
     from transformers import AutoModelForCausalLM
 
-    from tspo_fast.engines.sync import sync_weights
     from tspo_fast.engines.hf import HFEngine
+    from tspo_fast.engines.sync import sync_weights
 
     eng = HFEngine.from_pretrained(tiny_dir)
     policy = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)

@@ -11,9 +11,9 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
-from rollout_model import RetrievalCost, StepCost, Turn, fit_step_cost, simulate, trace_of  # noqa: E402
+from rollout_model import RetrievalCost, StepCost, Turn, fit_step_cost, simulate, trace_of
 
-from tspo_fast.env.batch import Trajectory, collate  # noqa: E402
+from tspo_fast.env.batch import Trajectory, collate
 
 UNIT = StepCost(1.0, 0.0)          # every step costs 1 s whatever runs in it
 

@@ -6,10 +6,9 @@ import random
 import subprocess
 import sys
 
+import conftest
 import numpy as np
 import torch
-
-import conftest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

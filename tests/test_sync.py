@@ -64,6 +64,7 @@ def vllm_engine(tiny_dir, ds_engine):
 
 def _hf_greedy(state_dict, tiny_dir, prompts, n=24):
     from transformers import AutoModelForCausalLM
+
     from tspo_fast.engines.hf import HFEngine
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
@@ -132,6 +133,7 @@ def test_cpu_gemm_patch_in_place(vllm_engine):
 def test_cpu_gemm_patch_still_needed():
     """Fails when vLLM's own CPU dispatch starts honouring weight updates (patch obsolete)."""
     import vllm
+
     from tspo_fast.engines import vllm_patches
 
     if not vllm_patches.is_cpu_platform():

@@ -91,7 +91,7 @@ def test_resume_reaches_the_same_weights(train_env, tmp_path):
     assert results[0]["overall"]["n"] == 3 and set(results[0]["by_source"]) <= {"world_1hop", "world_2hop"}
     assert results[0]["overall"] == results[1]["overall"]
     wa, wb = _weights(f"{a}/hf"), _weights(f"{b}/hf")
-    from tspo_fast.world import WARM_POLICY_DIR   # configs/tiny.yaml starts from bundled:warmstart
+    from tspo_fast.world import WARM_POLICY_DIR  # configs/tiny.yaml starts from bundled:warmstart
     init = _weights(WARM_POLICY_DIR)
     moved = max((wa[k] - init[k]).abs().max().item() for k in wa)
     assert moved > 1e-4

@@ -3,8 +3,6 @@ SFT lowers the loss, and the saved policy loads and writes the protocol's tags."
 import json
 import os
 
-import pytest
-
 
 def test_warm_start_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("TSPO_FAST_CACHE", os.environ.get("TSPO_FAST_CACHE", str(tmp_path / "cache")))
@@ -21,6 +19,7 @@ def test_warm_start_smoke(tmp_path, monkeypatch):
     assert 0.0 <= info["copy_accuracy"] <= 1.0
     assert info["last_loss"] < info["first_loss"] - 1.0
     from transformers import AutoModelForCausalLM
+
     from tspo_fast.models import load_tokenizer
     tok = load_tokenizer(out)
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -31,6 +30,7 @@ def test_warm_start_smoke(tmp_path, monkeypatch):
 
 def test_demonstrations_use_the_support_passages():
     import random
+
     from tspo_fast.data import load_examples
     from tspo_fast.world import qa_path
     from tspo_fast.world.warmstart import _passages, demonstration
@@ -48,6 +48,7 @@ def test_demonstrations_use_the_support_passages():
 
 def test_habit_behaviours_answer_from_memory_at_the_given_share():
     import random
+
     from tspo_fast.data import load_examples
     from tspo_fast.world import qa_path
     from tspo_fast.world.warmstart import BEHAVIOURS, _passages, demonstration, habit_behaviours
@@ -69,6 +70,7 @@ def test_habit_behaviours_answer_from_memory_at_the_given_share():
 
 def test_passage_kinds_match_the_generator():
     from collections import Counter
+
     from tspo_fast.world import generate
     from tspo_fast.world.warmstart import _passages, passage_kind
     kinds = Counter(passage_kind(*p) for p in _passages().values())

@@ -13,10 +13,10 @@ math of ``tspo_kernels.reference``.  The formulas are those of the project's
 ``docs/algorithm.md`` (§2-§5).
 """
 from ._checks import ADV_MODES, ADV_NORMS, BACKENDS, FOLR_SOURCES
-from .text import alias_list, answer_variants, normalize_answer
-from .first_occurrence import PackedPatterns, first_occurrence, first_occurrence_of_aliases, pack_patterns
 from .advantages import turn_advantages
+from .first_occurrence import PackedPatterns, first_occurrence, first_occurrence_of_aliases, pack_patterns
 from .pg_loss import PGLossOutput, fused_linear_logprobs, fused_linear_pg_loss
+from .text import alias_list, answer_variants, normalize_answer
 
 __all__ = [
     "ADV_MODES",

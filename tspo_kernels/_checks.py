@@ -33,7 +33,7 @@ def same_device(**tensors: torch.Tensor) -> torch.device:
     """All named tensors must live on one device; returns it."""
     items = [(k, v) for k, v in tensors.items() if v is not None]
     dev = items[0][1].device
-    for k, v in items[1:]:
+    for _, v in items[1:]:
         if v.device != dev:
             where = ", ".join(f"{n} on {t.device}" for n, t in items)
             raise TypeError(f"all inputs must be on one device, got {where}")

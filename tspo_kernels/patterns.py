@@ -53,5 +53,5 @@ def pack_patterns(rows: Sequence[Sequence[Sequence[int]]], device: Optional[torc
             offsets.append(len(ids))
             max_len = max(max_len, len(pattern))
         row_offsets.append(len(offsets) - 1)
-    as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    as_t = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
     return PackedPatterns(as_t(ids), as_t(offsets), as_t(row_offsets), max_len)

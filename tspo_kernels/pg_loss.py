@@ -745,8 +745,8 @@ def _core_triton(logits, y, tok, opt, inv_norm, write_grad: bool, has_loss: bool
         res.update({k: torch.empty(rows, **f32) for k in ("lse", "ez", "g_lp", "g_ent")})
         res["zmax"] = torch.empty(rows, n_units, **f32)
     dummy = res["logp"]
-    get = lambda k: res.get(k, dummy)  # noqa: E731
-    tk = lambda k: tok.get(k, dummy)  # noqa: E731
+    get = lambda k: res.get(k, dummy)
+    tk = lambda k: tok.get(k, dummy)
     mask = tok["mask"].to(torch.int8) if has_loss else dummy
     block = _block_v(V, logits.device, stats_unit if stats else 1)
     _pg_rows_kernel[(rows,)](
@@ -1059,7 +1059,7 @@ def _chunk_loop_filtered(hidden, weight, bias, targets, tok, opt, inv_norm, rows
     del gw_acc
     gb = _to_dtype_rows(gb_acc, bias.dtype, order) if need_b else None
     if filt.stats is not None and write_grad:
-        f = lambda x: torch.as_tensor(x, dtype=torch.float64, device=dev)  # noqa: E731
+        f = lambda x: torch.as_tensor(x, dtype=torch.float64, device=dev)
         filt.stats.update(
             skipped_dh=1.0 - f(stats["kept_dh"]) / max(stats["tiles_dh"], 1),
             skipped_dw=1.0 - f(stats["kept_dw"]) / max(stats["tiles_dw"], 1),

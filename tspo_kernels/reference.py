@@ -5,7 +5,7 @@ of the formulas.  Each has the same signature as the public kernel function.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -172,7 +172,6 @@ def turn_advantages(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: 
 # Fused LM-head + masked policy-gradient loss (docs/algorithm.md §4, §5 K3): the plain version.  It
 # materialises the (N, V) logits in the dtype it is given (the tests pass float64 copies) and
 # lets autograd differentiate it; ``tspo_kernels.pg_loss`` must agree with it.
-from typing import NamedTuple  # noqa: E402
 
 
 class PGLossOutput(NamedTuple):
@@ -237,7 +236,7 @@ def pg_loss_reference(hidden, weight, targets, old_logp, advantages, loss_mask, 
     h_in = torch.where(mask[:, None], hidden, zero)     # masked-out rows never reach the loss
     logp, ent = logprobs_reference(h_in, weight, targets, bias=bias, temperature=temperature,
                                    return_entropy=True)
-    clean = lambda x: None if x is None else torch.where(mask, x.to(dt), zero)  # noqa: E731
+    clean = lambda x: None if x is None else torch.where(mask, x.to(dt), zero)
     A, ref_logp, rollout_logp, weights = clean(advantages), clean(ref_logp), clean(rollout_logp), clean(weights)
     old_logp = logp.detach() if old_logp is None else torch.where(mask, old_logp.to(dt), logp.detach())
     fin = torch.isfinite(logp) & torch.isfinite(ent) & torch.isfinite(A) & torch.isfinite(old_logp)

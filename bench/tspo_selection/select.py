@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from make_configs import VARIANTS  # noqa: E402
+from make_configs import VARIANTS
 
 TIE = 0.001
 

@@ -13,8 +13,8 @@ runs K1 and the string rule, and classifies every disagreement.
 from __future__ import annotations
 
 import argparse
-import re
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -172,7 +172,7 @@ def pad_segments(rows) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def tokenize(trajs: List[Trajectory], tokenizer: Any):
     """Right-padded (ids, turn_id, is_obs) tensors; each segment tokenized on its own."""
-    enc = lambda text: encode(tokenizer, text)  # noqa: E731
+    enc = lambda text: encode(tokenizer, text)
     return pad_segments([segment_row(enc(t.prompt), t.actions, t.observations, enc) for t in trajs])
 
 

@@ -47,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"tspo-fast {argv[0]}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001  (every error: one line; --debug for the traceback)
+    except Exception as e:  # every error: one line; --debug for the traceback
         print(f"tspo-fast {argv[0]}: error: {one_line(e)}", file=sys.stderr)
         return 1
 

@@ -174,7 +174,7 @@ def plot(out: str, configs: Sequence[str], seeds: Sequence[int], png: str, smoot
     for ci, config in enumerate(configs):
         name, color = _name(config), f"C{ci}"
         runs = [read_metrics(os.path.join(out, name, f"seed{s}", "metrics.jsonl")) for s in seeds]
-        for ax, (key, title) in zip(axes, panels):
+        for ax, (key, _title) in zip(axes, panels):
             series = [{r["step"]: r[key] for r in rows if key in r} for rows in runs]
             steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
             if not steps:
@@ -233,8 +233,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for c in args.configs:
         if not os.path.exists(c):
             ap.error(f"config not found: {c}")
-    table = compare(args.configs, args.seeds, args.out, args.overrides, baseline=args.baseline,
-                    eval_limit=args.eval_limit)
+    compare(args.configs, args.seeds, args.out, args.overrides, baseline=args.baseline, eval_limit=args.eval_limit)
     print(open(os.path.join(args.out, "compare.md")).read())
     print("figure:", os.path.join(args.out, "compare.png"))
     return 0

@@ -58,8 +58,8 @@ def run() -> None:
     print("rollout  turns  EM  k*(tokens)  k*(text)  GRPO advantage per turn   TSPO advantage per turn")
     for b in range(B):
         K = int(num_turns[b])
-        fmt = lambda a: " ".join(f"{x:+.2f}" for x in a[b, :K].tolist())  # noqa: E731
-        print(f"{b:>7}  {K:>5}  {outcome[b]:.0f}   {int(k_star[b]):>10}  {k_text[b]:>8}  {fmt(a_grpo):<24}  {fmt(a_tspo)}")
+        grpo, tspo = (" ".join(f"{x:+.2f}" for x in a[b, :K].tolist()) for a in (a_grpo, a_tspo))
+        print(f"{b:>7}  {K:>5}  {outcome[b]:.0f}   {int(k_star[b]):>10}  {k_text[b]:>8}  {grpo:<24}  {tspo}")
     print("\nAll outcomes are 0: GRPO gives every token advantage 0.  TSPO credits the turns up to the"
           "\nfirst retrieval of the answer (rollouts 0 and 2) and pushes the others down.")
 

@@ -189,7 +189,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
             _check_utf8(p, data)
             try:
                 table = pj.read_json(io.BytesIO(data))
-            except Exception:  # noqa: BLE001  (mixed types or bad JSON: read it line by line, naming the row)
+            except Exception:  # mixed types or bad JSON: read it line by line, naming the row
                 return _json_lines(p, data.decode("utf-8"))
     except DataError:
         raise

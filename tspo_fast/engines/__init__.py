@@ -5,8 +5,17 @@ from the trainer into an engine (``sync``).
 Importing this package loads only the interface; each engine module imports its own
 dependencies (vLLM is an optional extra).
 """
-from .base import (ENGINES, FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Engine, Generation, SamplingConfig,
-                   build_engine, find_stop)
+from .base import (
+                   ENGINES,
+                   FINISH_EOS,
+                   FINISH_LENGTH,
+                   FINISH_STOP,
+                   Engine,
+                   Generation,
+                   SamplingConfig,
+                   build_engine,
+                   find_stop,
+)
 
 __all__ = ["ENGINES", "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP", "Engine", "Generation", "SamplingConfig",
            "build_engine", "find_stop"]

@@ -9,8 +9,7 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from ..models import load_tokenizer
 from .base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingConfig, find_stop, mix_seed

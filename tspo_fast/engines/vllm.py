@@ -31,13 +31,13 @@ from typing import Iterable, Optional, Sequence
 
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # before vLLM sets up its logger: no INFO per sync
 
-import torch  # noqa: E402
-from vllm import LLM, SamplingParams  # noqa: E402  (optional dependency: the cpu / gpu extras)
-from vllm.sampling_params import RequestOutputKind  # noqa: E402
-from vllm.platforms import current_platform  # noqa: E402
+import torch
+from vllm import LLM, SamplingParams  # optional dependency: the cpu / gpu extras
+from vllm.platforms import current_platform
+from vllm.sampling_params import RequestOutputKind
 
-from . import vllm_patches  # noqa: E402
-from .base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingConfig, mix_seed  # noqa: E402
+from . import vllm_patches
+from .base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingConfig, mix_seed
 
 __all__ = ["VLLMEngine", "from_config", "SEEDING"]
 

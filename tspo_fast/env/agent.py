@@ -49,15 +49,15 @@ __all__ = ["SearchAgent"]
 class SearchAgent:
     """``SearchAgent(engine, retriever, tokenizer, config).rollout(prompts)``.
 
-    config: the run's :class:`~tspo_fast.config.RolloutConfig` (read, never changed);
+    config: the run's :class:`~tspo_fast.config.RolloutConfig` (read, never changed; None: the defaults);
     topk: passages per search (``retrieval.topk``); max_prompt_tokens: the longest prompt
     accepted (``data.max_prompt_tokens``).  Per-call sampling (``n``, ``temperature``, ``seed``)
     goes to :meth:`rollout` as arguments.
     """
 
-    def __init__(self, engine: Engine, retriever: Retriever, tokenizer, config: RolloutConfig = RolloutConfig(), *,
+    def __init__(self, engine: Engine, retriever: Retriever, tokenizer, config: Optional[RolloutConfig] = None, *,
                  topk: int = 3, max_prompt_tokens: int = 512, pad_to_multiple: int = 1):
-        check_rollout(config)
+        config = check_rollout(config if config is not None else RolloutConfig())
         if topk < 1 or max_prompt_tokens < 1:
             raise ValueError(f"SearchAgent: topk and max_prompt_tokens must be >= 1, got {topk}, {max_prompt_tokens}")
         self.engine = engine
@@ -290,7 +290,7 @@ class SearchAgent:
 def _retrieve(retriever: Retriever, queries: List[str], topk: int, turns: Sequence[int]) -> List[List[dict]]:
     try:
         return check_result(retriever.retrieve(list(queries), topk), len(queries))
-    except Exception as e:  # noqa: BLE001 (re-raised with the turn and the queries)
+    except Exception as e:  # re-raised with the turn and the queries
         shown = queries[:5] + ([f"... ({len(queries) - 5} more)"] if len(queries) > 5 else [])
         cause = str(e) if isinstance(e, RetrievalError) else f"{type(e).__name__}: {e}"
         where = ", ".join(str(t) for t in sorted(set(turns)))
@@ -372,7 +372,7 @@ class _RetrievalBatcher:
         try:
             hits = _retrieve(self.retriever, [q for _, q in batch], self.topk, [tag[1] for tag, _ in batch])
             self._done.put((batch, hits, None, time.perf_counter() - t0))
-        except BaseException as e:  # noqa: BLE001 (raised in the rollout's thread)
+        except BaseException as e:  # raised in the rollout's thread
             self._done.put((batch, None, e, time.perf_counter() - t0))
 
     def completed(self) -> List[Tuple[object, list]]:

@@ -35,7 +35,7 @@ def experience_advantages(experiences: Sequence, n_samples_per_prompt: int, *, a
     Groups are the ``n_samples_per_prompt`` consecutive sample indices of one prompt.
     """
     turns = [turns_from_action_mask(e.action_mask) for e in experiences]
-    cat = lambda xs: torch.cat([torch.as_tensor(x).reshape(-1) for x in xs])  # noqa: E731
+    cat = lambda xs: torch.cat([torch.as_tensor(x).reshape(-1) for x in xs])
     outcome = cat([e.rewards for e in experiences]).float()
     k_star = cat([e.info["folr_first_turn"] for e in experiences]).long()
     num_turns = cat([t.num_turns for t in turns]).long()

@@ -272,7 +272,7 @@ class TSPOGRPOTrainer(GRPOTrainer):
             cap = self.vllm_importance_sampling_clip_max
             tis_cap = float(cap) if cap is not None else 1e30
         targets = completion_ids[sel]
-        pick = lambda x: None if x is None else x[sel].float()  # noqa: E731
+        pick = lambda x: None if x is None else x[sel].float()
         result = {}
         trainer = self
 

@@ -14,8 +14,17 @@ interface — the config, the kernels' users, ``tspo-fast plan`` — does not pa
 """
 import importlib
 
-from .base import (RETRIEVERS, Hit, Resilient, RetrievalError, Retriever, RetryPolicy, build_retriever,
-                   check_request, with_retries)
+from .base import (
+    RETRIEVERS,
+    Hit,
+    Resilient,
+    RetrievalError,
+    Retriever,
+    RetryPolicy,
+    build_retriever,
+    check_request,
+    with_retries,
+)
 
 _LAZY = {"Corpus": "corpus", "CorpusError": "corpus", "split_title": "corpus", "HTTPRetriever": "http",
          "IndexError_": "index", "IndexMeta": "index", "IndexMismatchError": "index", "build_index": "index",

@@ -100,7 +100,7 @@ def with_retries(attempt: Callable[[], T], policy: RetryPolicy, what: str) -> T:
             if not e.retryable:
                 raise
             last = e
-        except Exception as e:  # noqa: BLE001 (reported below, with its type)
+        except Exception as e:  # reported below, with its type
             last = e
     raise RetrievalError(f"{what} failed after {attempts} attempt(s): {_describe(last)}",
                          attempts=attempts) from last
@@ -119,7 +119,7 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: Optional[float]) -> T:
     def run():
         try:
             box.put((True, fn()))
-        except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
+        except BaseException as e:  # re-raised in the caller
             box.put((False, e))
 
     threading.Thread(target=run, daemon=True, name="tspo-retrieve").start()

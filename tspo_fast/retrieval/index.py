@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence

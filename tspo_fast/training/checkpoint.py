@@ -389,7 +389,7 @@ def load_checkpoint(engine, folder: str, exclude_frozen: bool = False) -> Dict[s
     state = read_state(folder)
     try:
         load_path, _ = engine.load_checkpoint(folder, tag="ds", load_module_strict=not exclude_frozen)
-    except Exception as e:  # noqa: BLE001  (DeepSpeed's errors name no file: add the folder)
+    except Exception as e:  # DeepSpeed's errors name no file: add the folder
         raise CheckpointError(f"{folder}/ds: DeepSpeed could not load the checkpoint ({type(e).__name__}: {e})") from e
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint in {folder}/ds")
@@ -397,7 +397,7 @@ def load_checkpoint(engine, folder: str, exclude_frozen: bool = False) -> Dict[s
     if os.path.exists(rng):
         try:
             set_rng_state(torch.load(rng, weights_only=False))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CheckpointError(f"{rng}: cannot restore the RNG state ({type(e).__name__}: {e})") from e
     return state
 

@@ -26,7 +26,7 @@ def evaluate(agent, tokenizer, examples: Sequence[Any], *, chat_template: str = 
             d["turns"].append(float(batch.num_turns[b]))
             d["searches"].append(float(batch.num_searches[b]))
             d["answer_retrieved"].append(float(k_star[b] >= 0))
-    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0
     by_source = {src: {k: mean(v) for k, v in d.items()} | {"n": len(d["em"])} for src, d in sorted(per.items())}
     allv = defaultdict(list)
     for d in per.values():

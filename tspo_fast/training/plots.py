@@ -8,9 +8,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from .metrics import read_metrics  # noqa: E402
+from .metrics import read_metrics
 
 __all__ = ["PANELS", "plot_runs", "save_panels"]
 
@@ -26,7 +26,7 @@ def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Optional[Sequence[s
             raise FileNotFoundError(f"no metrics log at {path}")
         rows = read_metrics(path)
         label = labels[i] if labels else os.path.basename(os.path.normpath(run))
-        for ax, (key, title) in zip(axes, PANELS):
+        for ax, (key, _title) in zip(axes, PANELS):
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), marker="o" if len(pts) < 30 else None, ms=3, label=label)

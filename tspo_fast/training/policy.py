@@ -94,7 +94,7 @@ class FusedHeadPolicy(torch.nn.Module):
             return full, full_ent
         if mode != "loss":
             raise ValueError(f"unknown mode {mode!r}; expected 'loss' or 'logprobs'")
-        pick = lambda x: None if x is None else x[:, 1:][sel].float()  # noqa: E731
+        pick = lambda x: None if x is None else x[:, 1:][sel].float()
         n = targets.shape[0]
         kwargs = dict(targets=targets, old_logp=pick(old_logp), advantages=pick(advantages),
                       loss_mask=torch.ones(n, dtype=torch.bool, device=targets.device),

@@ -16,7 +16,7 @@ only when ``loss.kl_coef`` > 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 

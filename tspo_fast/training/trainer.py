@@ -29,8 +29,17 @@ from ..engines.base import mix_seed
 from ..engines.sync import release_for_update, sync_weights
 from ..models import load_policy, resolve_model_path
 from .builders import build_actor, build_agent, build_engine, build_reference, build_retriever, load_data
-from .checkpoint import (apply_optimizer_settings, consolidated_state, export_hf, find_checkpoint, list_checkpoints,
-                         load_checkpoint, read_state, resume_changes, save_checkpoint)
+from .checkpoint import (
+    apply_optimizer_settings,
+    consolidated_state,
+    export_hf,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_state,
+    resume_changes,
+    save_checkpoint,
+)
 from .distributed import barrier, global_max, init_distributed, rank, seed_everything, shutdown, world_size
 from .evaluate import evaluate
 from .guard import DivergenceError, DivergenceGuard
@@ -315,7 +324,7 @@ class Trainer:
         else:
             try:
                 folder = self.save()
-            except Exception as e:  # noqa: BLE001  (best effort: report, then re-raise the original error)
+            except Exception as e:  # best effort: report, then re-raise the original error
                 self._say(f"{what}: the checkpoint of step {self.step} could not be written ({type(e).__name__}: {e})")
                 return
             self._say(f"{what}: wrote {folder} (step {self.step}) before stopping; continue with --resume")

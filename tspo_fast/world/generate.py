@@ -310,9 +310,9 @@ def _one_hop(world: dict[str, list[Entity]]) -> dict[str, list[tuple]]:
 
 def _two_hop(world: dict[str, list[Entity]]) -> dict[str, list[tuple]]:
     P, C, K = world["person"], world["company"], world["country"]
-    fo = lambda c: c.attrs["founder"]  # noqa: E731
-    bp = lambda p: p.attrs["birthplace"]  # noqa: E731
-    cap = lambda k: k.attrs["capital"]  # noqa: E731
+    fo = lambda c: c.attrs["founder"]
+    bp = lambda p: p.attrs["birthplace"]
+    cap = lambda k: k.attrs["capital"]
     return {
         "founder_birthyear": [(["In which year was the founder of {} born?",
                                 "When was the founder of {} born?"], c.name,
