@@ -7,18 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tspo_fast.data import (
-    PROMPT_TEMPLATE,
-    DataError,
-    QAExample,
-    build_prompt,
-    convert_file,
-    load_examples,
-    prompt_text,
-    read_rows,
-    to_searchr1_row,
-    write_rows,
-)
+from tspo_fast.data import DataError, QAExample, convert_file, load_examples, read_rows, to_searchr1_row, write_rows
+from tspo_fast.protocol import PROMPT_TEMPLATE, build_prompt, prompt_text
 from tspo_fast.world import corpus_path, qa_path
 
 EXPECTED_PROMPT = (
@@ -194,7 +184,7 @@ def test_unparseable_jsonl_names_file(tmp_path):
 
 
 def test_world_files_equal_a_fresh_generation(tmp_path):
-    from tspo_fast.world.generate import generate
+    from tspo_fast.worldgen.generate import generate
 
     fresh = generate(tmp_path)
     for name, path in fresh.items():

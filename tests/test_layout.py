@@ -15,14 +15,14 @@ PACKAGES = ("tspo_kernels", "tspo_fast")
 #: a module may import modules of its own layer and of the layers before it, never after
 LAYERS = [
     ["tspo_kernels"],
-    ["tspo_fast.registry", "tspo_fast.cache", "tspo_fast.world"],          # tspo_fast.world: its paths
+    ["tspo_fast.registry", "tspo_fast.cache", "tspo_fast.world", "tspo_fast.protocol"],  # world: the bundled data
     ["tspo_fast.data"],
     ["tspo_fast.models"],
     ["tspo_fast.algo", "tspo_fast.engines", "tspo_fast.retrieval", "tspo_fast.integrations"],
     ["tspo_fast.config"],
     ["tspo_fast.env"],
     ["tspo_fast.training"],
-    ["tspo_fast.world.generate", "tspo_fast.world.warmstart", "tspo_fast.world.ceiling"],  # the bundled world's tools
+    ["tspo_fast.worldgen"],                                              # builders of the bundled world
     ["tspo_fast.cli", "tspo_fast.train"],
 ]
 #: optional dependencies (extras) that may be imported inside functions, where they are used

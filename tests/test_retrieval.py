@@ -10,7 +10,7 @@ import pytest
 from _world import world_index_dir
 
 from tspo_fast.data import load_examples
-from tspo_fast.env.protocol import format_docs
+from tspo_fast.protocol import format_docs
 from tspo_fast.retrieval import (
     Corpus,
     CorpusError,

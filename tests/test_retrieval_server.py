@@ -19,7 +19,7 @@ import pytest
 from _world import world_index_dir
 
 from tspo_fast.data import load_examples
-from tspo_fast.env.protocol import format_docs, search_observation
+from tspo_fast.protocol import format_docs, search_observation
 from tspo_fast.retrieval import HTTPRetriever, InProcessRetriever, RetrievalError
 from tspo_fast.retrieval.server import BackgroundServer, ServerLimits, create_app
 from tspo_fast.world import corpus_path, qa_path

@@ -13,8 +13,8 @@ from tspo_fast.config import RolloutConfig
 from tspo_fast.data import PromptItem
 from tspo_fast.env.agent import SearchAgent
 from tspo_fast.env.batch import collate, group_id_of
-from tspo_fast.env.protocol import INVALID_ACTION_OBS, format_docs, parse_action, search_observation
 from tspo_fast.models.tiny import build_tiny_model, load_tokenizer
+from tspo_fast.protocol import INVALID_ACTION_OBS, format_docs, parse_action, search_observation
 from tspo_fast.retrieval import Resilient, RetrievalError, RetryPolicy
 
 

@@ -6,7 +6,7 @@ import os
 
 def test_warm_start_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("TSPO_FAST_CACHE", os.environ.get("TSPO_FAST_CACHE", str(tmp_path / "cache")))
-    from tspo_fast.world.warmstart import WarmStartSpec, build_warm_start
+    from tspo_fast.worldgen.warmstart import WarmStartSpec, build_warm_start
     spec = WarmStartSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128,
                          vocab_target=512, demos_per_question=2, epochs=2, max_questions=24, batch_size=8, lr=1e-2,
                          copy_examples=64, reading_examples=40)
@@ -33,7 +33,7 @@ def test_demonstrations_use_the_support_passages():
 
     from tspo_fast.data import load_examples
     from tspo_fast.world import qa_path
-    from tspo_fast.world.warmstart import _passages, demonstration
+    from tspo_fast.worldgen.warmstart import _passages, demonstration
     passages = _passages()
     ex = next(e for e in load_examples(qa_path("train")) if e.extra.get("hops") == 2)
     rng = random.Random(0)
@@ -51,7 +51,7 @@ def test_habit_behaviours_answer_from_memory_at_the_given_share():
 
     from tspo_fast.data import load_examples
     from tspo_fast.world import qa_path
-    from tspo_fast.world.warmstart import BEHAVIOURS, _passages, demonstration, habit_behaviours
+    from tspo_fast.worldgen.warmstart import BEHAVIOURS, _passages, demonstration, habit_behaviours
     for share in (0.0, 0.3, 0.55, 1.0):
         mix = dict(habit_behaviours(share))
         assert abs(sum(mix.values()) - 1.0) < 1e-9 and mix["no_search"] == share
@@ -71,8 +71,8 @@ def test_habit_behaviours_answer_from_memory_at_the_given_share():
 def test_passage_kinds_match_the_generator():
     from collections import Counter
 
-    from tspo_fast.world import generate
-    from tspo_fast.world.warmstart import _passages, passage_kind
+    from tspo_fast.worldgen import generate
+    from tspo_fast.worldgen.warmstart import _passages, passage_kind
     kinds = Counter(passage_kind(*p) for p in _passages().values())
     assert kinds == {"person": generate.N_PEOPLE, "company": generate.N_COMPANIES, "city": generate.N_CITIES,
                      "river": generate.N_RIVERS, "country": generate.N_COUNTRIES}
@@ -82,7 +82,7 @@ def test_copy_examples_name_a_random_entity_of_the_right_kind():
     from tspo_fast.data import load_examples
     from tspo_fast.models import load_tokenizer, resolve_model_path
     from tspo_fast.world import qa_path
-    from tspo_fast.world.warmstart import QTYPE_KIND, _passages, copy_examples, passage_kind
+    from tspo_fast.worldgen.warmstart import QTYPE_KIND, _passages, copy_examples, passage_kind
     tok = load_tokenizer(resolve_model_path("bundled:warmstart"))
     passages = _passages()
     kind_of = {t: passage_kind(t, x) for t, x in passages.values()}

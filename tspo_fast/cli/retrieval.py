@@ -1,7 +1,7 @@
 """``tspo-fast index build``, ``tspo-fast retriever serve`` and ``tspo-fast retriever query``.
 
 ``retriever query`` prints, per query, exactly the observation a rollout appends for it
-(:func:`tspo_fast.env.protocol.search_observation`), after a ``# query`` line; ``--json`` the
+(:func:`tspo_fast.protocol.search_observation`), after a ``# query`` line; ``--json`` the
 raw hits.  Each sub-command sets ``func`` on the parsed arguments: call ``args.func(args)``.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import sys
 from typing import Any
 
-from ..env.protocol import search_observation
+from ..protocol import search_observation
 from ..retrieval.http import HTTPRetriever
 from ..retrieval.index import build_index
 from ..retrieval.inprocess import InProcessRetriever

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Sequence, Tuple
 
-from .qa import DataError, QAExample, build_prompt
+from ..protocol import build_prompt
+from .qa import DataError, QAExample
 
 __all__ = ["PromptItem", "prompt_items", "drop_long_prompts"]
 

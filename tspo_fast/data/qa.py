@@ -32,14 +32,11 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
+from ..protocol import build_prompt, normalize_question, prompt_text, question_from_prompt
+
 __all__ = [
-    "PROMPT_TEMPLATE",
     "QAExample",
     "DataError",
-    "normalize_question",
-    "prompt_text",
-    "build_prompt",
-    "question_from_prompt",
     "read_rows",
     "write_rows",
     "detect_layout",
@@ -50,22 +47,6 @@ __all__ = [
     "convert_file",
 ]
 
-#: Search-R1's instruction (``scripts/data_process/nq_search.py``, template ``base``), verbatim:
-#: a single line; the question follows ``Question: `` and the text ends in a newline.
-PROMPT_TEMPLATE = (
-    "Answer the given question. "
-    "You must conduct reasoning inside <think> and </think> first every time you get new "
-    "information. "
-    "After reasoning, if you find you lack some knowledge, you can call a search engine by "
-    "<search> query </search> and it will return the top searched results between "
-    "<information> and </information>. "
-    "You can search as many times as your want. "
-    "If you find no further external knowledge needed, you can directly provide the answer "
-    "inside <answer> and </answer>, without detailed illustrations. "
-    "For example, <answer> Beijing </answer>. Question: {question}\n"
-)
-
-_QUESTION_MARKER = "Question: "
 
 
 class DataError(ValueError):
@@ -99,45 +80,6 @@ class QAExample:
     def prompt(self, tokenizer: Any = None) -> str:
         """The episode prompt for this question (see :func:`build_prompt`)."""
         return build_prompt(self.question, tokenizer)
-
-
-# --------------------------------------------------------------------------------------------
-# prompts
-
-
-def normalize_question(question: str) -> str:
-    """Strip the question and append ``?`` if it does not end with one (Search-R1's rule)."""
-    q = question.strip()
-    if q and not q.endswith("?"):
-        q += "?"
-    return q
-
-
-def prompt_text(question: str) -> str:
-    """The raw (un-templated) prompt of docs/algorithm.md §1 for ``question``."""
-    return PROMPT_TEMPLATE.format(question=normalize_question(question))
-
-
-def build_prompt(question: str, tokenizer: Any = None) -> str:
-    """The prompt string the policy sees.
-
-    With a tokenizer that has a chat template, the raw prompt becomes one user message and
-    the template is applied with ``add_generation_prompt=True`` (not tokenized); otherwise
-    (no tokenizer, or no template) the raw prompt is returned.
-    """
-    text = prompt_text(question)
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-    return text
-
-
-def question_from_prompt(content: str) -> str:
-    """Recover the question from a Search-R1 prompt message (text after the last ``Question: ``)."""
-    pos = content.rfind(_QUESTION_MARKER)
-    q = content[pos + len(_QUESTION_MARKER):] if pos >= 0 else content
-    return q.strip()
 
 
 # --------------------------------------------------------------------------------------------

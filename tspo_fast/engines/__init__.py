@@ -6,15 +6,15 @@ Importing this package loads only the interface; each engine module imports its 
 dependencies (vLLM is an optional extra).
 """
 from .base import (
-                   ENGINES,
-                   FINISH_EOS,
-                   FINISH_LENGTH,
-                   FINISH_STOP,
-                   Engine,
-                   Generation,
-                   SamplingConfig,
-                   build_engine,
-                   find_stop,
+    ENGINES,
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Engine,
+    Generation,
+    SamplingConfig,
+    build_engine,
+    find_stop,
 )
 
 __all__ = ["ENGINES", "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP", "Engine", "Generation", "SamplingConfig",

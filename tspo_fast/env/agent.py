@@ -39,9 +39,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..config import RolloutConfig, check_rollout
 from ..data.prompts import PromptItem
 from ..engines.base import Engine, Generation, SamplingConfig, mix_seed
+from ..protocol import INVALID_ACTION_OBS, STOPS, parse_action, search_observation
 from ..retrieval.base import RetrievalError, Retriever, check_result
 from .batch import RolloutBatch, Trajectory, collate
-from .protocol import INVALID_ACTION_OBS, STOPS, parse_action, search_observation
 
 __all__ = ["SearchAgent"]
 

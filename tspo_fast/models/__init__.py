@@ -3,7 +3,7 @@
 * ``bundled:warmstart``: the embedded world's warm-start policy (a 1.3M-parameter Qwen2 that
   follows the protocol and can search and read, but mostly answers from memory: greedy, it never
   searches), shipped in ``tspo_fast/world/warm_policy`` and rebuilt by
-  ``python -m tspo_fast.world.warmstart --out DIR``.
+  ``python -m tspo_fast.worldgen.warmstart --out DIR``.
 * ``bundled:tiny``: a random tiny Qwen2 with a tokenizer trained on the world (tests, benchmarks),
   built into the cache on first use.
 """
@@ -43,7 +43,7 @@ def resolve_model_path(path: str) -> str:
         if not os.path.exists(os.path.join(WARM_POLICY_DIR, "config.json")):
             raise FileNotFoundError(
                 f"model.path: the shipped warm-start policy is missing from {WARM_POLICY_DIR}; rebuild it with "
-                f"'python -m tspo_fast.world.warmstart --out {WARM_POLICY_DIR}' (about 15 minutes on 2 cores)")
+                f"'python -m tspo_fast.worldgen.warmstart --out {WARM_POLICY_DIR}' (about 15 minutes on 2 cores)")
         return WARM_POLICY_DIR
     if path == BUNDLED_TINY:
         return build_once(os.path.join(cache_dir(), "tiny-qwen2-v1"), "config.json",

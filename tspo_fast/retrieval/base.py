@@ -3,7 +3,7 @@ retriever kinds (``retrieval.kind`` in a config).
 
 ``retriever.retrieve(queries, topk)`` returns, per query, a best-first list of hits in
 Search-R1's JSON shape ``{"document": {"id": str, "contents": str}, "score": float}``.  How hits
-become the text a rollout appends is :func:`tspo_fast.env.protocol.search_observation`.
+become the text a rollout appends is :func:`tspo_fast.protocol.search_observation`.
 
 Failures: every retrieval failure the rollout sees is a :class:`RetrievalError`.  Retries and
 per-attempt time limits live here, in :func:`with_retries` (one loop, driven by a

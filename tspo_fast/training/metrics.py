@@ -18,7 +18,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from ..config import LOG_BACKENDS
-from ..env.protocol import parse_action
+from ..protocol import parse_action
 
 __all__ = ["MetricsLogger", "read_metrics", "step_metrics", "all_fail_fraction", "search_r1_metrics"]
 
@@ -87,7 +87,7 @@ def search_r1_metrics(batch, outcome: torch.Tensor, token_adv: torch.Tensor) -> 
       (response: actions and observations).
 
     The counts are read off each turn's action text with the one action parser
-    (``tspo_fast.env.protocol.parse_action``), so they need no counter in the batch.
+    (``tspo_fast.protocol.parse_action``), so they need no counter in the batch.
     """
     kinds = [[parse_action(t)[0] for t in row] for row in batch.action_texts]
     actions = batch.num_turns.float()

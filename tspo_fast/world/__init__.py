@@ -1,6 +1,6 @@
 """The bundled embedded world: a small invented encyclopedia and QA sets about it.
 
-The files under ``data/`` are produced by ``python -m tspo_fast.world.generate`` (deterministic:
+The files under ``data/`` are produced by ``python -m tspo_fast.worldgen.generate`` (deterministic:
 a fresh run gives byte-identical files, which a test checks):
 
 * ``corpus.jsonl``: passages ``{id, contents}`` in the wiki-18 layout (``"Title"\\ntext``);
@@ -9,7 +9,7 @@ a fresh run gives byte-identical files, which a test checks):
   ``extra_info.support`` lists the ids of the passages that hold the evidence, hop by hop.
 
 ``warm_policy/`` holds the warm-start policy built from this world by
-``python -m tspo_fast.world.warmstart --out tspo_fast/world/warm_policy`` (config ``bundled:warmstart``).
+``python -m tspo_fast.worldgen.warmstart --out tspo_fast/world/warm_policy`` (config ``bundled:warmstart``).
 """
 from __future__ import annotations
 

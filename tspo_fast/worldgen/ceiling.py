@@ -1,5 +1,5 @@
 """The embedded world's ceiling: the test EM of a policy that always searches right and reads every
-retrieved answer (``python -m tspo_fast.world.ceiling``).
+retrieved answer (``python -m tspo_fast.worldgen.ceiling``).
 
 For each question the oracle searches the title of every passage that holds its evidence, hop by
 hop (``extra_info.support``), with the bundled BM25 index and the rollout's ``topk`` (3), and
@@ -16,11 +16,11 @@ from typing import Dict
 
 from ..algo.rewards import first_occurrence_turn_text
 from ..data import load_examples
-from ..env.protocol import search_observation
+from ..protocol import search_observation
 from ..retrieval.bundled import bundled_index
 from ..retrieval.corpus import Corpus, split_title
 from ..retrieval.inprocess import InProcessRetriever
-from . import corpus_path, qa_path
+from ..world import corpus_path, qa_path
 
 __all__ = ["oracle_ceiling"]
 

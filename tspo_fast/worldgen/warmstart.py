@@ -1,6 +1,6 @@
 """The embedded world's warm-start policy: a tiny Qwen2 supervised on protocol demonstrations.
 
-``python -m tspo_fast.world.warmstart --out DIR`` (15 minutes on 2 CPU cores) writes what
+``python -m tspo_fast.worldgen.warmstart --out DIR`` (15 minutes on 2 CPU cores) writes what
 ``bundled:warmstart`` ships in ``tspo_fast/world/warm_policy``.  Every random choice (tokenizer
 corpus order, initialisation, examples, batch order) comes from ``--seed``; two builds on one
 machine and torch version should agree bit for bit (not checked for the shipped weights).
@@ -49,13 +49,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from ..data import build_prompt
-from ..env.protocol import search_observation
 from ..models import world_texts
 from ..models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer
+from ..protocol import build_prompt, search_observation
 from ..retrieval import InProcessRetriever
 from ..retrieval.bundled import bundled_index
-from . import corpus_path
+from ..world import corpus_path
 from .generate import practice_questions
 
 BEHAVIOURS = (("good", 0.45), ("wrong_answer", 0.20), ("wrong_query", 0.20), ("no_search", 0.15))

@@ -1,4 +1,4 @@
-"""Generate the bundled embedded world (``python -m tspo_fast.world.generate [--out DIR]``).
+"""Generate the bundled embedded world (``python -m tspo_fast.worldgen.generate [--out DIR]``).
 
 An invented encyclopedia of countries, cities, rivers, people and companies, written as short
 wiki-style passages, and questions about it in the Search-R1 layout:
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.qa import QAExample, to_searchr1_row
-from . import DATA_DIR
+from ..world import DATA_DIR
 
 SEED = 20261126
 N_COUNTRIES = 12
@@ -396,7 +396,7 @@ def build_questions(world: dict[str, list[Entity]], rng: random.Random) -> dict[
 def practice_questions(seed: int = SEED) -> list[QAExample]:
     """Every (type, entity) question of the world that the test split does not ask.
 
-    For the warm-start demonstrations (``tspo_fast.world.warmstart``): many more distinct
+    For the warm-start demonstrations (``tspo_fast.worldgen.warmstart``): many more distinct
     questions than the training split, so a small model learns to read answers out of the
     retrieved passages rather than memorising them.  Rebuilds the world exactly as ``generate``
     does (same passage ids); the question wording is drawn from a separate seeded generator.
