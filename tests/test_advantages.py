@@ -378,3 +378,129 @@ def test_large_batch_several_member_blocks():
                                       T=T_out, mode=mode, block_b=64, block_l=128, block_r=16)
         want = ref.turn_advantages(R, ks, K, gid, turn, mask, alpha=0.3, gamma=0.9, mode=mode, norm=norm)
         _assert_both_close(got, want, R, ks, K, gid, turn, mask, alpha=0.3, gamma=0.9)
+
+
+# --------------------------------------------------------------------------- tspo_placebo (the control)
+def _placebo_groups(gen, n_groups, size, T):
+    """Groups of ``size`` rows with 1..T turns, all-fail or mixed outcomes, and some k*."""
+    B = n_groups * size
+    K = torch.randint(1, T + 1, (B,), generator=gen)
+    ks = torch.where(torch.rand(B, generator=gen) < 0.4, torch.randint(0, T, (B,), generator=gen), -1)
+    R = (torch.rand(B, generator=gen) < 0.3).float()
+    gid = (torch.arange(B) // size) * 1009 + 7          # group ids that are not positions
+    return R, ks, K, gid
+
+
+@pytest.mark.parametrize("B,L,T", [(1, 5, 1), (15, 60, 4), (40, 200, 5)])
+@pytest.mark.parametrize("norm", ["group", "turn"])
+def test_placebo_kernel_matches_reference_random(B, L, T, norm):
+    """Every backend moves the same bonuses (one draw) and then computes "tspo" on them."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid, turn, mask = _random_inputs(gen, B, L, T)
+    seed = random.randrange(2**62)
+    kw = dict(alpha=0.4, gamma=1.0, mode="tspo_placebo", norm=norm, seed=seed, max_turns=max(int(K.max()), 1))
+    got = tk.turn_advantages(R, ks, K, gid, turn, mask, backend="triton", **kw)
+    want = tk.turn_advantages(R, ks, K, gid, turn, mask, backend="reference", **kw)
+    moved = ref.placebo_first_turn(R, ks, K, gid, seed)
+    _assert_both_close(got, want, R, moved, K, gid, turn, mask, alpha=0.4, gamma=1.0)
+    by_def = ref.turn_advantages(R, moved, K, gid, turn, mask, alpha=0.4, gamma=1.0, mode="tspo", norm=norm,
+                                 max_turns=kw["max_turns"])
+    assert torch.equal(want[0], by_def[0]) and torch.equal(want[1], by_def[1])
+
+
+def test_placebo_keeps_each_groups_number_of_bonuses_on_random_members_and_turns():
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid = _placebo_groups(gen, 30, 5, 4)
+    R[3] = float("nan")                                  # not a member: never chosen
+    seed = random.randrange(2**62)
+    moved = ref.placebo_first_turn(R, ks, K, gid, seed)
+    member = torch.isfinite(R) & (K >= 1)
+    hit = member & (ks >= 0) & (ks < K)
+    for g in torch.unique(gid):
+        rows = gid == g
+        assert int((moved[rows] >= 0).sum()) == int(hit[rows].sum())
+    assert not bool(((moved >= 0) & ~member).any()) and bool((moved < K).all())
+    assert torch.equal(ref.placebo_first_turn(R, ks, K, gid, seed), moved)          # a function of the seed
+    others = [ref.placebo_first_turn(R, ks, K, gid, seed + d) for d in (1, 2, 3)]
+    assert any(not torch.equal(o, moved) for o in others)                           # that the seed moves
+
+
+def test_placebo_draws_members_and_turns_uniformly():
+    """One group of 5 with 2 first-occurrence turns, K = 4 everywhere: over 4,000 seeds each member
+    is chosen 2/5 of the time and each turn drawn 1/4 of the time (within 6 binomial sd)."""
+    R, ks, K = torch.zeros(5), torch.tensor([0, 3, -1, -1, -1]), torch.full((5,), 4)
+    gid = torch.zeros(5, dtype=torch.long)
+    n, base = 4000, random.randrange(2**40)
+    member = torch.zeros(5)
+    turns = torch.zeros(4)
+    for s in range(n):
+        moved = ref.placebo_first_turn(R, ks, K, gid, base + s)
+        member += (moved >= 0).float()
+        turns += torch.bincount(moved[moved >= 0], minlength=4).float()
+    sd = (n * 0.4 * 0.6) ** 0.5
+    assert ((member - n * 0.4).abs() < 6 * sd).all(), member
+    sd_t = (2 * n * 0.25 * 0.75) ** 0.5
+    assert ((turns - 2 * n * 0.25).abs() < 6 * sd_t).all(), turns
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_placebo_by_hand(backend):
+    """An all-fail group with one first-occurrence turn: "tspo" credits the member that retrieved
+    the answer; the placebo credits exactly one member too, at the turn it drew, and gives the
+    group the same set of values (one bonus, the same statistics)."""
+    R, ks, K = torch.zeros(5), torch.tensor([1, -1, -1, -1, -1]), torch.tensor([3, 3, 3, 3, 3])
+    gid, (turn, mask) = torch.zeros(5, dtype=torch.long), _layout([3] * 5, 30)
+    seed = random.randrange(2**62)
+    kw = dict(alpha=0.5, norm="group", backend=backend, max_turns=3)
+    _, A = tk.turn_advantages(R, ks, K, gid, turn, mask, mode="tspo", **kw)
+    _, P = tk.turn_advantages(R, ks, K, gid, turn, mask, mode="tspo_placebo", seed=seed, **kw)
+    moved = ref.placebo_first_turn(R, ks, K, gid, seed)
+    (who,) = (moved >= 0).nonzero().flatten().tolist()
+    k = int(moved[who])
+    credited = P > 0
+    assert credited[who, : k + 1].all() and not credited[who, k + 1:].any()
+    assert int(credited.sum()) == k + 1 and not credited[torch.arange(5) != who].any()
+    assert torch.allclose(P[who, 0], A[0, 0]) and torch.allclose(P[(who + 1) % 5, 0], A[1, 0])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_placebo_alpha_zero_is_grpo(backend):
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid, turn, mask = _mixed_inputs(gen, 30, 50, 4)
+    gid[:3], R[:3] = -6, torch.tensor([1.0, 0.0, 1.0])                  # a mixed group: GRPO is not all zero
+    run = lambda **kw: tk.turn_advantages(R, ks, K, gid, turn, mask, gamma=1.0, norm="group", backend=backend, **kw)
+    grpo = run(mode="grpo", alpha=0.0)
+    assert torch.count_nonzero(grpo[1]) > 0
+    placebo = run(mode="tspo_placebo", alpha=0.0, seed=5)
+    assert torch.equal(placebo[0], grpo[0]) and torch.equal(placebo[1], grpo[1])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_placebo_nan_outcome_stays_in_its_row(backend):
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid = _placebo_groups(gen, 4, 5, 3)
+    turn, mask = _layout(K.tolist(), 40)
+    bad = 2
+    R[bad] = float("nan")
+    tok, A = tk.turn_advantages(R, ks, K, gid, turn, mask, mode="tspo_placebo", seed=11, backend=backend, max_turns=3)
+    assert torch.isnan(A[bad, : K[bad]]).all() and (A[bad, K[bad]:] == 0).all()
+    keep = torch.arange(len(R)) != bad
+    assert not torch.isnan(A[keep]).any() and not torch.isnan(tok[keep]).any()
+
+
+def test_placebo_large_batch_several_member_blocks():
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid, turn, mask = _mixed_inputs(gen, 150, 300, 4)
+    moved = ref.placebo_first_turn(R, ks, K, gid, 99)
+    T_out = max(int(K.max()), 1)
+    got = _turn_advantages_triton(R, moved, K, gid, turn, mask, alpha=0.3, gamma=0.9, norm="turn", eps=1e-6,
+                                  T=T_out, mode="tspo", block_b=64, block_l=128, block_r=16)
+    want = ref.turn_advantages(R, ks, K, gid, turn, mask, alpha=0.3, gamma=0.9, mode="tspo_placebo", norm="turn",
+                               seed=99)
+    _assert_both_close(got, want, R, moved, K, gid, turn, mask, alpha=0.3, gamma=0.9)
+
+
+def test_placebo_is_a_registered_mode_and_config_value():
+    from tspo_fast.config import load_config
+    assert "tspo_placebo" in tk.ADV_MODES
+    assert load_config(None, ["advantage.mode=tspo_placebo"]).advantage.mode == "tspo_placebo"

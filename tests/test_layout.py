@@ -162,7 +162,7 @@ def test_a_registered_estimator_is_picked_up_from_a_config():
 
     calls = []
 
-    def toy(batch, outcome, first_turn, *, alpha, gamma, norm, eps, max_turns, backend):
+    def toy(batch, outcome, first_turn, *, alpha, gamma, norm, eps, max_turns, backend, seed):
         calls.append((alpha, norm))
         adv = torch.where(batch.loss_mask, outcome[:, None], torch.zeros(()))
         return adv, outcome[:, None].clone()

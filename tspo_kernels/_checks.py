@@ -55,8 +55,9 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 #: K1 ``source``: where an answer must occur (docs/algorithm.md §2)
 FOLR_SOURCES = ("observation", "action", "any")
 #: K2 ``mode`` and ``norm`` (docs/algorithm.md §3): "tspo" (turn-level returns), "grpo" (outcome
-#: only), "tspo_stage" (GRPO in groups whose outcomes differ, "tspo" in groups whose outcomes coincide)
-ADV_MODES = ("tspo", "grpo", "tspo_stage")
+#: only), "tspo_stage" (GRPO in groups whose outcomes differ, "tspo" in groups whose outcomes coincide),
+#: "tspo_placebo" (a control: "tspo" with each group's FOLR bonuses moved to random members and turns)
+ADV_MODES = ("tspo", "grpo", "tspo_stage", "tspo_placebo")
 ADV_NORMS = ("group", "turn")
 
 

@@ -16,7 +16,9 @@ whose values are all equal gets sums of exactly zero and thus advantage 0, as th
 
 Modes (constexpr ``MODE``): 0 "tspo", 1 "grpo" (alpha = 0, gamma = 1, group norm), 2
 "tspo_stage" (per group: "grpo" where the members' outcomes differ, exactly compared; "tspo"
-with ``norm`` where they all coincide).
+with ``norm`` where they all coincide).  "tspo_placebo" is mode 0 on the k* that
+:func:`tspo_kernels.reference.placebo_first_turn` draws (one home for the draw, so that every
+backend moves the same bonuses; it is a few vectorised torch ops over the batch's rows).
 
 Non-finite outcomes (docs/algorithm.md §5 "Non-finite inputs"): a member with a NaN or
 infinite outcome is left out of its group's statistics and gets NaN on all of its turns; the
@@ -213,7 +215,7 @@ def turn_advantages(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: 
                     group_ids: torch.Tensor, turn_id: torch.Tensor, loss_mask: torch.Tensor, *,
                     alpha: float = 0.5, gamma: float = 1.0, mode: str = "tspo", norm: str = "group",
                     eps: float = 1e-6, max_turns: Optional[int] = None, validate: bool = True,
-                    backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+                    backend: str = "auto", seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Turn-level, group-normalised TSPO advantages (K2, docs/algorithm.md §3).
 
     outcome (B,) float (R_i), first_turn (B,) int (k*_i, -1 if none), num_turns (B,) int >= 0
@@ -224,6 +226,9 @@ def turn_advantages(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: 
     ``mode="grpo"``: outcome-only GRPO advantages on every turn (alpha and norm ignored).
     ``mode="tspo_stage"``: per group, the "grpo" advantages where its members' outcomes are
     not all (exactly) equal, the "tspo" advantages with ``norm`` where they all coincide.
+    ``mode="tspo_placebo"`` (a control for experiments): "tspo" after each group's FOLR bonuses
+    are moved to members and turns drawn at random (as many as the group has k*), seeded by
+    ``seed`` (:func:`tspo_kernels.reference.placebo_first_turn`).
     A group whose values all coincide gets advantage 0; a group of one uses mean 0, std 1.
 
     Non-finite outcomes: a row with a NaN/inf R_i gets NaN on all its turns (so its
@@ -247,12 +252,15 @@ def turn_advantages(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: 
         if backend != "reference" and not validate and max_turns is not None:
             num_turns = num_turns.clamp(min=0)      # as the kernel: a negative K_i is no turns
         return reference.turn_advantages(outcome, first_turn, num_turns, group_ids, turn_id, loss_mask, alpha=alpha,
-                                         gamma=gamma, mode=mode, norm=norm, eps=eps, max_turns=max_turns)
+                                         gamma=gamma, mode=mode, norm=norm, eps=eps, max_turns=max_turns, seed=seed)
     if validate or max_turns is None:
         k_max = _checks.num_turns_values(num_turns)
         if max_turns is None:
             max_turns = max(k_max, 1)
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    if mode == "tspo_placebo":
+        first_turn = reference.placebo_first_turn(outcome, first_turn, num_turns, group_ids, seed)
+        mode = "tspo"
     return _turn_advantages_triton(outcome, first_turn, num_turns, group_ids, turn_id, loss_mask, alpha=alpha,
                                    gamma=gamma, norm=norm, eps=eps, T=int(max_turns), mode=mode)

@@ -93,6 +93,76 @@ def turn_returns(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: tor
     return torch.where(has, G, torch.zeros_like(G))
 
 
+_M64 = (1 << 64) - 1
+
+
+def _i64(c: int) -> int:
+    """A 64-bit constant as the signed value torch's int64 holds."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 values (torch's ``>>`` is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(*parts: torch.Tensor) -> torch.Tensor:
+    """A counter-based 64-bit hash of int64 tensors (SplitMix64's finaliser, chained); the same
+    bits on every device and in every order of evaluation."""
+    z = torch.zeros_like(parts[0], dtype=torch.int64)
+    for p in parts:
+        z = z ^ p.to(torch.int64)
+        z = z + _i64(0x9E3779B97F4A7C15)
+        z = (z ^ _shr(z, 30)) * _i64(0xBF58476D1CE4E5B9)
+        z = (z ^ _shr(z, 27)) * _i64(0x94D049BB133111EB)
+        z = z ^ _shr(z, 31)
+    return z
+
+
+def _uniform(z: torch.Tensor) -> torch.Tensor:
+    """float64 in [0, 1) from the top 53 bits of a hash."""
+    return _shr(z, 11).double() / float(1 << 53)
+
+
+def placebo_first_turn(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: torch.Tensor,
+                       group_ids: torch.Tensor, seed: int) -> torch.Tensor:
+    """The placebo's k* (docs/algorithm.md §3, ``mode="tspo_placebo"``): in each group, as many
+    members as have a first-occurrence turn (0 <= k*_i < K_i) get one, but the members are drawn
+    uniformly without replacement among the group's members (rows with K_i >= 1 and a finite
+    outcome) and each gets a turn drawn uniformly from its own [0, K_i); every other row gets -1.
+
+    The draws are a hash of (``seed``, group id, row index), so they depend on the seed (a run's
+    seed mixed with its step), the group and the batch's row order only: the same on every device
+    and backend.  Returns (B,) int64.
+    """
+    B = outcome.shape[0]
+    dev = outcome.device
+    K = num_turns.long()
+    member = (K >= 1) & torch.isfinite(outcome)
+    hit = member & (first_turn.long() >= 0) & (first_turn.long() < K)
+    out = torch.full((B,), -1, dtype=torch.int64, device=dev)
+    if B == 0:
+        return out
+    rows = torch.arange(B, device=dev)
+    s = torch.full((B,), int(seed) & _M64 if seed >= 0 else int(seed), dtype=torch.int64, device=dev)
+    g = group_ids.long()
+    key = mix64(s, g, rows)                                # order of the members within their group
+    turn_u = _uniform(mix64(s, g, rows, torch.ones_like(rows)))
+    _, grp = torch.unique(g, return_inverse=True)
+    n_hits = torch.zeros(int(grp.max()) + 1, dtype=torch.int64, device=dev).index_add_(0, grp, hit.long())
+    # rank of each member inside its group by key: sort by key, then stably by group
+    order = torch.argsort(key)
+    order = order[torch.argsort(grp[order], stable=True)]
+    sorted_grp, sorted_member = grp[order], member[order].long()
+    before = torch.cumsum(sorted_member, 0) - sorted_member          # members earlier in the sorted list
+    start = torch.searchsorted(sorted_grp, sorted_grp)               # where each row's group begins
+    rank = torch.empty_like(before)
+    rank[order] = before - before[start]
+    chosen = member & (rank < n_hits[grp])
+    turn = torch.minimum((turn_u * K.clamp(min=1).double()).long(), (K - 1).clamp(min=0))
+    return torch.where(chosen, turn, out)
+
+
 def _stats(x: torch.Tensor) -> Tuple[float, float]:
     """(mean, unbiased std) of a group's values; (0, 1) under 2 values; std exactly 0 if all equal."""
     if x.numel() < 2:
@@ -105,7 +175,8 @@ def _stats(x: torch.Tensor) -> Tuple[float, float]:
 def turn_advantages(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: torch.Tensor,
                     group_ids: torch.Tensor, turn_id: torch.Tensor, loss_mask: torch.Tensor, *,
                     alpha: float = 0.5, gamma: float = 1.0, mode: str = "tspo", norm: str = "group",
-                    eps: float = 1e-6, max_turns: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    eps: float = 1e-6, max_turns: Optional[int] = None, seed: int = 0
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Turn-level, group-normalised advantages (K2, docs/algorithm.md §3).
 
     outcome (B,) float: R_i; first_turn (B,) int: k*_i or -1; num_turns (B,) int >= 0: K_i;
@@ -116,7 +187,9 @@ def turn_advantages(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: 
     ``"grpo"``: Search-R1's GRPO (alpha = 0, gamma = 1, group normalisation: the outcome
     advantage on every turn); ``"tspo_stage"``: per group, ``"grpo"`` where the outcomes R of
     its members (rows with K_i >= 1 and a finite outcome) are not all exactly equal, ``"tspo"``
-    with ``norm`` where they all coincide (a group of one counts as all equal).
+    with ``norm`` where they all coincide (a group of one counts as all equal);
+    ``"tspo_placebo"``: ``"tspo"`` on the k* of :func:`placebo_first_turn` (``seed``): each group
+    gets as many FOLR bonuses as it has first-occurrence turns, on random members and turns.
 
     Statistics: ``norm="group"``: mean/unbiased std of {G[i, 0]} over the group;
     ``norm="turn"``: over the members that have turn k, falling back to the group's when
@@ -139,6 +212,8 @@ def turn_advantages(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: 
     T = int(max_turns) if max_turns is not None else max(K_max, 1)
     if T < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+    if mode == "tspo_placebo":
+        first_turn, mode = placebo_first_turn(outcome, first_turn, num_turns, group_ids, seed), "tspo"
     finite = torch.isfinite(outcome)
     R = torch.where(finite, outcome, torch.zeros_like(outcome))
     G_turn = turn_returns(R, first_turn, num_turns, T, alpha=alpha, gamma=gamma)       # "tspo" returns

@@ -183,7 +183,8 @@ class Trainer:
         token_adv, turn_adv = batch_advantages(batch, outcome, first_turn, mode=cfg.advantage.mode,
                                                norm=cfg.advantage.norm, alpha=cfg.reward.folr_alpha,
                                                gamma=cfg.advantage.gamma, eps=cfg.advantage.eps,
-                                               max_turns=cfg.rollout.max_turns + 1)
+                                               max_turns=cfg.rollout.max_turns + 1,
+                                               seed=mix_seed(cfg.seed, self.step, 0))
         times["time/reward_advantage"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
