@@ -19,7 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tspo_kernels", "tspo_fast", "tspo_fast.*"]),
     
-    package_data={"tspo_fast": ["world/data/*.jsonl", "world/warm_policy/*"]},
+    package_data={"tspo_fast": ["world/data/*.jsonl", "world/warm_policy/*", "world/hops/*.jsonl", "world/hops_policy/*"]},
     install_requires=KERNEL_REQUIRES + [
         "pyyaml",
         "tqdm",

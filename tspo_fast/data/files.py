@@ -1,24 +1,26 @@
-"""Data files named in a config: a path, or ``bundled:train`` / ``bundled:test`` (the embedded world)."""
+"""Data files named in a config: a path, or a bundled world's set (``bundled:train`` / ``bundled:test``,
+``bundled:hops-train`` / ``bundled:hops-test``)."""
 from __future__ import annotations
 
 import hashlib
 import os
 from typing import Dict, List, Sequence
 
-from ..world import qa_path
+from ..world import WORLDS, qa_path, split_bundled
 from .qa import DataError, QAExample, load_examples
 
 __all__ = ["resolve_data_file", "load_split"]
 
 
 def resolve_data_file(name: str) -> str:
-    """The path of a config's data file; ``bundled:<split>`` is the embedded world's set."""
+    """The path of a config's data file; ``bundled:[<world>-]<split>`` is a bundled world's set."""
     if name.startswith("bundled:"):
-        split = name.split(":", 1)[1]
+        world, split = split_bundled(name)
         try:
-            return str(qa_path(split))
+            return str(qa_path(split, world))
         except ValueError:
-            raise DataError(f"data: unknown bundled set {name!r}; use bundled:train or bundled:test") from None
+            known = ", ".join(f"bundled:{w + '-' if w != 'world' else ''}{s}" for w in WORLDS for s in ("train", "test"))
+            raise DataError(f"data: unknown bundled set {name!r}; the bundled sets are {known}") from None
     if not os.path.exists(name):
         raise DataError(f"data file not found: {name}")
     return name

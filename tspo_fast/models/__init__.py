@@ -4,6 +4,9 @@
   follows the protocol and can search and read, but mostly answers from memory: greedy, it never
   searches), shipped in ``tspo_fast/world/warm_policy`` and rebuilt by
   ``python -m tspo_fast.worldgen.warmstart --out DIR``.
+* ``bundled:hops-warmstart``: the hops world's warm-start policy (``tspo_fast/world/hops_policy``,
+  rebuilt by ``python -m tspo_fast.worldgen.hops_warmstart --out DIR``): it reads well but searches
+  too few hops.
 * ``bundled:tiny``: a random tiny Qwen2 with a tokenizer trained on the world (tests, benchmarks),
   built into the cache on first use.
 """
@@ -15,36 +18,43 @@ from typing import List, Tuple
 
 from ..cache import build_once, cache_dir
 from ..data import load_examples
-from ..world import WARM_POLICY_DIR, corpus_path, qa_path
+from ..world import corpus_path, qa_path, warm_policy_dir
 from .hub import load_causal_lm, load_tokenizer
 from .tiny import TinyModelSpec, build_tiny_model
 
-__all__ = ["BUNDLED", "BUNDLED_TINY", "BUNDLED_WARMSTART", "resolve_model_path", "load_tokenizer",
+__all__ = ["BUNDLED", "BUNDLED_HOPS_WARMSTART", "BUNDLED_TINY", "BUNDLED_WARMSTART", "WARM_STARTS", "resolve_model_path", "load_tokenizer",
            "load_causal_lm", "load_policy", "world_texts"]
 
 BUNDLED_TINY = "bundled:tiny"
 BUNDLED_WARMSTART = "bundled:warmstart"
-BUNDLED = (BUNDLED_WARMSTART, BUNDLED_TINY)
+BUNDLED_HOPS_WARMSTART = "bundled:hops-warmstart"
+#: bundled warm starts: config name -> (world, the command that rebuilds it, its build time on 2 cores)
+WARM_STARTS = {BUNDLED_WARMSTART: ("world", "tspo_fast.worldgen.warmstart", "about 15 minutes"),
+               BUNDLED_HOPS_WARMSTART: ("hops", "tspo_fast.worldgen.hops_warmstart", "about 30 minutes")}
+BUNDLED = (*WARM_STARTS, BUNDLED_TINY)
 TINY_SPEC = TinyModelSpec(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=384,
                           max_position_embeddings=2048, vocab_target=2048)
 
 
-def world_texts(limit: int = 4000) -> List[str]:
-    """Lines of the bundled world (passages and questions) to train the tiny tokenizer on."""
-    with open(corpus_path(), encoding="utf-8") as f:
+def world_texts(limit: int = 4000, world: str = "world") -> List[str]:
+    """Lines of a bundled world (passages and questions) to train a tiny tokenizer on."""
+    with open(corpus_path(world), encoding="utf-8") as f:
         texts = [json.loads(line)["contents"] for line in f if line.strip()]
-    texts += [ex.prompt() + " <answer> " + ex.aliases[0] + " </answer>" for ex in load_examples(qa_path("train"))[:limit]]
+    texts += [ex.prompt() + " <answer> " + ex.aliases[0] + " </answer>"
+              for ex in load_examples(qa_path("train", world))[:limit]]
     return texts
 
 
 def resolve_model_path(path: str) -> str:
     """A folder or hub id for ``model.path``; bundled policies resolve to their folder."""
-    if path == BUNDLED_WARMSTART:
-        if not os.path.exists(os.path.join(WARM_POLICY_DIR, "config.json")):
+    if path in WARM_STARTS:
+        world, builder, minutes = WARM_STARTS[path]
+        folder = warm_policy_dir(world)
+        if not os.path.exists(os.path.join(folder, "config.json")):
             raise FileNotFoundError(
-                f"model.path: the shipped warm-start policy is missing from {WARM_POLICY_DIR}; rebuild it with "
-                f"'python -m tspo_fast.worldgen.warmstart --out {WARM_POLICY_DIR}' (about 15 minutes on 2 cores)")
-        return WARM_POLICY_DIR
+                f"model.path: the shipped warm-start policy {path} is missing from {folder}; rebuild it with "
+                f"'python -m {builder} --out {folder}' ({minutes} on 2 cores)")
+        return folder
     if path == BUNDLED_TINY:
         return build_once(os.path.join(cache_dir(), "tiny-qwen2-v1"), "config.json",
                           lambda tmp: build_tiny_model(tmp, world_texts(), TINY_SPEC))

@@ -1,0 +1,217 @@
+"""The hops world's warm-start policy: a tiny Qwen2 that reads well but searches too few hops.
+
+``python -m tspo_fast.worldgen.hops_warmstart --out DIR`` writes what ``bundled:hops-warmstart``
+ships in ``tspo_fast/world/hops_policy``.  Every random choice comes from ``--seed``.
+
+1. a byte-level BPE tokenizer trained on the hops world's passages, prompts and the
+   demonstrations' wording (every entity name is one or two tokens);
+2. a small Qwen2-architecture model (:class:`HopsWarmStartSpec`; head size 32 for vLLM's CPU
+   backend);
+3. supervised fine-tuning on the action tokens (observations masked, as in RL) of demonstrations
+   of the protocol for every practice question of the world (one-, two- and three-hop questions
+   whose start entity and type the test split does not ask; :func:`tspo_fast.worldgen.hops.practice_questions`),
+   laid out exactly as rollouts lay them out, with the observations the real BM25 index returns.
+   A demonstration follows the chain hop by hop; each action's ``<think>`` restates the fact the
+   last passage gave ("The Zarn Bridge was built by Velrix Motors.") before naming the next search.
+
+The demonstrations read **perfectly** — whenever the chain is complete the answer is the one the
+last passage states (in ``swap_share`` of them the last passage's answer is replaced by another
+entity of the same kind, so that reading, not memory, predicts it) — but they **search too
+little**: after each hop but the last the demonstration goes on with probability ``p_continue``
+and otherwise answers at once with a wrong entity of the answer's kind (one the context shows
+when there is one: the wrong hop's city, say); a share ``p_bad_query`` of searches uses only the
+first word of the name (which often retrieves a sibling: "Zarn" for "Zarn Bridge") and then gives
+up with a guess; ``p_memory`` answer without searching.  With ``p_continue`` below one half,
+greedy decoding stops after the first hop, while sampled rollouts sometimes go all the way: RL has
+to teach the policy to search deeper, as FOLR's paper regime asks (docs/algorithm.md §3).
+What the build reached is in ``warmstart.json`` (losses; :func:`tspo_fast.worldgen.ceiling.reading_probe`
+gives the reading accuracy with the chain searched right).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ..models import world_texts
+from ..models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer
+from ..protocol import build_prompt, search_observation
+from ..retrieval import InProcessRetriever
+from ..retrieval.bundled import bundled_index
+from . import hops
+from .warmstart import search_first_prob, sft
+
+#: how a thought states the link ``attr`` from ``x`` to ``y``
+FACT = {"builder": "{x} was built by {y}", "designer": "{x} was designed by {y}", "city": "{x} is in {y}",
+        "founder": "{x} was founded by {y}", "hq": "{x} has its headquarters in {y}",
+        "birthplace": "{x} was born in {y}", "country": "{x} is in {y}", "capital": "The capital of {x} is {y}"}
+
+
+@dataclass(frozen=True)
+class HopsWarmStartSpec:
+    seed: int = 0
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    vocab_target: int = 4096
+    demos_per_question: int = 2
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 3e-3
+    max_obs_tokens: int = 200
+    topk: int = 3
+    max_questions: int = 0          # 0: every practice question (smaller for smoke tests)
+    p_continue: float = 0.4         # after a hop that is not the last: search the next one (else answer now)
+    p_bad_query: float = 0.1        # a search with the name's first word only, then a guess
+    p_memory: float = 0.05          # answer at once, without searching
+    swap_share: float = 0.7         # demonstrations whose last passage states another answer (read, not recalled)
+
+
+def _name(e: hops.Entity) -> str:
+    return f"the {e.name}" if e.kind == "landmark" else e.name
+
+
+def _fact(attr: str, x: hops.Entity, y: str) -> str:
+    s = FACT[attr].format(x=_name(x), y=y)
+    return s[0].upper() + s[1:]
+
+
+def _search(thought: str, query: str) -> str:
+    return f"<think> {thought} </think>\n<search> {query} </search>"
+
+
+def _answer(thought: str, ans: str) -> str:
+    return f"<think> {thought}The answer is {ans}. </think>\n<answer> {ans} </answer>"
+
+
+class Demonstrator:
+    """Draws the turns of one demonstration: ``[(action text, search query or None), ...]``, and
+    the observation text of each search (with the last passage's answer swapped when asked)."""
+
+    def __init__(self, world: hops.HopsWorld, retriever, spec: HopsWarmStartSpec, rng: random.Random):
+        self.world, self.retriever, self.spec, self.rng = world, retriever, spec, rng
+        self.by_pid = {e.pid: e for kind in world.entities.values() for e in kind}
+        self.by_kind = {k: [e.name for e in v] for k, v in world.entities.items()}
+        self._hits: Dict[str, list] = {}
+
+    def hits(self, query: str) -> list:
+        if query not in self._hits:
+            self._hits[query] = self.retriever.retrieve([query], self.spec.topk)[0]
+        return self._hits[query]
+
+    def _guess(self, kind: str, avoid: str, context: Sequence[str]) -> str:
+        """A wrong entity of ``kind``: one the context names when there is one, else any."""
+        shown = [n for n in self.by_kind[kind] if n != avoid and any(f" {n}" in c for c in context)]
+        return self.rng.choice(shown or [n for n in self.by_kind[kind] if n != avoid])
+
+    def turns(self, ex) -> List[Tuple[str, Optional[str], Optional[str]]]:
+        """``(action, query, observation)`` per turn (query and observation None on the answer turn)."""
+        s, rng = self.spec, self.rng
+        walk = [self.by_pid[p] for p in ex.extra["support"]]
+        attrs = hops.QTYPES[ex.extra["qtype"]][1]
+        walk.append(walk[-1].attrs[attrs[-1]])
+        gold, kind = walk[-1].name, walk[-1].kind
+        if rng.random() < s.p_memory:
+            return [(_answer("", self._guess(kind, gold, [])), None, None)]
+        out, context, thought = [], [], f"I need to search {_name(walk[0])}."
+        swap = rng.random() < s.swap_share
+        for hop, (x, attr) in enumerate(zip(walk[:-1], attrs)):
+            if rng.random() < s.p_bad_query and " " in x.name:
+                q = x.name.split(" ")[0]
+                obs = search_observation(self.hits(q))
+                out.append((_search(thought, q), q, obs))
+                return out + [(_answer("", self._guess(kind, gold, context + [obs])), None, None)]
+            obs = search_observation(self.hits(x.name))
+            y = walk[hop + 1].name
+            if hop == len(attrs) - 1 and swap:          # the last passage states another answer: read it
+                y = self._guess(kind, gold, [])
+                obs = obs.replace(f" {gold}.", f" {y}.")
+            out.append((_search(thought, x.name), x.name, obs))
+            context.append(obs)
+            fact = _fact(attr, x, y) + ". "
+            if hop == len(attrs) - 1:
+                return out + [(_answer(fact, y), None, None)]
+            if rng.random() >= s.p_continue:
+                return out + [(_answer(fact, self._guess(kind, gold, context)), None, None)]
+            thought = f"{fact}I need to search {_name(walk[hop + 1])}."
+        raise AssertionError("unreachable")
+
+
+def build_examples(tokenizer, demo: Demonstrator, examples, spec: HopsWarmStartSpec):
+    """Token ids + action mask of every demonstration, laid out as rollouts lay them out."""
+    rows = []
+    for _ in range(spec.demos_per_question):
+        for ex in examples:
+            ids = tokenizer(build_prompt(ex.question, tokenizer), add_special_tokens=False)["input_ids"]
+            mask = [False] * len(ids)
+            for action, _, obs in demo.turns(ex):
+                a = tokenizer(action, add_special_tokens=False)["input_ids"]
+                ids, mask = ids + a, mask + [True] * len(a)
+                if obs is not None:
+                    o = tokenizer(obs, add_special_tokens=False)["input_ids"][: spec.max_obs_tokens]
+                    ids, mask = ids + o, mask + [False] * len(o)
+            rows.append((ids, mask))
+    demo.rng.shuffle(rows)
+    return rows
+
+
+def build_hops_warm_start(out_dir: str, spec: HopsWarmStartSpec = HopsWarmStartSpec(), progress: bool = True) -> str:
+    """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32)."""
+    torch.manual_seed(spec.seed)
+    world = hops.build()
+    examples = world.practice()
+    if spec.max_questions:
+        examples = examples[: spec.max_questions]
+    retriever = InProcessRetriever.from_dir(bundled_index("bm25", hops.WORLD))
+    demo = Demonstrator(world, retriever, spec, random.Random(spec.seed))
+    sample = [a for ex in examples[:3000] for a, _, _ in demo.turns(ex)]
+    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
+    build_tiny_model(tmp, world_texts(world=hops.WORLD) + sample, TinyModelSpec(
+        hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads, intermediate_size=spec.intermediate_size, max_position_embeddings=2048,
+        vocab_target=spec.vocab_target, seed=spec.seed))
+    tok = load_tokenizer(tmp)
+    model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    rows = build_examples(tok, demo, examples, spec)
+    losses = sft(model, [("demo", rows, spec.batch_size, 0)], spec, tok.pad_token_id, progress)
+    info = {"spec": asdict(spec), "demonstrations": len(rows), "practice_questions": len(examples),
+            "first_loss": losses["demo"][0], "last_loss": sum(losses["demo"][-20:]) / len(losses["demo"][-20:]),
+            "search_first_prob": search_first_prob(model, tok, examples)}
+    model.save_pretrained(tmp)
+    with open(os.path.join(tmp, "warmstart.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=HopsWarmStartSpec.epochs)
+    ap.add_argument("--max-questions", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="any HopsWarmStartSpec field, e.g. --set p_continue=0.3 (repeatable)")
+    args = ap.parse_args(argv)
+    fields = {f: type(v) for f, v in asdict(HopsWarmStartSpec()).items()}
+    kw = {"seed": args.seed, "epochs": args.epochs, "max_questions": args.max_questions}
+    for item in args.set:
+        k, _, v = item.partition("=")
+        if k not in fields:
+            ap.error(f"--set {item}: unknown field {k!r} (known: {', '.join(fields)})")
+        kw[k] = fields[k](v)
+    print(build_hops_warm_start(args.out, HopsWarmStartSpec(**kw)))
+
+
+if __name__ == "__main__":
+    main()
