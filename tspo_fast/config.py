@@ -4,7 +4,7 @@
 
 Every option of docs/algorithm.md is a field here with its default.  Fields that name an
 extension (``advantage.mode``, ``retrieval.kind``, ``rollout.engine``) are checked against the
-registries, so a registered extension is a valid value (README, "Extending").
+registries, so a registered extension is a valid value (docs/extending.md).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ An estimator is a function::
 ``batch.turn_id``; trained tokens: ``batch.loss_mask``), ``outcome`` (B,) the rewards R and
 ``first_turn`` (B,) FOLR's k* (-1: none); ``alpha`` is ``reward.folr_alpha``, the rest the
 ``advantage`` section.  The built-in estimators run kernel K2.  Add one with
-``ESTIMATORS.register("name", fn)`` (README, "Extending").
+``ESTIMATORS.register("name", fn)`` (docs/extending.md).
 """
 from __future__ import annotations
 
