@@ -13,7 +13,7 @@ What then imports and runs here:
 * not ``RemoteExperienceMaker`` (``openrlhf.trainer.ppo_utils.experience_maker``): it imports
   ``openrlhf.models``, whose ``ring_attn_utils`` imports ``flash_attn``.  So the object passed as
   ``self`` to ``tspo_advantages`` is a stand-in holding the one attribute it reads
-  (``strategy.args.rollout.n_samples_per_prompt``), and README's recipe test is skipped with the
+  (``strategy.args.rollout.n_samples_per_prompt``), and the recipe test of docs/kernels.md is skipped with the
   import error as its reason.
 """
 import importlib
@@ -130,16 +130,16 @@ def test_advantages_on_experiences_from_openrlhf_sample_builder():
     check(tspo_advantages(owner(), experiences))
 
 
-def readme_recipe():
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.compile(r"```python\n(.*?)```", re.S).search(text, text.index("**OpenRLHF**"))
-    assert block is not None and "RemoteExperienceMaker" in block.group(1), "README: no OpenRLHF recipe"
+def docs_recipe():
+    text = (ROOT / "docs" / "kernels.md").read_text(encoding="utf-8")
+    block = re.compile(r"```python\n(.*?)```", re.S).search(text, text.index("### OpenRLHF"))
+    assert block is not None and "RemoteExperienceMaker" in block.group(1), "docs/kernels.md: no OpenRLHF recipe"
     return block.group(1)
 
 
-def test_readme_recipe_patches_the_experience_maker():
-    """README's OpenRLHF recipe, as written: RemoteExperienceMaker's advantage step becomes TSPO's."""
-    recipe = readme_recipe()
+def test_docs_recipe_patches_the_experience_maker():
+    """The OpenRLHF recipe of docs/kernels.md, as written: RemoteExperienceMaker's advantage step becomes TSPO's."""
+    recipe = docs_recipe()
     pytest.importorskip("openrlhf", reason=NO_OPENRLHF)
     try:
         importlib.import_module("openrlhf.trainer.ppo_utils.experience_maker")

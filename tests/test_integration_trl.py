@@ -4,7 +4,7 @@ Tiny Qwen2 models are built in the tests.  Most tests script the multi-turn sear
 through TRL's ``rollout_func`` (token ids + ``env_mask``), so TRL's own batching, reward and
 training-step code runs unchanged on CPU; ``test_tools_*`` runs TRL's own tool-calling loop
 (``tools=[search]``) with a policy taught to call the tool, the tool asking tspo-fast's
-retrieval server on loopback, as README's TRL snippet writes it.
+retrieval server on loopback, as the TRL snippet of docs/kernels.md writes it.
 """
 import json
 import os
@@ -216,11 +216,11 @@ def test_unsupported_options_raise(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------- tools=[search], end to end
-def readme_snippet(marker: str, lang: str = "python") -> str:
-    """The first ``lang`` code block of README.md after the line containing ``marker``."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+def docs_snippet(marker: str, lang: str = "python") -> str:
+    """The first ``lang`` code block of docs/kernels.md after the line containing ``marker``."""
+    text = (ROOT / "docs" / "kernels.md").read_text(encoding="utf-8")
     block = re.compile(rf"```{lang}\n(.*?)```", re.S).search(text, text.index(marker))
-    assert block is not None, f"README.md: no {lang} block after {marker!r}"
+    assert block is not None, f"docs/kernels.md: no {lang} block after {marker!r}"
     return block.group(1)
 
 
@@ -287,10 +287,10 @@ def test_tools_train_two_steps_with_the_retriever(search_url, tmp_path, monkeypa
     """TSPOGRPOTrainer(..., tools=[search]) trains 2 steps with TRL's own tool loop; the tool asks
     tspo-fast's retrieval server.  FOLR's k* is the turn whose tool output (tool_mask = 0) first
     holds the gold answer, and K3 computed the loss on K2's per-turn advantages."""
-    # README, "Use the kernels elsewhere", **TRL**: its snippet up to the trainer, as written,
+    # docs/kernels.md, "Use the kernels elsewhere", TRL: its snippet up to the trainer, as written,
     # with the live server's URL for the default one; the trainer below is the snippet's call
     # with a CPU-sized GRPOConfig.
-    head = readme_snippet("**TRL**").split("trainer = ", 1)[0]
+    head = docs_snippet("### TRL").split("trainer = ", 1)[0]
     ns: dict = {}
     exec(head.replace('"http://127.0.0.1:8000"', repr(search_url)), ns)
     search = ns["search"]

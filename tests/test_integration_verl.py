@@ -7,7 +7,7 @@ project's transformers and tensordict).  What runs here, unchanged:
 * the ``"tspo"`` advantage estimator through ``core_algos``' registry and
   ``verl.trainer.ppo.ray_trainer.compute_advantage`` on a real ``DataProto``;
 * the reward manager through veRL's reward loop: ``RewardLoopManager`` (its Ray workers, on a
-  local one-CPU Ray instance) loading ``TSPORewardLoopManager`` with README's settings
+  local one-CPU Ray instance) loading ``TSPORewardLoopManager`` with the settings of docs/kernels.md
   (``source=importlib``) on veRL's own default trainer config, then ``compute_rm_score``;
 * the legacy ``AbstractRewardManager`` path (``TSPORewardManager``) on a ``DataProto``.
 
@@ -181,18 +181,18 @@ def test_folr_first_turn_from_token_ids(tiny_tokenizer_dir):
     assert tv.folr_first_turn(ids, mask, [["Paris"]] * 3, tok, source="action").tolist() == [2, 0, -1]
 
 
-def readme_verl_overrides():
-    """The ``key=value`` overrides of README's veRL command, as written."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    block = re.compile(r"```bash\n(.*?)```", re.S).search(text, text.index("**veRL**"))
-    assert block is not None and "verl.trainer.main_ppo" in block.group(1), "README: no veRL command"
+def docs_verl_overrides():
+    """The ``key=value`` overrides of the veRL command of docs/kernels.md, as written."""
+    text = (ROOT / "docs" / "kernels.md").read_text(encoding="utf-8")
+    block = re.compile(r"```bash\n(.*?)```", re.S).search(text, text.index("### veRL"))
+    assert block is not None and "verl.trainer.main_ppo" in block.group(1), "docs/kernels.md: no veRL command"
     return re.findall(r"(?<!\S)([\w.]+=\S+)", block.group(1))
 
 
 def test_reward_loop_manager_and_compute_advantage(tiny_tokenizer_dir):
-    """veRL's RewardLoopManager (Ray workers) with README's reward settings loads
+    """veRL's RewardLoopManager (Ray workers) with the reward settings of docs/kernels.md loads
     TSPORewardLoopManager by importlib; compute_rm_score gives FOLR's token-level rewards (veRL's
-    own Search-R1 EM for R, K1 for k*), and compute_advantage with README's
+    own Search-R1 EM for R, K1 for k*), and compute_advantage with the docs'
     ``algorithm.adv_estimator`` turns them into the reference TSPO advantages."""
     DataProto, AlgoConfig, core_algos, compute_advantage = verl_modules()
     ray = pytest.importorskip("ray", reason=NO_VERL)
@@ -200,7 +200,7 @@ def test_reward_loop_manager_and_compute_advantage(tiny_tokenizer_dir):
     from omegaconf import OmegaConf
     from verl.experimental.reward_loop.reward_loop import RewardLoopManager, migrate_legacy_reward_impl
 
-    overrides = readme_verl_overrides()
+    overrides = docs_verl_overrides()
     assert "algorithm.adv_estimator=tspo" in overrides and len(overrides) == 4, overrides
     cfg = OmegaConf.load(os.path.join(os.path.dirname(verl.__file__), "trainer/config/_generated_ppo_trainer.yaml"))
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides + [f"actor_rollout_ref.model.path={tiny_tokenizer_dir}",

@@ -267,9 +267,9 @@ def test_train_command_logs_to_wandb_offline(train_env, tmp_path):
     assert run.display_name == "run" and list(run.tags) == ["ci"]
 
 
-def test_readme_logging_section_loads(tmp_path):
-    """README's `logging` YAML block (section "Training"), as written, is a valid config."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def test_docs_logging_section_loads(tmp_path):
+    """The `logging` YAML block of docs/training.md (section "Logging"), as written, is a valid config."""
+    text = open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8").read()
     block = re.compile(r"```yaml\n(.*?)```", re.S).search(text, text.index("Logging goes to the backends"))
     assert block is not None and block.group(1).startswith("logging:")
     path = tmp_path / "logging.yaml"

@@ -4,7 +4,7 @@
 
 Every option of docs/algorithm.md is a field here with its default.  Fields that name an
 extension (``advantage.mode``, ``retrieval.kind``, ``rollout.engine``) are checked against the
-registries, so a registered extension is a valid value (README, "Extending").
+registries, so a registered extension is a valid value (docs/extending.md).
 """
 from __future__ import annotations
 
@@ -31,40 +31,49 @@ class ConfigError(ValueError):
 
 @dataclass
 class LoraSettings:
-    """LoRA adapters on the policy (PEFT); ``rank: 0`` trains the full model."""
+    """LoRA adapters on the policy (PEFT, the ``lora`` extra); ``rank: 0`` trains the full model."""
 
-    rank: int = 0
-    alpha: float = 16.0
-    dropout: float = 0.0
+    rank: int = 0                       # adapter rank r (>= 0; 0: no LoRA, every weight trains)
+    alpha: float = 16.0                 # LoRA scaling numerator (> 0): the update is (alpha / rank) * B @ A
+    dropout: float = 0.0                # dropout on the adapters' input, in [0, 1)
+    # names of the linear modules that get adapters (at least one when rank > 0)
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
 
 
 @dataclass
 class ModelConfig:
+    """The trained policy; its tokenizer is read from the same place."""
+
     path: str = "bundled:warmstart"     # hub name, local folder, "bundled:warmstart" or "bundled:tiny"
-    dtype: str = "float32"              # float32 | bfloat16 | float16
-    gradient_checkpointing: bool = False
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    dtype: str = "float32"              # float32 | bfloat16 (float16 is rejected: no loss scaler)
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # model.lora.*: see LoraSettings
 
 
 @dataclass
 class DataConfig:
+    """Question files (Search-R1 parquet/JSONL or FlashRAG JSONL; docs/algorithm.md §6)."""
+
+    # training question files, read in order (a file listed twice is an error); bundled:train = the bundled world's
     train_files: List[str] = field(default_factory=lambda: ["bundled:train"])
+    # test question files for evaluation (empty: no evaluation); bundled:test = the bundled world's
     test_files: List[str] = field(default_factory=lambda: ["bundled:test"])
     chat_template: str = "auto"         # auto (use the tokenizer's when it has one) | never
-    max_prompt_tokens: int = 512
-    shuffle: bool = True
-    eval_limit: int = 0                 # 0 = every test question
+    max_prompt_tokens: int = 512        # longest prompt, in tokens as the trainer tokenizes it (>= 8)
+    shuffle: bool = True                # a seeded permutation of the training questions per epoch (false: file order)
+    eval_limit: int = 0                 # evaluate the first N test questions (0 = every test question)
     overlong_prompts: str = "skip"      # a prompt over max_prompt_tokens: skip (counted, reported) | error
 
 
 @dataclass
 class RetrievalConfig:
+    """The search engine the rollout asks (docs/retrieval.md)."""
+
     kind: str = "inprocess"             # a registered retriever: inprocess | http
     index: str = "bundled:bm25"         # index folder for in-process retrieval
-    url: str = "http://127.0.0.1:8000/retrieve"
-    topk: int = 3
+    url: str = "http://127.0.0.1:8000/retrieve"  # kind http: the server (base URL or its /retrieve URL)
+    topk: int = 3                       # passages per search, in [1, 100]
     timeout_s: float = 30.0             # one attempt's wall-clock limit
     retries: int = 2                    # extra attempts after a failed one (the one retry layer)
     backoff_s: float = 0.25             # wait before the first retry, doubled each retry
@@ -72,78 +81,89 @@ class RetrievalConfig:
 
 @dataclass
 class RolloutConfig:
+    """Multi-turn rollouts: the engine, the episode's limits and sampling (docs/rollout.md)."""
+
     engine: str = "hf"                  # a registered engine: vllm | hf
-    n: int = 5
-    max_turns: int = 4
-    max_new_tokens_per_turn: int = 500
-    max_obs_tokens: int = 500
-    max_response_tokens: int = 4096
-    temperature: float = 1.0
-    top_p: float = 1.0
+    n: int = 5                          # rollouts per question: the group size of the advantages (>= 1)
+    max_turns: int = 4                  # turns with search served (>= 0); one more turn follows without it
+    max_new_tokens_per_turn: int = 500  # tokens sampled per turn at most (>= 1)
+    max_obs_tokens: int = 500           # an observation (retrieved text) is cut to this many tokens (>= 0)
+    max_response_tokens: int = 4096     # whole response (actions + observations) in tokens; longer ones are cut and flagged
+    temperature: float = 1.0            # sampling temperature of training rollouts (> 0; evaluation is greedy)
+    top_p: float = 1.0                  # nucleus sampling, in (0, 1]
     mode: str = "async"                 # async: each trajectory moves on alone (engines that stream); sync: turn by turn
     max_seconds: float = 0.0            # step deadline of the rollout; unfinished trajectories are cut and flagged (0: none)
     retrieval_window_ms: float = 0.0    # async: queries arriving within this window go in one retriever call
                                         # (0: those of one engine step, and those queued while every call is busy)
     retrieval_concurrency: int = 8      # async: retriever calls in flight at once
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1       # vLLM tensor parallelism; must be 1 for now (one engine per rank)
+    gpu_memory_utilization: float = 0.5  # vLLM: share of the GPU's memory it may take while generating, in (0, 1]
     enforce_eager: Optional[bool] = None  # vLLM: null = eager on CPU, CUDA graphs on GPU
     max_num_seqs: Optional[int] = None  # vLLM: sequences decoded at once (null = vLLM's default)
     seeding: str = "request"            # request: one seed per request (reproducible); engine: the engine's generator
-    sync_bucket_mb: float = 256.0
+    sync_bucket_mb: float = 256.0       # weight sync into the engine: MB of parameters gathered and loaded at a time (> 0)
 
 
 @dataclass
 class RewardConfig:
+    """Outcome and FOLR rewards (docs/algorithm.md §2)."""
+
     outcome: str = "em"                 # em | f1 (tspo_fast.algo.rewards.OUTCOMES)
-    folr_alpha: float = 0.5
-    folr_source: str = "observation"    # observation | action | any
+    folr_alpha: float = 0.5             # alpha: reward of the turn where the answer first appears (>= 0; 0: no FOLR)
+    folr_source: str = "observation"    # where FOLR looks for the answer: observation | action | any
 
 
 @dataclass
 class AdvantageConfig:
-    mode: str = "tspo"                  # a registered estimator: tspo | grpo (tspo_fast.algo.advantages)
-    norm: str = "group"                 # group | turn
-    gamma: float = 1.0
-    eps: float = 1e-6
+    """The advantage estimator (docs/algorithm.md §3)."""
+
+    mode: str = "tspo"                  # a registered estimator: tspo | grpo | tspo_stage (tspo_fast.algo.advantages)
+    norm: str = "group"                 # tspo baselines: group (trajectory returns) | turn (per turn position)
+    gamma: float = 1.0                  # discount of the turn returns, in [0, 1]
+    eps: float = 1e-6                   # added to the standard deviation before dividing (> 0)
 
 
 @dataclass
 class LossConfig:
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: Optional[float] = None
-    kl_coef: float = 0.001
-    kl_clamp: float = 10.0
-    entropy_coef: float = 0.0
-    tis_cap: Optional[float] = None     # truncated importance correction with rollout log-probs (C = 2 when on)
-    agg: str = "token_mean"             # token_mean | seq_mean_token_mean | seq_mean_token_sum
-    chunk_size: int = 1024              # K3 token chunk
+    """The clipped policy-gradient loss computed by K3 (docs/algorithm.md §4)."""
+
+    eps_low: float = 0.2                # PPO clip below: ratio >= 1 - eps_low, in [0, 1)
+    eps_high: float = 0.2               # PPO clip above: ratio <= 1 + eps_high (>= 0)
+    dual_clip: Optional[float] = None   # dual clip c (> 1) on negative advantages; null: off
+    kl_coef: float = 0.001              # beta of the k3 KL to the reference policy (>= 0; 0: no reference pass)
+    kl_clamp: float = 10.0              # upper clamp of the per-token k3 KL (> 0)
+    entropy_coef: float = 0.0           # entropy bonus coefficient (0: off)
+    tis_cap: Optional[float] = None     # truncated importance correction with rollout log-probs: its cap C (> 0, e.g. 2);
+                                        # null: off
+    agg: str = "token_mean"             # loss aggregation: token_mean | seq_mean_token_mean | seq_mean_token_sum
+    chunk_size: int = 1024              # K3: tokens per chunk of the fused LM-head loss (>= 1)
 
 
 @dataclass
 class TrainConfig:
-    total_steps: int = 100
-    prompts_per_step: int = 512
-    mini_batch_prompts: int = 256       # prompts per optimizer step
+    """The optimisation loop, DeepSpeed, evaluation and checkpoint cadence."""
+
+    total_steps: int = 100              # training steps (one rollout + update each) (>= 1)
+    prompts_per_step: int = 512         # questions per step over all ranks; each gets rollout.n rollouts
+    mini_batch_prompts: int = 256       # prompts per optimizer step (divides prompts_per_step)
     packing: bool = True                # micro-batches of concatenated rows under a token budget (no padding)
     max_tokens_per_micro: int = 16384   # packing: token budget of one forward/backward (rows never split)
-    micro_batch_size: int = 8           # packing off: sequences per forward/backward (right-padded)
+    micro_batch_size: int = 8           # packing off: sequences per forward/backward on each rank (right-padded)
     recompute_old_logp: bool = False    # also run the pi_old pass when the update is exactly on-policy
-    ppo_epochs: int = 1
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    zero_stage: int = 3
+    ppo_epochs: int = 1                 # passes over the step's mini-batches (>= 1)
+    lr: float = 1e-6                    # AdamW learning rate (> 0)
+    weight_decay: float = 0.0           # AdamW weight decay (>= 0)
+    warmup_steps: int = 0               # linear learning-rate warm-up over this many optimizer steps (0: none)
+    grad_clip: float = 1.0              # gradient-norm clipping (0: none)
+    zero_stage: int = 3                 # DeepSpeed ZeRO stage: 0 | 1 | 2 | 3
     offload_optimizer: bool = False     # DeepSpeed ZeRO-3: optimizer states (and fp32 master weights) in CPU memory
     offload_param: bool = False         # DeepSpeed ZeRO-3: parameters in CPU memory too
     memory_check: bool = True           # on CUDA: refuse, before allocating, a config the memory plan says cannot fit
-    bf16: bool = False
-    checkpoint_every: int = 50
-    eval_every: int = 50
+    bf16: bool = False                  # DeepSpeed bf16 training (with model.dtype: bfloat16)
+    checkpoint_every: int = 50          # checkpoint every N steps (0: only at the end); always one at the end
+    eval_every: int = 50                # greedy test evaluation every N steps (0: never)
     eval_at_start: bool = True         # evaluate the initial policy (logged as step 0)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2           # newest checkpoints kept (0: all); `latest` and the newest healthy are kept too
     max_skipped_steps: int = 3          # divergence guard: stop after this many steps in a row with a skipped optimizer step
 
 
@@ -153,6 +173,8 @@ LOG_BACKENDS = ("jsonl", "tensorboard", "wandb")
 
 @dataclass
 class LoggingConfig:
+    """Where step metrics go (docs/training.md, "Logging")."""
+
     backends: List[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # any of LOG_BACKENDS
     project: str = "tspo-fast"          # wandb project
     run_name: Optional[str] = None      # wandb run name (null: the last folder of output_dir)
@@ -161,8 +183,10 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    seed: int = 1
-    output_dir: str = "runs/tiny"
+    """A whole run: one section per concern.  Every field is documented beside its definition."""
+
+    seed: int = 1                       # data order, sampling seeds and initialisation, in [0, 2**31)
+    output_dir: str = "runs/tiny"       # the run's folder: config.yaml, metrics.jsonl, checkpoints/, curves.png
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)

@@ -10,8 +10,8 @@ An estimator is a function::
 ``batch.turn_id``; trained tokens: ``batch.loss_mask``), ``outcome`` (B,) the rewards R and
 ``first_turn`` (B,) FOLR's k* (-1: none); ``alpha`` is ``reward.folr_alpha``, the rest the
 ``advantage`` section; ``seed`` is the step's own seed (the run's seed mixed with the step: what a
-randomised estimator such as ``tspo_placebo`` draws from).  The built-in estimators run kernel K2.  Add one with
-``ESTIMATORS.register("name", fn)`` (README, "Extending").
+randomised estimator such as ``tspo_placebo`` draws from).  The built-in estimators run kernel K2.
+Add one with ``ESTIMATORS.register("name", fn)`` (docs/extending.md).
 """
 from __future__ import annotations
 

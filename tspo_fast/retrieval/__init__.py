@@ -6,7 +6,7 @@ and retrievers with one interface, ``retrieve(queries, topk) -> list[list[hit]]`
 * :class:`Resilient` puts any other retriever under the retry layer.
 
 Each hit is ``{"document": {"id": str, "contents": str}, "score": float}``; every failure is a
-:class:`RetrievalError`.  New kinds register in :data:`RETRIEVERS` (README, "Extending").
+:class:`RetrievalError`.  New kinds register in :data:`RETRIEVERS` (docs/extending.md).
 
 The interface (``base``) loads with this package; the implementations (pyarrow, bm25s, httpx,
 faiss behind them) load when first named (PEP 562), so that code which only needs the

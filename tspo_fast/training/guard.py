@@ -10,7 +10,7 @@ step and the likely config fields) when
   step whose gradients are non-finite: "OVERFLOW! Skipping step"; the weights did not move).
 
 The trainer writes no checkpoint for an unhealthy step, so nothing broken is saved over
-something good (README, "Checkpoints and resume").
+something good (docs/reliability.md).
 """
 from __future__ import annotations
 

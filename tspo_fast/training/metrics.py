@@ -35,7 +35,7 @@ def all_fail_fraction(outcome: torch.Tensor, group_id: torch.Tensor) -> float:
 def step_metrics(batch, outcome: torch.Tensor, first_turn: torch.Tensor, token_adv: torch.Tensor,
                  turn_adv: torch.Tensor, upd, times: Dict[str, float], *, outcome_kind: str = "em",
                  plan=None) -> Dict[str, float]:
-    """The per-step metrics of README's list, from a step's batch, rewards, advantages and update."""
+    """The per-step metrics of docs/metrics.md, from a step's batch, rewards, advantages and update."""
     gen_tokens = float(batch.loss_mask.sum())
     adv_on_tokens = token_adv[batch.loss_mask]
     valid_turns = turn_adv[torch.arange(turn_adv.shape[1])[None] < batch.num_turns[:, None].long()]
