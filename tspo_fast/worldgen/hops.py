@@ -137,6 +137,10 @@ def build_world(seed: int = SEED) -> Dict[str, List[Entity]]:
 # passages
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _text(e: Entity) -> str:
     a = e.attrs
     if e.kind == "country":
@@ -144,13 +148,11 @@ def _text(e: Entity) -> str:
     if e.kind == "city":
         return f"{e.name} is a city in {a['country'].name}. About {a['population']:,} people live there."
     if e.kind == "person":
-        art = "an" if a["occupation"][0] in "aeiou" else "a"
-        return f"{e.name} is {art} {a['occupation']}. {a['pronoun']} was born in {a['birthplace'].name}."
+        return f"{e.name} is {_article(a['occupation'])} {a['occupation']}. {a['pronoun']} was born in {a['birthplace'].name}."
     if e.kind == "company":
-        return (f"{e.name} is a {a['industry']} company. It was founded by {a['founder'].name}. "
+        return (f"{e.name} is {_article(a['industry'])} {a['industry']} company. It was founded by {a['founder'].name}. "
                 f"Its headquarters are in {a['hq'].name}.")
-    art = "an" if a["type"][0] in "aeiou" else "a"
-    return (f"The {e.name} is {art} {a['type']} in {a['city'].name}. It was built by {a['builder'].name}. "
+    return (f"The {e.name} is {_article(a['type'])} {a['type']} in {a['city'].name}. It was built by {a['builder'].name}. "
             f"It was designed by {a['designer'].name}.")
 
 

@@ -7,7 +7,12 @@ ships in ``tspo_fast/world/hops_policy``.  Every random choice comes from ``--se
    demonstrations' wording (every entity name is one or two tokens);
 2. a small Qwen2-architecture model (:class:`HopsWarmStartSpec`; head size 32 for vLLM's CPU
    backend);
-3. supervised fine-tuning on the action tokens (observations masked, as in RL) of demonstrations
+3. supervised fine-tuning on the action tokens (observations masked, as in RL), in the order the
+   tiny world's warm start showed to work (``tspo_fast.worldgen.warmstart.sft``): *copy examples*
+   (a question about a random entity of the right kind and its first search: only copying the
+   name predicts it), then *reading examples* (the chain searched right up to a hop whose passage
+   states another value of the right kind, and the action built on that value: only reading
+   predicts it), each alone first, then everything mixed with *demonstrations*
    of the protocol for every practice question of the world (one-, two- and three-hop questions
    whose start entity and type the test split does not ask; :func:`tspo_fast.worldgen.hops.practice_questions`),
    laid out exactly as rollouts lay them out, with the observations the real BM25 index returns.
@@ -63,7 +68,13 @@ class HopsWarmStartSpec:
     num_kv_heads: int = 2
     intermediate_size: int = 384
     vocab_target: int = 4096
-    demos_per_question: int = 2
+    copy_examples: int = 16000       # first searches for a random entity of the question's kind
+    copy_batch_size: int = 32
+    copy_first_batches: int = 300    # copy batches alone before the rest join in
+    reading_examples: int = 8000     # a hop whose passage states another value, and the action built on it
+    reading_batch_size: int = 16
+    reading_first_batches: int = 300  # reading batches alone, after the first copy batches
+    demos_per_question: int = 1
     epochs: int = 1
     batch_size: int = 16
     lr: float = 3e-3
@@ -94,8 +105,9 @@ def _answer(thought: str, ans: str) -> str:
 
 
 class Demonstrator:
-    """Draws the turns of one demonstration: ``[(action text, search query or None), ...]``, and
-    the observation text of each search (with the last passage's answer swapped when asked)."""
+    """Draws the turns of one demonstration: ``[(action text, search query or None, observation
+    text or None), ...]``, with the real index's passages (and the last passage's answer swapped
+    when asked)."""
 
     def __init__(self, world: hops.HopsWorld, retriever, spec: HopsWarmStartSpec, rng: random.Random):
         self.world, self.retriever, self.spec, self.rng = world, retriever, spec, rng
@@ -113,54 +125,98 @@ class Demonstrator:
         shown = [n for n in self.by_kind[kind] if n != avoid and any(f" {n}" in c for c in context)]
         return self.rng.choice(shown or [n for n in self.by_kind[kind] if n != avoid])
 
-    def turns(self, ex) -> List[Tuple[str, Optional[str], Optional[str]]]:
-        """``(action, query, observation)`` per turn (query and observation None on the answer turn)."""
-        s, rng = self.spec, self.rng
-        walk = [self.by_pid[p] for p in ex.extra["support"]]
+    def walk(self, ex) -> Tuple[List[hops.Entity], Tuple[str, ...]]:
+        """The chain of ``ex`` (start, ..., answer) and the links followed."""
         attrs = hops.QTYPES[ex.extra["qtype"]][1]
-        walk.append(walk[-1].attrs[attrs[-1]])
+        walk = [self.by_pid[p] for p in ex.extra["support"]]
+        return walk + [walk[-1].attrs[attrs[-1]]], attrs
+
+    def chain(self, walk, attrs, hops_done: int, swap_value: Optional[str] = None):
+        """The first ``hops_done`` searches of the chain, done right, and what the last of them
+        read (``swap_value``: the last passage states that instead).  Returns (turns, thought,
+        value): the next action starts from ``thought`` (the fact just read) and ``value``."""
+        out, thought, value = [], f"I need to search {_name(walk[0])}.", None
+        for hop in range(hops_done):
+            x, attr = walk[hop], attrs[hop]
+            obs = search_observation(self.hits(x.name))
+            value = walk[hop + 1].name
+            if hop == hops_done - 1 and swap_value is not None:
+                obs, value = obs.replace(f" {value}.", f" {swap_value}."), swap_value
+            out.append((_search(thought, x.name), x.name, obs))
+            thought = _fact(attr, x, value) + ". "
+            if hop < hops_done - 1:
+                thought += f"I need to search {_name(walk[hop + 1])}."
+        return out, thought, value
+
+    def demonstration(self, ex) -> Tuple[str, List[Tuple[str, Optional[str], Optional[str]]]]:
+        """(question, turns) of a demonstration of the warm start's behaviour (reads right, searches
+        too little)."""
+        return ex.question, self.turns(ex)
+
+    def turns(self, ex) -> List[Tuple[str, Optional[str], Optional[str]]]:
+        """The turns of a demonstration of ``ex``."""
+        s, rng = self.spec, self.rng
+        walk, attrs = self.walk(ex)
         gold, kind = walk[-1].name, walk[-1].kind
         if rng.random() < s.p_memory:
             return [(_answer("", self._guess(kind, gold, [])), None, None)]
-        out, context, thought = [], [], f"I need to search {_name(walk[0])}."
-        swap = rng.random() < s.swap_share
-        for hop, (x, attr) in enumerate(zip(walk[:-1], attrs)):
-            if rng.random() < s.p_bad_query and " " in x.name:
-                q = x.name.split(" ")[0]
-                obs = search_observation(self.hits(q))
-                out.append((_search(thought, q), q, obs))
-                return out + [(_answer("", self._guess(kind, gold, context + [obs])), None, None)]
-            obs = search_observation(self.hits(x.name))
-            y = walk[hop + 1].name
-            if hop == len(attrs) - 1 and swap:          # the last passage states another answer: read it
-                y = self._guess(kind, gold, [])
-                obs = obs.replace(f" {gold}.", f" {y}.")
-            out.append((_search(thought, x.name), x.name, obs))
-            context.append(obs)
-            fact = _fact(attr, x, y) + ". "
-            if hop == len(attrs) - 1:
-                return out + [(_answer(fact, y), None, None)]
-            if rng.random() >= s.p_continue:
-                return out + [(_answer(fact, self._guess(kind, gold, context)), None, None)]
-            thought = f"{fact}I need to search {_name(walk[hop + 1])}."
-        raise AssertionError("unreachable")
+        depth = 1
+        while depth < len(attrs) and rng.random() < s.p_continue:
+            depth += 1
+        bad = [h for h in range(depth) if rng.random() < s.p_bad_query and " " in walk[h].name]
+        if bad:                                     # a search with the first word of the name, then a guess
+            out, thought, _ = self.chain(walk, attrs, bad[0])
+            q = walk[bad[0]].name.split(" ")[0]
+            obs = search_observation(self.hits(q))
+            first = f"I need to search {_name(walk[0])}." if bad[0] == 0 else thought + f"I need to search {q}."
+            out.append((_search(first, q), q, obs))
+            return out + [(_answer("", self._guess(kind, gold, [o for _, _, o in out])), None, None)]
+        swap = self._guess(kind, gold, []) if depth == len(attrs) and rng.random() < s.swap_share else None
+        out, fact, value = self.chain(walk, attrs, depth, swap)
+        if depth == len(attrs):
+            return out + [(_answer(fact, value), None, None)]
+        return out + [(_answer(fact, self._guess(kind, gold, [o for _, _, o in out])), None, None)]
+
+    def reading(self, ex) -> Tuple[str, List[Tuple[str, Optional[str], Optional[str]]]]:
+        """A reading example: the chain searched right up to a random hop whose passage states
+        another value of the right kind, and the next action built on that value (the next
+        search, or the answer)."""
+        walk, attrs = self.walk(ex)
+        hop = self.rng.randrange(len(attrs))
+        true = walk[hop + 1]
+        value = self._guess(true.kind, true.name, [])
+        out, fact, _ = self.chain(walk, attrs, hop + 1, value)
+        if hop == len(attrs) - 1:
+            return ex.question, out + [(_answer(fact, value), None, None)]
+        nxt = value if true.kind != "landmark" else f"the {value}"
+        return ex.question, out + [(_search(fact + f"I need to search {nxt}.", value), value, None)]
+
+    def copying(self, ex) -> Tuple[str, List[Tuple[str, Optional[str], Optional[str]]]]:
+        """A copy example: ``ex``'s question about a random entity of its start kind, and the
+        first search (only copying the name from the question predicts it)."""
+        kind, _, templates = hops.QTYPES[ex.extra["qtype"]]
+        e = self.rng.choice(self.world.entities[kind])
+        return templates[0].format(hops._display(e)), [(_search(f"I need to search {_name(e)}.", e.name), e.name, None)]
 
 
-def build_examples(tokenizer, demo: Demonstrator, examples, spec: HopsWarmStartSpec):
-    """Token ids + action mask of every demonstration, laid out as rollouts lay them out."""
+def build_rows(tokenizer, make, examples, count: int, spec: HopsWarmStartSpec, rng: random.Random):
+    """Token ids + action mask of ``count`` examples ``make(ex) -> (question, turns)`` (``ex``
+    cycles through ``examples`` in a shuffled order), laid out as rollouts lay them out."""
+    order = list(examples)
     rows = []
-    for _ in range(spec.demos_per_question):
-        for ex in examples:
-            ids = tokenizer(build_prompt(ex.question, tokenizer), add_special_tokens=False)["input_ids"]
+    while len(rows) < count:
+        rng.shuffle(order)
+        for ex in order[: count - len(rows)]:
+            question, turns = make(ex)
+            ids = tokenizer(build_prompt(question, tokenizer), add_special_tokens=False)["input_ids"]
             mask = [False] * len(ids)
-            for action, _, obs in demo.turns(ex):
+            for action, _, obs in turns:
                 a = tokenizer(action, add_special_tokens=False)["input_ids"]
                 ids, mask = ids + a, mask + [True] * len(a)
                 if obs is not None:
                     o = tokenizer(obs, add_special_tokens=False)["input_ids"][: spec.max_obs_tokens]
                     ids, mask = ids + o, mask + [False] * len(o)
             rows.append((ids, mask))
-    demo.rng.shuffle(rows)
     return rows
 
 
@@ -173,7 +229,7 @@ def build_hops_warm_start(out_dir: str, spec: HopsWarmStartSpec = HopsWarmStartS
         examples = examples[: spec.max_questions]
     retriever = InProcessRetriever.from_dir(bundled_index("bm25", hops.WORLD))
     demo = Demonstrator(world, retriever, spec, random.Random(spec.seed))
-    sample = [a for ex in examples[:3000] for a, _, _ in demo.turns(ex)]
+    sample = [a for ex in examples[:3000] for a, _, _ in demo.turns(ex)]       # the thoughts' wording
     tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
     build_tiny_model(tmp, world_texts(world=hops.WORLD) + sample, TinyModelSpec(
         hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads,
@@ -181,10 +237,16 @@ def build_hops_warm_start(out_dir: str, spec: HopsWarmStartSpec = HopsWarmStartS
         vocab_target=spec.vocab_target, seed=spec.seed))
     tok = load_tokenizer(tmp)
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-    rows = build_examples(tok, demo, examples, spec)
-    losses = sft(model, [("demo", rows, spec.batch_size, 0)], spec, tok.pad_token_id, progress)
+    rng = random.Random(spec.seed + 1)
+    copies = build_rows(tok, demo.copying, examples, spec.copy_examples, spec, rng)
+    reading = build_rows(tok, demo.reading, examples, spec.reading_examples, spec, rng)
+    rows = build_rows(tok, demo.demonstration, examples, spec.demos_per_question * len(examples), spec, rng)
+    losses = sft(model, [("copy", copies, spec.copy_batch_size, spec.copy_first_batches),
+                         ("read", reading, spec.reading_batch_size, spec.reading_first_batches),
+                         ("demo", rows, spec.batch_size, 0)], spec, tok.pad_token_id, progress)
+    tail = {k: sum(v[-20:]) / max(1, len(v[-20:])) for k, v in losses.items()}
     info = {"spec": asdict(spec), "demonstrations": len(rows), "practice_questions": len(examples),
-            "first_loss": losses["demo"][0], "last_loss": sum(losses["demo"][-20:]) / len(losses["demo"][-20:]),
+            "copy_examples": len(copies), "reading_examples": len(reading), "last_loss": tail,
             "search_first_prob": search_first_prob(model, tok, examples)}
     model.save_pretrained(tmp)
     with open(os.path.join(tmp, "warmstart.json"), "w") as f:
