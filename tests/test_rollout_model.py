@@ -1,19 +1,14 @@
-"""The discrete-event model of the rollout loops (bench/rollout_model.py) against hand-worked cases.
+"""The discrete-event model of the rollout loops (tspo_fast/env/rollout_model.py) against hand-worked cases.
 
 The model prices what the async loop can win on a trace; these cases are small enough to work
 out on paper, so a wrong barrier, admission order, retrieval queue or step boundary shows.
 """
-import os
 import random
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-
-from rollout_model import RetrievalCost, StepCost, Turn, fit_step_cost, simulate, trace_of
-
 from tspo_fast.env.batch import Trajectory, collate
+from tspo_fast.env.rollout_model import RetrievalCost, StepCost, Turn, fit_step_cost, simulate, trace_of
 
 UNIT = StepCost(1.0, 0.0)          # every step costs 1 s whatever runs in it
 
