@@ -23,8 +23,10 @@ The demonstrations read **perfectly** — whenever the chain is complete the ans
 last passage states (in ``swap_share`` of them the last passage's answer is replaced by another
 entity of the same kind, so that reading, not memory, predicts it) — but they **search too
 little**: after each hop but the last the demonstration goes on with probability ``p_continue``
-and otherwise answers at once with a wrong entity of the answer's kind (one the context shows
-when there is one: the wrong hop's city, say); a share ``p_bad_query`` of searches uses only the
+and otherwise answers at once, without restating what it read, with a wrong entity of the
+answer's kind (one the context shows when there is one: the wrong hop's city, say) — a thought
+that states a fact is always followed by the next search or, after the chain's last link, by
+that fact's value as the answer; a share ``p_bad_query`` of searches uses only the
 first word of the name (which often retrieves a sibling: "Zarn" for "Zarn Bridge") and then gives
 up with a guess; ``p_memory`` answer without searching.  With ``p_continue`` below one half,
 greedy decoding stops after the first hop, while sampled rollouts sometimes go all the way: RL has
@@ -71,7 +73,7 @@ class HopsWarmStartSpec:
     copy_examples: int = 16000       # first searches for a random entity of the question's kind
     copy_batch_size: int = 32
     copy_first_batches: int = 300    # copy batches alone before the rest join in
-    reading_examples: int = 8000     # a hop whose passage states another value, and the action built on it
+    reading_examples: int = 12000    # a hop whose passage states another value, and the action built on it
     reading_batch_size: int = 16
     reading_first_batches: int = 300  # reading batches alone, after the first copy batches
     demos_per_question: int = 1
@@ -100,8 +102,11 @@ def _search(thought: str, query: str) -> str:
     return f"<think> {thought} </think>\n<search> {query} </search>"
 
 
-def _answer(thought: str, ans: str) -> str:
-    return f"<think> {thought}The answer is {ans}. </think>\n<answer> {ans} </answer>"
+def _answer(fact: str, ans: str) -> str:
+    """The answer turn: after the chain's last link its fact, whose value is the answer; without a
+    fact (a guess) "The answer is ..." — the two never mix, so a stated fact's value is the answer."""
+    thought = fact.strip() if fact else f"The answer is {ans}."
+    return f"<think> {thought} </think>\n<answer> {ans} </answer>"
 
 
 class Demonstrator:
@@ -175,7 +180,9 @@ class Demonstrator:
         out, fact, value = self.chain(walk, attrs, depth, swap)
         if depth == len(attrs):
             return out + [(_answer(fact, value), None, None)]
-        return out + [(_answer(fact, self._guess(kind, gold, [o for _, _, o in out])), None, None)]
+        # stopping early, the thought goes straight to a guess: a stated fact is always followed by
+        # the next search or, after the chain's last link, by its value as the answer
+        return out + [(_answer("", self._guess(kind, gold, [o for _, _, o in out])), None, None)]
 
     def reading(self, ex) -> Tuple[str, List[Tuple[str, Optional[str], Optional[str]]]]:
         """A reading example: the chain searched right up to a random hop whose passage states
