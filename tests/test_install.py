@@ -1,12 +1,16 @@
-"""The GPU install resolves: torch and vLLM pinned to a pair that pip can install together with
-the project's GPU extra (a ``pip install --dry-run`` against the package index; no CUDA needed)."""
+"""What the install requires: the GPU install resolves (torch and vLLM pinned to a pair that pip
+can install together with the project's GPU extra: a ``pip install --dry-run`` against the
+package index; no CUDA needed), and DeepSpeed's floor is the one the trainer needs, checked again
+at run time."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,3 +39,37 @@ def test_gpu_extra_resolves_with_its_torch(tmp_path):
     assert got["torch"] == "2.11.0" and got["vllm"] == "0.26.0", {k: got.get(k) for k in ("torch", "vllm")}
     assert "flash-attn" not in got and "flash_attn" not in got          # no source-only package by default
     assert got["transformers"].startswith("5.")
+
+
+# ----------------------------------------------------------------------------- DeepSpeed's floor
+def test_setup_floor_is_the_trainers_deepspeed_floor():
+    """setup.py asks for the DeepSpeed the update needs (managed_gradient_accumulation, 0.19.4)."""
+    from tspo_fast.training.ppo import MIN_DEEPSPEED
+
+    m = re.search(r'"deepspeed>=([0-9.]+)"', (Path(ROOT) / "setup.py").read_text())
+    assert m is not None and m.group(1) == MIN_DEEPSPEED == "0.19.4"
+
+
+def test_the_installed_deepspeed_has_the_key_the_update_sets():
+    """The key the update's DeepSpeed config relies on is one DeepSpeed reads (fails when it goes away)."""
+    from deepspeed.runtime import constants
+
+    from tspo_fast.config import load_config
+    from tspo_fast.training.ppo import ds_config
+
+    assert constants.MANAGED_GRADIENT_ACCUMULATION in ds_config(load_config(None), 1)
+
+
+def test_an_older_deepspeed_is_refused_naming_its_version(monkeypatch):
+    """DeepSpeed < 0.19.4 ignores managed_gradient_accumulation without a word: the trainer refuses it."""
+    import deepspeed
+
+    from tspo_fast.config import load_config
+    from tspo_fast.training.ppo import ds_config
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.18.3")
+    with pytest.raises(RuntimeError, match=r"DeepSpeed 0\.18\.3 is installed; tspo-fast needs deepspeed>=0\.19\.4"
+                                           r".*managed_gradient_accumulation"):
+        ds_config(load_config(None), 1)
+    monkeypatch.setattr(deepspeed, "__version__", "0.19.4")
+    assert ds_config(load_config(None), 1)["managed_gradient_accumulation"] is False
