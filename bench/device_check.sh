@@ -33,7 +33,9 @@ check in Triton's interpreter at small shapes, the update at tiny shapes, the tr
 Environment: OUT (default /tmp/devout), DEVICE_WORK (default /tmp/devwork-PART), PYTHON
 (default python3), DEVICE_BUDGET_S (the part's seconds; default 540 / 300), STEPS (a subset of
 the part's steps: kernels: tests k3check kgraph k1k2 k3 liger compile; trainer: update train),
-XDIST_WORKERS (test processes on CUDA, default 8, 0 = off).
+XDIST_WORKERS (test processes on CUDA, default 8, 0 = off), DEVICE_TIME_SCALE (every time limit
+x this, default 1: for a dry run on a slow machine without CUDA, where the kernels run in Triton's
+interpreter).
 EOF
 }
 cd "$(dirname "$0")/.." || exit 1
@@ -107,4 +109,5 @@ export PYTHONPATH=$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}
 { echo "== python"; "$PY" -m device_check env; echo "PYTHONPATH=$PYTHONPATH"; } >> "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 exec "$PY" -m device_check run --part "$PART" --out "$OUT" --work "$WORK" --t0 "$T0" \
-  --xdist-workers "${XDIST_WORKERS:-8}" ${DEVICE_BUDGET_S:+--budget "$DEVICE_BUDGET_S"} ${STEPS:+--steps "$STEPS"}
+  --xdist-workers "${XDIST_WORKERS:-8}" --time-scale "${DEVICE_TIME_SCALE:-1}" \
+  ${DEVICE_BUDGET_S:+--budget "$DEVICE_BUDGET_S"} ${STEPS:+--steps "$STEPS"}

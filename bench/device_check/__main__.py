@@ -1,6 +1,6 @@
 """``python -m device_check`` (with ``bench/`` on ``PYTHONPATH``; ``bench/device_check.sh`` does it):
 
-    run --part kernels|trainer --out DIR --work DIR [--t0 EPOCH] [--budget S] [--steps "a b"]
+    run --part kernels|trainer --out DIR --work DIR [--t0 EPOCH] [--budget S] [--steps "a b"] [--time-scale X]
         run the part's steps (all, or the named ones), write summary.txt and raw.tar.gz into DIR
     summary --part P --out DIR --work DIR      rewrite summary.txt from what the steps left
     plan [--part P]                            the steps, their caps and estimates; runs nothing
@@ -29,6 +29,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     r.add_argument("--budget", type=float, default=None, help="seconds for the whole part (default: its budget)")
     r.add_argument("--steps", default=None, help="space-separated steps of the part to run (default: all)")
     r.add_argument("--xdist-workers", type=int, default=8, help="test processes on CUDA (0: off)")
+    r.add_argument("--time-scale", type=float, default=1.0,
+                   help="every cap and the budget x this: a dry run on a slow machine (default 1)")
     pl = sub.add_parser("plan", help="print the steps, caps and estimates")
     pl.add_argument("--part", choices=list(PART_BUDGET_S), default=None)
     sub.add_parser("env", help="the Python half of env.txt")
@@ -53,7 +55,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     from .runner import context, run_part
 
-    ctx = context(args.part, args.out, args.work, t0=args.t0, budget=args.budget, xdist_workers=args.xdist_workers)
+    ctx = context(args.part, args.out, args.work, t0=args.t0, budget=args.budget, xdist_workers=args.xdist_workers,
+                  time_scale=args.time_scale)
     names = args.steps.split() if args.steps else None
     text = run_part(ctx, names)
     sys.stdout.write(f"\n==================== SUMMARY, part {args.part}\n" + text)

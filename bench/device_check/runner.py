@@ -50,6 +50,7 @@ class Context:
     have: Dict[str, bool] = field(default_factory=dict)
     py: str = sys.executable
     xdist_workers: int = 8
+    time_scale: float = 1.0        # caps x this (a dry run on a slow machine; 1 on the device)
 
 
 @dataclass
@@ -120,7 +121,8 @@ def run_step(argv: List[str], log: str, limit_s: float, *, env: Optional[Dict[st
     t = time.monotonic()
     with open(log, "a", errors="replace") as f:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True, text=True, errors="replace", bufsize=1)
+                                start_new_session=True, preexec_fn=_default_sigint, text=True, errors="replace",
+                                bufsize=1)
 
         def pump():
             for line in proc.stdout:
@@ -144,6 +146,13 @@ def run_step(argv: List[str], log: str, limit_s: float, *, env: Optional[Dict[st
             rc = 124
         reader.join(timeout=5)
     return rc, time.monotonic() - t
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default.  A shell starts background jobs with SIGINT
+    ignored, and Python then installs no KeyboardInterrupt handler: the step would not stop
+    cleanly at its limit (pytest would write no junit or benchmark JSON) but be killed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:
@@ -182,7 +191,7 @@ def run_part(ctx: Context, names: Optional[List[str]] = None, echo=sys.stdout) -
             parse.write_step(steps_txt, parse.StepRecord(step.name, None, 0.0, 0, cmd))
             _say(echo, f"{step.name} skipped: {cmd}")
             continue
-        lim = step_limit(step.cap_s, time.time() - ctx.t0, ctx.budget)
+        lim = step_limit(int(step.cap_s * ctx.time_scale), time.time() - ctx.t0, ctx.budget)
         if lim == 0:
             parse.write_step(steps_txt, parse.StepRecord(step.name, None, 0.0, 0, f"no time left of {ctx.budget:.0f} s"))
             _say(echo, f"{step.name} skipped: no time left of the part's {ctx.budget:.0f} s")
@@ -211,11 +220,15 @@ def _say(echo, line: str) -> None:
 
 
 def context(part: str, out: str, work: str, *, t0: Optional[float] = None, budget: Optional[float] = None,
-            xdist_workers: int = 8) -> Context:
+            xdist_workers: int = 8, time_scale: float = 1.0) -> Context:
+    """The context of a run here; ``time_scale`` multiplies every cap and the part's budget (for a
+    dry run on a slow machine: on CPU the kernels run in Triton's interpreter)."""
     import torch
 
+    if time_scale <= 0:
+        raise ValueError(f"--time-scale: must be > 0, got {time_scale}")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return Context(part=part, out=os.path.abspath(out), work=os.path.abspath(work), root=root,
                    t0=time.time() if t0 is None else t0,
-                   budget=PART_BUDGET_S[part] if budget is None else budget, cuda=torch.cuda.is_available(),
-                   have=available(), xdist_workers=xdist_workers)
+                   budget=(PART_BUDGET_S[part] if budget is None else budget) * time_scale,
+                   cuda=torch.cuda.is_available(), have=available(), xdist_workers=xdist_workers, time_scale=time_scale)
