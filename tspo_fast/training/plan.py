@@ -245,7 +245,7 @@ def plan_memory(cfg: Config, gpus: int, card_gib: float, *, free_gib: Optional[f
     if vllm_on:
         spare = budget - (x["states"] + x["ref"] + x["margin"]) / GIB
         best = math.floor(max(0.0, spare) / card_gib * 100) / 100       # a fraction of the card's total
-        if update <= budget and best > 0:
+        if rollout > budget and best > 0:       # the rollout peak; the update's advice follows
             p.advice.append(f"rollout.gpu_memory_utilization: at most {best:.2f} (now {util})")
         elif best <= 0:
             p.advice.append("rollout.gpu_memory_utilization: no room left for vLLM beside the trainer's states")
