@@ -48,12 +48,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 #:
 #: * ``cuda_graphs``: the CUDA-graph pool, captured at start unless ``rollout.enforce_eager`` (vLLM
 #:   logs its size at start: "Estimated CUDA graph memory: X GiB" and "Graph capturing finished in
-#:   N secs, took X GiB").  vLLM's issue 47654 (2026-07, a nightly after 0.23) read 1.50 GB of
-#:   graph capture per GPU, and 6.9-7.1 GiB per GPU still held while asleep at TP 8 (a 1T-parameter
-#:   MoE with NCCL communicators);
+#:   N secs, took X GiB").  vLLM's issue 47654 (2026-07, a 0.23 development build) read 1.50 GB of
+#:   graph capture per GPU, and 6.9-7.1 GiB per GPU still held while asleep (level 1) at TP 8 (a
+#:   1T-parameter MoE, NCCL communicators included);
 #: * ``runner``: the model runner's persistent input and sampler buffers, cuBLAS workspaces and other
-#:   allocations outside the pool (vLLM logs them as "non_torch_memory" at start: 1.27 GiB for an
-#:   8B model on one 80 GB card in vLLM pull request 11743's log).
+#:   allocations outside the pool (vLLM logs them as "non_torch_memory" at start: 1.27 GiB beside
+#:   9.69 GiB of weights on a 79.3 GiB card in vLLM pull request 11743's log).
 #:
 #: Estimates from those reports for a 3B-7B model on one GPU per rank, not measured by this
 #: project: measure a run (``nvidia-smi`` during the update, or vLLM's start-up log) and pass the
