@@ -148,6 +148,13 @@ def test_correctness_verdicts(tmp_path):
     assert counts.failed == ["FAILURE tests.test_pg_loss::test_b: boom"]
     tests, check = correctness_verdicts(counts, ["PASS a", "FAIL b: x", "k3check (CUDA, compiled): 1 passed, 1 failed"])
     assert tests.label == "MISS" and check.label == "MISS"
+    ok = parse.junit(str(xml))
+    ok.failures, ok.failed = 0, []
+    assert correctness_verdicts(ok, [], collected=3)[0].label == "PASS"
+    log = tmp_path / "tests.log"                               # the step cut at its limit: 3 of 245 ran
+    log.write_text("platform linux\ncollected 245 items\n\ntests/test_first_occurrence.py ...\n")
+    cut = correctness_verdicts(ok, [], collected=parse.collected(str(log)))[0]
+    assert cut.label == "MISS" and "only 3 of the 245 collected ran" in cut.detail
     missing = parse.junit(str(tmp_path / "none.xml"))
     assert correctness_verdicts(missing, [])[0].label == "----"
     cut = correctness_verdicts(None, ["PASS a"])                # the check was cut before its total line
@@ -280,9 +287,10 @@ def test_commands_follow_what_is_installed(tmp_path):
 
 def test_a_part_runs_through_on_cpu(tmp_path):
     """The kernels part's kgraph step through the real runner (no CUDA: it says so and exits 0):
-    steps.txt, summary.txt, raw.tar.gz, and no more files in $OUT than the device tool brings back."""
+    steps.txt, summary.txt, raw.tar.gz, and no more files in $OUT than the device tool brings back.
+    The limits are scaled up (the mechanics are tested, not this machine's speed)."""
     out, work = tmp_path / "out", tmp_path / "work"
-    ctx = runner.context("kernels", str(out), str(work))
+    ctx = runner.context("kernels", str(out), str(work), time_scale=20)
     text = runner.run_part(ctx, ["kgraph"], echo=None)
     assert [(r.name, r.rc) for r in parse.steps(str(work / "steps.txt"))] == [("kgraph", 0)]
     assert "KGRAPH skipped: no CUDA" in (out / "bench.log").read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -52,6 +53,16 @@ def junit(path: str) -> TestCounts:
         if skip is not None:
             c.skips.append(f"{case.get('name')}: {(skip.get('message') or '')[:100]}")
     return c
+
+
+def collected(log: str) -> Optional[int]:
+    """How many tests pytest collected (its ``collected N items`` line in ``log``), if it says."""
+    found = None
+    for line in _lines(log):
+        m = re.search(r"collected (\d+) items?", line)
+        if m:
+            found = int(m.group(1))
+    return found
 
 
 def benchmarks(work: str) -> tuple:

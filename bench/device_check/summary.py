@@ -162,7 +162,8 @@ def build(part: str, out: str, work: str) -> str:
                          "H200 4.3 TB/s and 790, H100 3.0 TB/s and 798)")
         if not benches:
             lines.append("== benchmarks: no results")
-        verdicts = (correctness_verdicts(tests, check) + k3_verdicts(benches) + k1_k2_verdicts(benches, kgraph))
+        verdicts = (correctness_verdicts(tests, check, parse.collected(os.path.join(out, "tests.log")))
+                    + k3_verdicts(benches) + k1_k2_verdicts(benches, kgraph))
     elif part == "trainer":
         update = parse.json_file(os.path.join(work, "update_step.json"))
         if update is not None:

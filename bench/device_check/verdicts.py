@@ -224,15 +224,22 @@ def k1_k2_verdicts(benches: List[dict], kgraph: Dict[str, Dict[str, str]]) -> Li
     return out
 
 
-def correctness_verdicts(tests: Optional[TestCounts], check: List[str]) -> List[Verdict]:
+def correctness_verdicts(tests: Optional[TestCounts], check: List[str], collected: Optional[int] = None
+                         ) -> List[Verdict]:
+    """The tests (``collected``: how many pytest collected; fewer run is a MISS: the step was cut)
+    and the K3 check's lines."""
     out = []
     if tests is not None:
         if tests.problem:
             out.append(Verdict("kernel tests all pass", None, tests.problem))
         else:
-            out.append(Verdict("kernel tests all pass", tests.tests > 0 and not tests.failures and not tests.errors,
+            cut = collected is not None and tests.tests < collected
+            out.append(Verdict("kernel tests all pass",
+                               tests.tests > 0 and not tests.failures and not tests.errors and not cut,
                                f"{tests.tests} run, {tests.passed} passed, {tests.failures} failed, {tests.errors} "
-                               f"errors, {tests.skipped} skipped"))
+                               f"errors, {tests.skipped} skipped"
+                               + (f"; only {tests.tests} of the {collected} collected ran (cut at its time limit)"
+                                  if cut else "")))
     total = [line for line in check if line.startswith("k3check")]
     if total:
         fails = [line for line in check if line.startswith("FAIL")]
