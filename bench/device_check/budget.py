@@ -1,7 +1,6 @@
 """The device check's two parts, their steps, and each step's time limit.
 
-A lent GPU runs one command for at most 600 s, and a session has 15 minutes of device time, so
-the check is two runs: ``kernels`` (at most 540 s: the correctness tests, the K3 check, the
+The check is two runs, each well inside a 10-minute command on a lent GPU: ``kernels`` (at most 540 s: the correctness tests, the K3 check, the
 device-side K1/K2 times, the K1/K2/K3 benchmarks, Liger and torch.compile) and ``trainer`` (at
 most 300 s: one ZeRO-3 update and 3 steps of the trainer).  Each step has a cap; the caps of a
 part plus what the shell spends before the runner starts (:data:`SETUP_S`: the machine's facts
