@@ -1,8 +1,9 @@
 """The device check's two parts, their steps, and each step's time limit.
 
-The check is two runs, each well inside a 10-minute command on a lent GPU: ``kernels`` (at most 540 s: the correctness tests, the K3 check, the
-device-side K1/K2 times, the K1/K2/K3 benchmarks, Liger and torch.compile) and ``trainer`` (at
-most 300 s: one ZeRO-3 update and 3 steps of the trainer).  Each step has a cap; the caps of a
+The check is two runs, each well inside a 10-minute command on a lent GPU: ``kernels`` (at most
+540 s: the correctness tests, the K3 check, the device-side K1/K2 times, the K1/K2/K3 benchmarks,
+Liger and torch.compile) and ``trainer`` (at most 300 s: one ZeRO-3 update and 3 steps of the
+trainer).  Each step has a cap; the caps of a
 part plus what the shell spends before the runner starts (:data:`SETUP_S`: the machine's facts
 and the offline installs) and after it (:data:`WRAPUP_S`: the summary and the archive) fit its
 budget, so every step gets its cap unless the setup overran; then the last steps are cut first
