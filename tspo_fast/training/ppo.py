@@ -16,20 +16,42 @@ only when ``loss.kl_coef`` > 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
+import deepspeed
 import torch
+from packaging.version import Version
 
 from ..config import Config, ConfigError
 from .distributed import global_max, global_sum, world_size
 from .packing import MicroBatch, micro_batches
 
-__all__ = ["ds_config", "gradient_accumulation_steps", "UpdatePlan", "UpdateStats", "token_weights_normalizer",
+__all__ = ["MIN_DEEPSPEED", "check_deepspeed_version", "ds_config", "gradient_accumulation_steps", "UpdatePlan", "UpdateStats", "token_weights_normalizer",
            "plan_update", "compute_logprobs", "ppo_update", "rollout_mismatch"]
 
 
+#: The oldest DeepSpeed the update is exact with.  ``managed_gradient_accumulation: false`` (the
+#: update owns the accumulation boundary; see :func:`ds_config`) first exists in DeepSpeed 0.19.4;
+#: an older DeepSpeed ignores the key without a word, scales every micro-batch's gradient by
+#: 1/GAS and steps on its own boundary, so the gradient is no longer the global token mean's.
+#: setup.py's floor is the same version.
+MIN_DEEPSPEED = "0.19.4"
+
+
+def check_deepspeed_version(version: Optional[str] = None) -> None:
+    """Refuse a DeepSpeed older than :data:`MIN_DEEPSPEED` (``version``: the installed one by default)."""
+    version = deepspeed.__version__ if version is None else version
+    if Version(version) < Version(MIN_DEEPSPEED):
+        raise RuntimeError(
+            f"DeepSpeed {version} is installed; tspo-fast needs deepspeed>={MIN_DEEPSPEED}: the update relies on "
+            f"'managed_gradient_accumulation', which first exists in {MIN_DEEPSPEED} (older versions ignore it "
+            f"silently and would scale and step the gradients on their own); pip install 'deepspeed>={MIN_DEEPSPEED}'")
+
+
 def ds_config(cfg: Config, gas: int, *, optimizer: bool = True) -> Dict[str, Any]:
-    """DeepSpeed config of the actor (``optimizer=True``) or of the frozen reference."""
+    """DeepSpeed config of the actor (``optimizer=True``) or of the frozen reference (checks the
+    installed DeepSpeed against :data:`MIN_DEEPSPEED` first)."""
+    check_deepspeed_version()
     t = cfg.train
     c: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

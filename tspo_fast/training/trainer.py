@@ -40,12 +40,21 @@ from .checkpoint import (
     resume_changes,
     save_checkpoint,
 )
-from .distributed import barrier, global_max, init_distributed, rank, seed_everything, shutdown, world_size
+from .distributed import (
+    barrier,
+    global_max,
+    init_distributed,
+    local_device,
+    rank,
+    seed_everything,
+    shutdown,
+    world_size,
+)
 from .evaluate import evaluate
 from .guard import DivergenceError, DivergenceGuard
 from .lora import disabled_adapters, export_lora, is_lora, merged_weight_entries
 from .metrics import MetricsLogger, step_metrics
-from .plan import plan_memory
+from .plan import GIB, plan_memory
 from .ppo import compute_logprobs, gradient_accumulation_steps, plan_update, ppo_update
 
 __all__ = ["Trainer", "preflight"]
@@ -56,14 +65,16 @@ warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\
 
 
 def preflight(cfg: Config, world: int) -> None:
-    """On CUDA, before anything is allocated: the memory plan (``tspo-fast plan``) must fit the card."""
+    """On CUDA, before anything is allocated: the memory plan (``tspo-fast plan``) must fit what is
+    free on this rank's own GPU (``cuda:LOCAL_RANK``; another process there counts against it)."""
     if not (torch.cuda.is_available() and cfg.train.memory_check):
         return
-    card = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2 ** 30
-    plan = plan_memory(cfg, world, card, model_path=resolve_model_path(cfg.model.path))
+    device = local_device()
+    free, total = torch.cuda.mem_get_info(device)
+    plan = plan_memory(cfg, world, total / GIB, free_gib=free / GIB, model_path=resolve_model_path(cfg.model.path))
     if not plan.fits:
-        raise ConfigError("the run does not fit the GPU memory (set train.memory_check: false to try anyway):\n"
-                          + plan.table())
+        raise ConfigError(f"the run does not fit the memory free on {device} (set train.memory_check: false to try "
+                          "anyway):\n" + plan.table())
 
 
 class Trainer:
