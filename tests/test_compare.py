@@ -70,7 +70,7 @@ def test_unfinished_run_is_started_again(tmp_path, monkeypatch):
     _write_run(str(out / "a" / "seed1"), 4, 0.1, 0.2, rng)   # stopped at step 4 of 6
     calls = []
 
-    def fake_train(cmd):
+    def fake_train(cmd, threads=None):
         calls.append(cmd)
         assert not (out / "a" / "seed1").exists(), "the stale run folder must be cleared first"
         _write_run(str(out / "a" / "seed1"), 6, 0.1, 0.2, rng)
@@ -97,7 +97,7 @@ def test_paired_comparison_by_seed(tmp_path, monkeypatch):
            ("grpo", 1): (0.1, 0.20), ("grpo", 2): (0.1, 0.25), ("grpo", 3): (0.1, 0.25)}
     for k, v in ems.items():
         _write_run(str(out / k[0] / f"seed{k[1]}"), 6, *v, rng)
-    monkeypatch.setattr(compare, "_train", lambda cmd: (_ for _ in ()).throw(AssertionError("trained again")))
+    monkeypatch.setattr(compare, "_train", lambda cmd, threads=None: (_ for _ in ()).throw(AssertionError("trained again")))
     compare.compare([a, b], [1, 2, 3], str(out), eval_limit=0)
     res = json.load(open(out / "compare.json"))
     assert res["baseline"] == "grpo" and "data.eval_limit=0" in res["overrides"]
@@ -112,3 +112,33 @@ def test_paired_comparison_by_seed(tmp_path, monkeypatch):
     assert "Paired by seed against `grpo`" in md and "| tspo | 3 | +0.017" in md
     with pytest.raises(ValueError, match="--baseline"):
         compare.compare([a, b], [1], str(out), baseline="other")
+
+
+def test_jobs_run_at_once_with_their_share_of_the_cores(tmp_path, monkeypatch):
+    """--jobs 2: two runs in flight together, each told cores // 2 threads; every run is done once."""
+    import threading
+    import time
+
+    rng = random.Random(2)
+    out = tmp_path / "cmp"
+    a, b = _config(tmp_path, "a", 3), _config(tmp_path, "b", 3)
+    lock, state = threading.Lock(), {"now": 0, "most": 0, "threads": set(), "dirs": []}
+
+    def fake_train(cmd, threads=None):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["threads"].add(threads)
+        time.sleep(0.3)
+        run_dir = next(x.split("=", 1)[1] for x in cmd if x.startswith("output_dir="))
+        _write_run(run_dir, 3, 0.1, 0.2, rng)
+        with lock:
+            state["now"] -= 1
+            state["dirs"].append(run_dir)
+    monkeypatch.setattr(compare, "_train", fake_train)
+    monkeypatch.setattr(compare.os, "cpu_count", lambda: 4)
+    compare.compare([a, b], [1, 2], str(out), jobs=2)
+    assert state["most"] == 2 and state["threads"] == {2}
+    assert sorted(state["dirs"]) == sorted(str(out / c / f"seed{s}") for c in ("a", "b") for s in (1, 2))
+    with pytest.raises(ValueError, match="--jobs: must be >= 1"):
+        compare.compare([a], [1], str(out), jobs=0)

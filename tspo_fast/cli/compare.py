@@ -16,8 +16,9 @@ reused, so an interrupted comparison picks up where it stopped.  At the end the 
   difference in final test EM and in mean test EM over the evaluations after step 0, their
   mean, a 95% t-interval over seeds, and how many seeds each config wins, ties and loses.
 
-``--eval-limit N`` sets ``data.eval_limit`` in every run (0: every test question).  Runs are
-sequential (each one uses every core it is given).
+``--eval-limit N`` sets ``data.eval_limit`` in every run (0: every test question).  ``--jobs N``
+runs N runs at a time, each with its share of the cores (``OMP_NUM_THREADS`` = cores // N); the
+default, 1, runs them one after the other, each with every core.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
 from scipy import stats as scipy_stats
@@ -50,13 +52,17 @@ def _finished(run_dir: str, total_steps: int) -> bool:
     return any(r.get("step") == total_steps and "eval/em" in r for r in read_metrics(path))
 
 
-def _train(cmd: List[str]) -> None:
-    """One training run in a fresh process (its own cores, its own DeepSpeed world)."""
-    subprocess.run(cmd, check=True)
+def _train(cmd: List[str], threads: Optional[int] = None) -> None:
+    """One training run in a fresh process (its own cores, its own DeepSpeed world); ``threads``:
+    its intra-op threads (``OMP_NUM_THREADS``), None for the default (every core)."""
+    env = None if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads))
+    subprocess.run(cmd, check=True, env=env)
 
 
-def run_one(config: str, seed: int, run_dir: str, overrides: Sequence[str], total_steps: int) -> float:
-    """Train ``config`` with ``seed`` into ``run_dir`` (a fresh process); return wall seconds."""
+def run_one(config: str, seed: int, run_dir: str, overrides: Sequence[str], total_steps: int,
+            threads: Optional[int] = None) -> float:
+    """Train ``config`` with ``seed`` into ``run_dir`` (a fresh process with ``threads`` intra-op
+    threads, None: every core); return wall seconds."""
     if _finished(run_dir, total_steps):
         return float("nan")
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):  # an unfinished run: start it again
@@ -66,7 +72,7 @@ def run_one(config: str, seed: int, run_dir: str, overrides: Sequence[str], tota
     for o in overrides:
         cmd += ["--set", o]
     t0 = time.perf_counter()
-    _train(cmd)
+    _train(cmd, threads)
     wall = time.perf_counter() - t0
     with open(os.path.join(run_dir, "wall_s.txt"), "w") as f:
         f.write(f"{wall:.1f}\n")
@@ -193,7 +199,7 @@ def plot(out: str, configs: Sequence[str], seeds: Sequence[int], png: str, smoot
 
 
 def compare(configs: Sequence[str], seeds: Sequence[int], out: str, overrides: Sequence[str] = (),
-            baseline: Optional[str] = None, eval_limit: Optional[int] = None) -> Dict[str, dict]:
+            baseline: Optional[str] = None, eval_limit: Optional[int] = None, jobs: int = 1) -> Dict[str, dict]:
     names = [_name(c) for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"compare: config file names must differ (got {names})")
@@ -202,11 +208,22 @@ def compare(configs: Sequence[str], seeds: Sequence[int], out: str, overrides: S
         raise ValueError(f"compare: --baseline {baseline!r} is not one of the configs {names}")
     overrides = list(overrides) + ([f"data.eval_limit={eval_limit}"] if eval_limit is not None else [])
     totals = {c: load_config(c, list(overrides)).train.total_steps for c in configs}
-    jobs = [(c, s) for c in configs for s in seeds]
-    bar = tqdm(jobs, desc="compare", unit="run")
-    for config, seed in bar:
+    if jobs < 1:
+        raise ValueError(f"--jobs: must be >= 1, got {jobs}")
+    runs = [(c, s) for s in seeds for c in configs]           # seed by seed: early seeds complete first
+    threads = None if jobs == 1 else max(1, (os.cpu_count() or 1) // jobs)
+    bar = tqdm(total=len(runs), desc="compare", unit="run")
+
+    def one(job):
+        config, seed = job
+        run_one(config, seed, os.path.join(out, _name(config), f"seed{seed}"), overrides, totals[config], threads)
+        bar.update(1)
         bar.set_postfix(config=_name(config), seed=seed)
-        run_one(config, seed, os.path.join(out, _name(config), f"seed{seed}"), overrides, totals[config])
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for result in [pool.submit(one, job) for job in runs]:
+            result.result()                                   # a failed run stops the comparison
+    bar.close()
     table = summarize(out, configs, seeds)
     pairs = paired(table, baseline) if len(configs) > 1 else {}
     with open(os.path.join(out, "compare.json"), "w") as f:
@@ -229,11 +246,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--baseline", default=None, help="the config the others are paired against (default: the last)")
     ap.add_argument("--eval-limit", type=int, default=None,
                     help="data.eval_limit for every run (0: all test questions)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time, each with cores // jobs threads (default 1: one after the other)")
     args = ap.parse_args(argv)
     for c in args.configs:
         if not os.path.exists(c):
             ap.error(f"config not found: {c}")
-    compare(args.configs, args.seeds, args.out, args.overrides, baseline=args.baseline, eval_limit=args.eval_limit)
+    if args.jobs < 1:
+        ap.error(f"--jobs: must be >= 1, got {args.jobs}")
+    compare(args.configs, args.seeds, args.out, args.overrides, baseline=args.baseline, eval_limit=args.eval_limit,
+            jobs=args.jobs)
     print(open(os.path.join(args.out, "compare.md")).read())
     print("figure:", os.path.join(args.out, "compare.png"))
     return 0
