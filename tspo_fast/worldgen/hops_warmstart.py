@@ -103,10 +103,8 @@ def _search(thought: str, query: str) -> str:
 
 
 def _answer(fact: str, ans: str) -> str:
-    """The answer turn: after the chain's last link its fact, whose value is the answer; without a
-    fact (a guess) "The answer is ..." — the two never mix, so a stated fact's value is the answer."""
-    thought = fact.strip() if fact else f"The answer is {ans}."
-    return f"<think> {thought} </think>\n<answer> {ans} </answer>"
+    """The answer turn: the fact just read (if any), then "The answer is ..."."""
+    return f"<think> {fact}The answer is {ans}. </think>\n<answer> {ans} </answer>"
 
 
 class Demonstrator:
