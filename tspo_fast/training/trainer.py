@@ -173,9 +173,9 @@ class Trainer:
         batch = self.agent.rollout(items, seed=self.rollout_seed(self.step))
         release_for_update(self.engine)            # the engine sleeps (CUDA) while the update runs
         times["time/rollout"] = time.perf_counter() - t0
-        times["time/rollout_generate"] = batch.stats.get("gen_seconds", 0.0)
-        times["time/rollout_retrieval_wait"] = batch.stats.get("retrieval_wait_seconds", 0.0)
-        times["time/rollout_critical_path"] = batch.stats.get("critical_path_seconds", 0.0)
+        times["time/rollout_generate"] = batch.stats.gen_seconds
+        times["time/rollout_retrieval_wait"] = batch.stats.retrieval_wait_seconds
+        times["time/rollout_critical_path"] = batch.stats.critical_path_seconds
 
         t1 = time.perf_counter()
         outcome, first_turn = score_batch(batch, self.tokenizer, outcome=cfg.reward.outcome,
