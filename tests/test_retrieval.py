@@ -14,9 +14,9 @@ from tspo_fast.protocol import format_docs
 from tspo_fast.retrieval import (
     Corpus,
     CorpusError,
-    IndexError_,
     IndexMismatchError,
     InProcessRetriever,
+    RetrievalIndexError,
     build_index,
     load_index,
     split_title,
@@ -212,7 +212,7 @@ def test_mismatched_index_loads_fail(tmp_path_factory, tmp_path, encoder):
         InProcessRetriever.from_dir(bm25_dir, Corpus.from_docs(Corpus.load(corpus_path()).docs(list(range(150)))))
     with pytest.raises(IndexMismatchError, match="takes no encoder"):
         load_index(bm25_dir, encoder="minilm")
-    with pytest.raises(IndexError_, match="has no meta.json"):
+    with pytest.raises(RetrievalIndexError, match="has no meta.json"):
         load_index(tmp_path)
 
 

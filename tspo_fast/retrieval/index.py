@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .corpus import Corpus
 from .encoder import Encoder, canonical_encoder_name
 
-__all__ = ["FORMAT_VERSION", "IndexMeta", "IndexError_", "IndexMismatchError", "BM25Index",
+__all__ = ["FORMAT_VERSION", "IndexMeta", "RetrievalIndexError", "IndexMismatchError", "BM25Index",
            "DenseIndex", "make_faiss_index", "build_index", "load_index", "read_meta", "corpus_fingerprint",
            "check_corpus"]
 
@@ -54,11 +54,11 @@ def _faiss():
     return faiss
 
 
-class IndexError_(RuntimeError):
+class RetrievalIndexError(RuntimeError):
     """An index folder is missing, unreadable or inconsistent."""
 
 
-class IndexMismatchError(IndexError_):
+class IndexMismatchError(RetrievalIndexError):
     """The index was built with another encoder, dimension, corpus or format version."""
 
 
@@ -89,12 +89,12 @@ def read_meta(index_dir: str | os.PathLike) -> IndexMeta:
     d = Path(index_dir)
     p = d / META_FILE
     if not p.is_file():
-        raise IndexError_(f"not an index folder: {d} has no {META_FILE} (build one with "
+        raise RetrievalIndexError(f"not an index folder: {d} has no {META_FILE} (build one with "
                           f"'index build --corpus ... --kind bm25|dense --out {d}')")
     try:
         raw = json.loads(p.read_text())
     except Exception as e:
-        raise IndexError_(f"{p}: unreadable index metadata: {e}") from e
+        raise RetrievalIndexError(f"{p}: unreadable index metadata: {e}") from e
     version = raw.get("format_version")
     if version in READABLE_VERSIONS and str(d.resolve()) not in _WARNED:
         _WARNED.add(str(d.resolve()))
@@ -107,7 +107,7 @@ def read_meta(index_dir: str | os.PathLike) -> IndexMeta:
     known = {f.name for f in fields(IndexMeta)}
     meta = IndexMeta(**{k: v for k, v in raw.items() if k in known})
     if meta.kind not in ("bm25", "dense"):
-        raise IndexError_(f"{p}: unknown index kind {meta.kind!r}")
+        raise RetrievalIndexError(f"{p}: unknown index kind {meta.kind!r}")
     return meta
 
 
@@ -189,7 +189,7 @@ class BM25Index:
     def load(cls, index_dir: Path, meta: IndexMeta) -> "BM25Index":
         d = index_dir / BM25_DIR
         if not d.is_dir():
-            raise IndexError_(f"{index_dir}: BM25 index files ({BM25_DIR}/) are missing")
+            raise RetrievalIndexError(f"{index_dir}: BM25 index files ({BM25_DIR}/) are missing")
         return cls(bm25s.BM25.load(str(d), show_progress=False), meta)
 
     def search(self, queries: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -261,7 +261,7 @@ def _maybe_gpu(index: Any, kind: str, use_gpu: bool | None) -> Any:
     n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if use_gpu is False or n_gpus == 0 or kind == "hnsw":  # faiss has no GPU HNSW
         if use_gpu and n_gpus == 0:
-            raise IndexError_("use_gpu=True but faiss sees no GPU (faiss-cpu installed?)")
+            raise RetrievalIndexError("use_gpu=True but faiss sees no GPU (faiss-cpu installed?)")
         return index
     co = faiss.GpuMultipleClonerOptions()
     co.shard = True
@@ -331,7 +331,7 @@ class DenseIndex:
                                      f"{meta.encoder!r}, not {enc_name!r}")
         p = index_dir / FAISS_FILE
         if not p.is_file():
-            raise IndexError_(f"{index_dir}: dense index file {FAISS_FILE} is missing")
+            raise RetrievalIndexError(f"{index_dir}: dense index file {FAISS_FILE} is missing")
         index = faiss.read_index(str(p))
         if index.d != meta.dim:
             raise IndexMismatchError(f"{p}: vectors have dimension {index.d} but {META_FILE} "
@@ -381,7 +381,7 @@ def build_index(corpus: str | os.PathLike | Corpus, kind: str, out_dir: str | os
     out.mkdir(parents=True, exist_ok=True)
     corp = corpus if isinstance(corpus, Corpus) else Corpus.load(corpus)
     if len(corp) == 0:
-        raise IndexError_(f"corpus {corp.path or '<memory>'} is empty")
+        raise RetrievalIndexError(f"corpus {corp.path or '<memory>'} is empty")
     if kind == "bm25":
         idx: BM25Index | DenseIndex = BM25Index.build(corp.texts(), progress=progress, **kwargs)
     elif kind == "dense":
