@@ -104,7 +104,8 @@ def plugins(tmp_path, monkeypatch):
     folder = tmp_path / "plugins"
     folder.mkdir()
     for name, text in (("my_estimator", ESTIMATOR), ("my_retriever", RETRIEVER), ("my_engine", ENGINE),
-                       ("not_plugins", NOT_PLUGINS)):
+                       ("not_plugins", NOT_PLUGINS), ("broken_plugin", "LIMIT = 1 / 0\n"),
+                       ("needs_missing", "import no_such_dependency_xyz\n")):
         (folder / f"{name}.py").write_text(textwrap.dedent(text))
     monkeypatch.syspath_prepend(str(folder))
     return folder
@@ -121,6 +122,10 @@ def test_plugin_paths_are_valid_config_values(plugins):
 @pytest.mark.parametrize("override,message", [
     ("advantage.mode=no_such_pkg.rules:fn",
      r"^advantage.mode: cannot import module 'no_such_pkg.rules' of 'no_such_pkg.rules:fn' \(ModuleNotFoundError"),
+    ("advantage.mode=broken_plugin:fn", r"^advantage.mode: importing module 'broken_plugin' of 'broken_plugin:fn' "
+                                        r"failed \(ZeroDivisionError: division by zero\)"),
+    ("advantage.mode=needs_missing:fn", r"^advantage.mode: cannot import module 'needs_missing' of 'needs_missing:fn' "
+                                        r"\(ModuleNotFoundError: No module named 'no_such_dependency_xyz'\)$"),
     ("advantage.mode=my_estimator:nope", r"^advantage.mode: 'my_estimator' has no attribute 'nope'"),
     ("retrieval.kind=my_retriever:LoggedBM25.nope", r"^retrieval.kind: 'my_retriever:LoggedBM25' has no attribute"),
     ("rollout.engine=not_plugins:LIMIT", r"^rollout.engine: 'not_plugins:LIMIT' is of type int, not callable as "

@@ -49,9 +49,13 @@ def import_path(path: str, where: str) -> Any:
         raise ExtensionError(f"{where}: {path!r} is not a 'package.module:attribute' path")
     try:
         obj: Any = importlib.import_module(module)
-    except ImportError as e:
-        raise ExtensionError(f"{where}: cannot import module {module!r} of {path!r} ({type(e).__name__}: {e}); "
-                             "is its folder on PYTHONPATH?") from None
+    except ModuleNotFoundError as e:
+        hint = "; is its folder on PYTHONPATH?" if e.name and (module + ".").startswith(e.name + ".") else ""
+        raise ExtensionError(f"{where}: cannot import module {module!r} of {path!r} ({type(e).__name__}: {e})"
+                             f"{hint}") from None
+    except Exception as e:  # the plugin's own module fails while it is imported: reported with its error
+        raise ExtensionError(f"{where}: importing module {module!r} of {path!r} failed "
+                             f"({type(e).__name__}: {e})") from e
     for i, part in enumerate(attr.split(".")):
         if not hasattr(obj, part):
             owner = module if i == 0 else f"{module}:{'.'.join(attr.split('.')[:i])}"
