@@ -110,7 +110,7 @@ def _measure(delays_ms: Sequence[float], seeds: Sequence[int], slots: Optional[i
                         share = computed[0] / max(sum(t.prefill for turns in trace for t in turns), 1)
                         trace = [[Turn(round(t.prefill * share), t.gen, t.search) for t in turns] for turns in trace]
                         records.append(dict(delay=delay, mode=mode, seed=s, trace=trace, prefill_share=share,
-                                            total=b.stats["total_seconds"], critical=b.stats["critical_path_seconds"]))
+                                            total=b.stats.total_seconds, critical=b.stats.critical_path_seconds))
     finally:
         engine.close()
     return records, steps, calls, gaps

@@ -71,8 +71,8 @@ def main() -> None:
                 print(f"{(t - log[0][0]) * 1000:7.1f} ms  step {dt * 1000:5.1f} ms  in engine {n:3d}  finished {f}")
             print("turns    ", b.num_turns.tolist())
             print("searches ", b.num_searches.tolist())
-            print({k: round(v, 3) for k, v in b.stats.items()})
-        times = [agent.rollout(items, seed=s).stats["total_seconds"] for s in range(1, 6)]
+            print({k: round(v, 3) for k, v in b.stats.as_dict().items()})
+        times = [agent.rollout(items, seed=s).stats.total_seconds for s in range(1, 6)]
         means[mode] = sum(times) / len(times)
     print(f"\nmean rollout (seeds 1-5): async {means['async']:.3f} s, sync {means['sync']:.3f} s")
     engine.close()

@@ -59,7 +59,7 @@ def test_bench_rollout_loop(benchmark, setup, mode, delay_ms, case):
         seeds = iter(range(100))
 
         def run():
-            rounds.append(agent.rollout(items, seed=next(seeds)).stats)
+            rounds.append(agent.rollout(items, seed=next(seeds)).stats.as_dict())
 
         benchmark.pedantic(run, rounds=8, iterations=1, warmup_rounds=1)
     rounds = rounds[1:]                 # the warm-up round

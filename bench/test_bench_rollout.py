@@ -95,14 +95,14 @@ def test_bench_rollout(benchmark, tiny_dir, kind):
         tokens = int(batch.loss_mask.sum())
         info = dict(engine=kind, params=_n_params(policy), trajectories=len(batch), sampled_tokens=tokens,
                     obs_tokens=int(batch.is_obs.sum()), tokens_per_s=tokens / t_roll,
-                    gen_share=s["gen_seconds"] / t_step, retrieval_share=s["retrieval_seconds"] / t_step,
+                    gen_share=s.gen_seconds / t_step, retrieval_share=s.retrieval_seconds / t_step,
                     sync_share=t_sync / t_step,
-                    other_share=(t_step - s["gen_seconds"] - s["retrieval_seconds"] - t_sync) / t_step,
+                    other_share=(t_step - s.gen_seconds - s.retrieval_seconds - t_sync) / t_step,
                     step_s=t_step, sync_ms=t_sync * 1e3, mean_turns=float(batch.num_turns.float().mean()),
                     searches=int(batch.num_searches.sum()), answered=sum(a is not None for a in batch.answer_text))
         benchmark.extra_info.update(info)
         print("ROLLOUT " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items())
-              + f" retrieval_ms={s['retrieval_seconds'] * 1e3:.3f} gen_s={s['gen_seconds']:.3f}")
+              + f" retrieval_ms={s.retrieval_seconds * 1e3:.3f} gen_s={s.gen_seconds:.3f}")
         assert tokens > 0
     finally:
         if kind == "vllm":

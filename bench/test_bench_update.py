@@ -26,7 +26,7 @@ import pytest
 import torch
 from gpu_update_step import length_mix  # the same long-tail batch as the GPU script (bench/ is on sys.path)
 
-from tspo_fast.algo.advantages import batch_advantages
+from tspo_fast.algo.advantages import AdvantageSettings, batch_advantages
 from tspo_fast.algo.rewards import score_batch
 from tspo_fast.config import load_config
 from tspo_fast.data import prompt_items
@@ -59,8 +59,7 @@ def parts():
     agent = build_agent(cfg, build_engine(cfg, path), build_retriever(cfg.retrieval), tok)
     batch = agent.rollout(prompt_items(train[:cfg.train.prompts_per_step], tok), seed=1)
     outcome, first = score_batch(batch, tok)
-    adv, _ = batch_advantages(batch, outcome, first, mode=cfg.advantage.mode, norm=cfg.advantage.norm,
-                              max_turns=cfg.rollout.max_turns + 1)
+    adv, _ = batch_advantages(batch, outcome, first, AdvantageSettings.from_config(cfg))
     return {"path": path, "lm": lm, "default": (batch, adv), "long_tail": length_mix(lm.config.vocab_size)}
 
 

@@ -504,3 +504,24 @@ def test_placebo_is_a_registered_mode_and_config_value():
     from tspo_fast.config import load_config
     assert "tspo_placebo" in tk.ADV_MODES
     assert load_config(None, ["advantage.mode=tspo_placebo"]).advantage.mode == "tspo_placebo"
+
+
+@pytest.mark.parametrize("mode", tk.ADV_MODES)
+def test_batch_advantages_from_a_config_are_k2_with_its_settings(mode):
+    """The trainer's call (``batch_advantages`` with ``AdvantageSettings.from_config``) gives exactly
+    K2's numbers for the config's settings and the step's seed, for every built-in mode."""
+    from types import SimpleNamespace
+
+    from tspo_fast.algo.advantages import AdvantageSettings, batch_advantages
+    from tspo_fast.config import load_config
+
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    R, ks, K, gid, turn, mask = _mixed_inputs(gen, 20, 40, 4)
+    cfg = load_config(None, [f"advantage.mode={mode}", "advantage.norm=turn", "advantage.gamma=0.9",
+                             "reward.folr_alpha=0.3", "rollout.max_turns=3"])
+    batch = SimpleNamespace(num_turns=K, group_id=gid, turn_id=turn, loss_mask=mask)
+    got = batch_advantages(batch, R, ks, AdvantageSettings.from_config(cfg, seed=1234))
+    want = tk.turn_advantages(R, ks, K, gid, turn, mask, alpha=0.3, gamma=0.9, mode=mode, norm="turn", eps=1e-6,
+                              max_turns=4, seed=1234)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -71,8 +71,8 @@ def test_async_gives_the_same_episodes_as_sync(tok, policy, per_step):
     ret = KeywordRetriever()
     b = _agent(eng, ret, tok, mode="async", **limits).rollout(prompts(tok))
     _same(sync, b)
-    assert b.stats["async_loop"] == 1.0 and sync.stats["async_loop"] == 0.0
-    assert b.stats["search_queries"] == sync.stats["search_queries"] == sum(len(c) for c in ret.calls)
+    assert b.stats.async_loop and not sync.stats.async_loop
+    assert b.stats.search_queries == sync.stats.search_queries == sum(len(c) for c in ret.calls)
     if policy is never_answers:
         assert b.truncated.any()                        # the response budget cut some rows: same rule
 
@@ -80,7 +80,7 @@ def test_async_gives_the_same_episodes_as_sync(tok, policy, per_step):
 def test_hf_style_engine_keeps_the_sync_loop(tok):
     eng = ScriptedEngine(tok, varied)                   # no streaming
     b = _agent(eng, KeywordRetriever(), tok, n=2, mode="async").rollout(prompts(tok))
-    assert b.stats["async_loop"] == 0.0 and len(eng.calls) >= 2
+    assert not b.stats.async_loop and len(eng.calls) >= 2
 
 
 class _Timed(KeywordRetriever):
@@ -111,30 +111,30 @@ def test_retrieval_overlaps_generation_and_is_bounded(tok):
     eng = ScriptedEngine(tok, varied, streaming=True, per_step=1, step_delay=0.002)
     slow = _Timed(0.05, eng)
     b = _agent(eng, slow, tok, mode="async", retrieval_concurrency=2, **limits).rollout(prompts(tok))
-    assert b.stats["retrieval_calls"] >= 2 and slow.max_active <= 2
+    assert b.stats.retrieval_calls >= 2 and slow.max_active <= 2
     assert max(slow.steps_during) > 0                           # the engine stepped during a retrieval
     # turn k asks priority k: earlier turns (most work left) leave the engine's queue first
     assert sorted(eng.priorities) == sorted(k for K in b.num_turns.tolist() for k in range(K))
-    assert b.stats["retrieval_wait_seconds"] < b.stats["retrieval_seconds"]      # overlapped
+    assert b.stats.retrieval_wait_seconds < b.stats.retrieval_seconds      # overlapped
     s = _agent(ScriptedEngine(tok, varied), _Timed(0.05), tok, mode="sync", **limits).rollout(prompts(tok))
-    assert s.stats["retrieval_wait_seconds"] == pytest.approx(s.stats["retrieval_seconds"])  # the barrier waits
+    assert s.stats.retrieval_wait_seconds == pytest.approx(s.stats.retrieval_seconds)  # the barrier waits
     _same(s, b)
     # the critical path: the slowest trajectory's own turns and searches, within the rollout
     for r in (b, s):
         st, most = r.stats, int(r.num_searches.max())
         assert most >= 1
-        assert st["critical_path_seconds"] == pytest.approx(st["critical_engine_seconds"] + st["critical_retrieval_seconds"])
-        assert 0.05 * most <= st["critical_path_seconds"] <= st["total_seconds"]   # each search waits 50 ms
-        assert 0 < st["critical_tokens"] <= r.loss_mask.sum(1).max()
+        assert st.critical_path_seconds == pytest.approx(st.critical_engine_seconds + st.critical_retrieval_seconds)
+        assert 0.05 * most <= st.critical_path_seconds <= st.total_seconds   # each search waits 50 ms
+        assert 0 < st.critical_tokens <= r.loss_mask.sum(1).max()
     # sync: every trajectory waits for the whole turn, so the last one's chain is the rollout
-    assert s.stats["critical_path_seconds"] >= 0.9 * s.stats["total_seconds"] - 0.05
+    assert s.stats.critical_path_seconds >= 0.9 * s.stats.total_seconds - 0.05
 
 
 def test_queries_of_one_step_share_a_retriever_call(tok):
     ret = KeywordRetriever()
     eng = ScriptedEngine(tok, varied, streaming=True, per_step=1000)   # every request ends in the same step
     b = _agent(eng, ret, tok, n=2, mode="async", retrieval_window_ms=0).rollout(prompts(tok, QUESTIONS[:2]))
-    assert len(ret.calls[0]) == 4 and b.stats["retrieval_calls"] == len(ret.calls)
+    assert len(ret.calls[0]) == 4 and b.stats.retrieval_calls == len(ret.calls)
 
 
 @pytest.mark.timeout(60)
@@ -153,10 +153,10 @@ def test_deadline_cuts_and_flags_instead_of_hanging(tok):
     t0 = time.perf_counter()
     b = _agent(eng, SlowRetriever(delay=60, timeout=None), tok, n=2, mode="async", max_seconds=0.5).rollout(prompts(tok))
     assert time.perf_counter() - t0 < 5
-    assert b.stats["deadline_truncated"] > 0 and b.truncated.sum() == b.stats["deadline_truncated"]
+    assert b.stats.deadline_truncated > 0 and b.truncated.sum() == b.stats.deadline_truncated
     answered = [a is not None for a in b.answer_text]
     assert any(answered)                                             # those that never searched finished
     # sync loop: the same deadline between turns
     s = _agent(ScriptedEngine(tok, varied), KeywordRetriever(), tok, n=1, mode="sync", max_seconds=1e-9).rollout(
         prompts(tok))
-    assert s.stats["deadline_truncated"] == len(s) and s.truncated.all()
+    assert s.stats.deadline_truncated == len(s) and s.truncated.all()

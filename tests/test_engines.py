@@ -178,7 +178,7 @@ def test_vllm_rollout_logp_match_model(vllm_engine, hf, tok):
              for q in ("France?", "mountain?")]
     cfg = RolloutConfig(n=3, max_turns=2, max_new_tokens_per_turn=24, max_obs_tokens=40, max_response_tokens=256)
     b = SearchAgent(vllm_engine, KeywordRetriever(), tok, cfg, max_prompt_tokens=64).rollout(items, seed=3)
-    assert len(b) == 6 and b.stats["engine_calls"] >= 2
+    assert len(b) == 6 and b.stats.engine_calls >= 2
     with torch.no_grad():
         logits = hf.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
     ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, b.input_ids[:, 1:, None])[..., 0]
@@ -186,7 +186,7 @@ def test_vllm_rollout_logp_match_model(vllm_engine, hf, tok):
     torch.testing.assert_close(b.rollout_logp[b.loss_mask], ref[b.loss_mask], atol=2e-4, rtol=0)
     # the fitted model searches and answers through vLLM: real multi-turn trajectories
     assert b.is_obs.any() and all(len(o) == int(n) for o, n in zip(b.observation_texts, b.num_turns))
-    assert int(b.num_searches.sum()) > 0 and b.stats["retrieval_calls"] >= 1
+    assert int(b.num_searches.sum()) > 0 and b.stats.retrieval_calls >= 1
     assert int(b.num_turns.max()) >= 2                     # (whether a sample answers is luck: not asserted)
     assert any("<information>Doc 1(Title: " in o for obs in b.observation_texts for o in obs)
 
@@ -209,7 +209,7 @@ def test_vllm_async_loop_equals_sync_greedy(vllm_engine, tok):
 
     sync = _agent(vllm_engine, tok, "sync").rollout(_items(tok), temperature=0.0)
     asyn = _agent(vllm_engine, tok, "async").rollout(_items(tok), temperature=0.0)
-    assert asyn.stats["async_loop"] == 1.0 and sync.stats["async_loop"] == 0.0
+    assert asyn.stats.async_loop and not sync.stats.async_loop
     for f in ("input_ids", "attention_mask", "turn_id", "is_obs", "loss_mask", "num_turns", "num_searches", "truncated"):
         assert torch.equal(getattr(sync, f), getattr(asyn, f)), f
     torch.testing.assert_close(sync.rollout_logp, asyn.rollout_logp, atol=1e-5, rtol=0)

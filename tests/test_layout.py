@@ -157,44 +157,72 @@ def test_imports_inside_functions_are_optional_dependencies_only():
 
 # ----------------------------------------------------------------------------- extension points
 def test_a_registered_estimator_is_picked_up_from_a_config():
-    from tspo_fast.algo.advantages import ESTIMATORS, batch_advantages
+    from tspo_fast.algo.advantages import ESTIMATORS, AdvantageSettings, batch_advantages
     from tspo_fast.config import ConfigError, load_config
 
     calls = []
 
-    def toy(batch, outcome, first_turn, *, alpha, gamma, norm, eps, max_turns, backend, seed):
-        calls.append((alpha, norm))
+    def toy(batch, outcome, first_turn, settings):
+        calls.append((settings.alpha, settings.norm, settings.seed, dict(settings.options)))
         adv = torch.where(batch.loss_mask, outcome[:, None], torch.zeros(()))
         return adv, outcome[:, None].clone()
 
     with pytest.raises(ConfigError, match=r"advantage.mode: must be one of 'tspo', 'grpo'.*got 'toy'"):
         load_config(None, ["advantage.mode=toy"])
-    ESTIMATORS.register("toy", toy)
+    ESTIMATORS.register("toy", toy)           # options=None: the estimator checks its own options
     try:
-        cfg = load_config(None, ["advantage.mode=toy", "advantage.norm=turn"])
+        cfg = load_config(None, ["advantage.mode=toy", "advantage.norm=turn", "advantage.options.k=2"])
         batch = type("B", (), {"loss_mask": torch.tensor([[False, True, True], [False, True, False]])})()
-        adv, _ = batch_advantages(batch, torch.tensor([1.0, 0.0]), torch.tensor([-1, -1]), mode=cfg.advantage.mode,
-                                  norm=cfg.advantage.norm, alpha=cfg.reward.folr_alpha)
-        assert calls == [(0.5, "turn")]
+        adv, _ = batch_advantages(batch, torch.tensor([1.0, 0.0]), torch.tensor([-1, -1]),
+                                  AdvantageSettings.from_config(cfg, seed=7))
+        assert calls == [(0.5, "turn", 7, {"k": 2})]
         assert adv.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
     finally:
         ESTIMATORS.unregister("toy")
+    ESTIMATORS.register("old_style", lambda batch, outcome, first_turn, *, alpha, gamma: None)
+    try:                                      # the keyword signature of before: refused at load, naming the call
+        with pytest.raises(ConfigError, match=r"advantage.mode: 'old_style' has the signature .* cannot be called "
+                                              r"as estimator\(batch, outcome, first_turn, settings\)"):
+            load_config(None, ["advantage.mode=old_style"])
+    finally:
+        ESTIMATORS.unregister("old_style")
 
 
 def test_registered_retriever_and_engine_kinds_are_valid_config_values(tmp_path):
-    from tspo_fast.config import load_config
+    from tspo_fast.config import ConfigError, load_config
     from tspo_fast.engines.base import ENGINES, build_engine
+    from tspo_fast.registry import ExtensionError
     from tspo_fast.retrieval.base import RETRIEVERS, build_retriever
 
-    made = {}
-    RETRIEVERS.register("toy", lambda cfg: made.setdefault("retriever", ("toy", cfg.topk)))
-    ENGINES.register("toy", lambda cfg, path, *, rank, world: made.setdefault("engine", (path, rank, world)))
+    class Toy:
+        def __init__(self, what):
+            self.what = what
+
+        def retrieve(self, queries, topk):
+            return [[] for _ in queries]
+
+        def generate(self, prompts, sampling, keys=None):
+            return []
+
+        load_weights = reset_prefix_cache = generate
+
+    RETRIEVERS.register("toy", lambda cfg: Toy(("toy", cfg.topk, dict(cfg.options))), options=("depth",))
+    ENGINES.register("toy", lambda s: Toy((s.model_path, s.rank, s.world, s.max_model_len, dict(s.options))))
+    ENGINES.register("half", lambda s: object())
     try:
-        cfg = load_config(None, ["retrieval.kind=toy", "retrieval.topk=2", "rollout.engine=toy"])
-        assert build_retriever(cfg.retrieval) == ("toy", 2)
-        assert build_engine(cfg, "some/model", rank=1, world=2) == ("some/model", 1, 2)
+        cfg = load_config(None, ["retrieval.kind=toy", "retrieval.topk=2", "retrieval.options.depth=3",
+                                 "rollout.engine=toy", "rollout.options={a: 1}"])
+        assert build_retriever(cfg.retrieval).what == ("toy", 2, {"depth": 3})
+        assert build_engine(cfg, "some/model", rank=1, world=2).what == ("some/model", 1, 2, 512 + 4096, {"a": 1})
+        with pytest.raises(ConfigError, match=r"retrieval.options: unknown option\(s\) 'width' for retrieval.kind "
+                                              r"'toy', which accepts 'depth'"):
+            load_config(None, ["retrieval.kind=toy", "retrieval.options.width=3"])
+        with pytest.raises(TypeError, match="rollout.engine: 'half' built a object without generate, load_weights, "
+                                            "reset_prefix_cache"):
+            build_engine(load_config(None, ["rollout.engine=half"]), "some/model")
     finally:
         RETRIEVERS.unregister("toy")
         ENGINES.unregister("toy")
-    with pytest.raises(KeyError, match="rollout.engine: unknown value 'toy'"):
+        ENGINES.unregister("half")
+    with pytest.raises(ExtensionError, match="rollout.engine: unknown value 'toy'"):
         ENGINES.get("toy")

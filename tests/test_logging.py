@@ -15,7 +15,7 @@ import torch
 from tspo_fast.config import ConfigError, load_config
 from tspo_fast.env.batch import Trajectory, collate
 from tspo_fast.training.metrics import MetricsLogger, read_metrics, search_r1_metrics, step_metrics
-from tspo_fast.training.plots import plot_runs
+from tspo_fast.training.plots import PANELS, plot_runs
 from tspo_fast.training.ppo import UpdateStats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,6 +233,19 @@ def test_search_r1_metric_names_and_values():
                      {"time/step": 1.0})
     assert {k: m[k] for k in want} == pytest.approx(want)
     assert m["rollout/searches"] == 0.0             # no search ran in this hand-made batch (num_searches = 0)
+
+
+def test_curves_panels_are_distinct_metrics_the_trainer_logs():
+    """curves.png draws each of its panels from a different metric, each one the trainer logs
+    (``reward/em`` would repeat ``reward/mean`` under ``reward.outcome: em``)."""
+    keys = [k for k, _ in PANELS]
+    assert len(set(keys)) == len(keys) and len({t for _, t in PANELS}) == len(PANELS)
+    batch = collate([_trajectory(r, a, f"q{i}") for i, (r, a) in enumerate(zip(ROWS, ANSWERS))], pad_id=0)
+    logged = step_metrics(batch, torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0, -1, -1]),
+                          torch.zeros(batch.input_ids.shape), torch.zeros(3, 3), UpdateStats(), {"time/step": 1.0},
+                          outcome_kind="em")
+    assert "reward/em" not in keys and logged["reward/em"] == logged["reward/mean"]
+    assert all(k in logged for k in keys if not k.startswith("eval/"))
 
 
 # ----------------------------------------------------------------------------- the trainer and `tspo-fast train`

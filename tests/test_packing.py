@@ -4,19 +4,22 @@ gradients as padded rows), and the update skips passes it does not need.  The De
 itself (same weights packed / padded, 1 and 2 ranks) is tests/test_trainer.py's exactness test."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import random
 
 import pytest
 import torch
 
-from tspo_fast.config import load_config
+from tspo_fast.config import LossConfig, load_config
 from tspo_fast.env.batch import Trajectory, collate
 from tspo_fast.models import load_causal_lm
 from tspo_fast.models.tiny import TinyModelSpec, build_tiny_model
 from tspo_fast.training.packing import MicroBatch, micro_batches, plan_bins
 from tspo_fast.training.policy import FusedHeadPolicy
-from tspo_fast.training.ppo import plan_update, rollout_mismatch
+from tspo_fast.training.ppo import TRAINER_LOSS_FIELDS, loss_kwargs, plan_update, rollout_mismatch
+from tspo_kernels import fused_linear_pg_loss
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +162,21 @@ def test_rollout_mismatch_by_hand():
     assert m["k3_kl"] == pytest.approx(float((torch.exp(d) - d - 1).mean()))
     assert rollout_mismatch([]) == {}
     assert isinstance(MicroBatch, type)
+
+
+def test_every_loss_field_reaches_k3_by_one_function():
+    """``loss_kwargs`` builds K3's keyword arguments from ``loss.*``: each field but the trainer's own
+    is a parameter of ``fused_linear_pg_loss`` of the same name (a new field that is not fails here)."""
+    k3 = set(inspect.signature(fused_linear_pg_loss).parameters)
+    lo = load_config(None, ["loss.eps_low=0.1", "loss.eps_high=0.28", "loss.dual_clip=3", "loss.kl_coef=0.05",
+                            "loss.kl_clamp=5", "loss.entropy_coef=0.01", "loss.tis_cap=2"]).loss
+    ref, roll = torch.zeros(3), torch.ones(3)
+    kw = loss_kwargs(lo, ref_logp=ref, rollout_logp=roll)
+    assert set(kw) <= k3, sorted(set(kw) - k3)
+    fields = {f.name for f in dataclasses.fields(LossConfig)}
+    assert set(TRAINER_LOSS_FIELDS) <= fields and (fields - set(TRAINER_LOSS_FIELDS)) <= set(kw)
+    assert {k: v for k, v in kw.items() if k not in ("ref_logp", "rollout_logp")} == dict(
+        eps_low=0.1, eps_high=0.28, dual_clip=3.0, kl_clamp=5.0, entropy_coef=0.01, tis_cap=2.0, beta=0.05)
+    assert kw["ref_logp"] is ref and kw["rollout_logp"] is roll
+    off = loss_kwargs(LossConfig(), rollout_logp=roll)      # no reference pass: beta 0; no tis_cap: no rollout_logp
+    assert off["beta"] == 0.0 and off["ref_logp"] is None and off["rollout_logp"] is None

@@ -15,9 +15,9 @@ from tspo_fast.protocol import format_docs
 from tspo_fast.retrieval import (
     Corpus,
     CorpusError,
-    IndexError_,
     IndexMismatchError,
     InProcessRetriever,
+    RetrievalIndexError,
     build_index,
     load_index,
     split_title,
@@ -213,7 +213,7 @@ def test_mismatched_index_loads_fail(tmp_path_factory, tmp_path, encoder):
         InProcessRetriever.from_dir(bm25_dir, Corpus.from_docs(Corpus.load(corpus_path()).docs(list(range(150)))))
     with pytest.raises(IndexMismatchError, match="takes no encoder"):
         load_index(bm25_dir, encoder="minilm")
-    with pytest.raises(IndexError_, match="has no meta.json"):
+    with pytest.raises(RetrievalIndexError, match="has no meta.json"):
         load_index(tmp_path)
 
 
@@ -315,7 +315,7 @@ def test_dense_index_stays_on_the_cpu_unless_asked(tmp_path_factory, encoder, mo
     load_index(d, encoder=encoder, device="cuda:1")
     load_index(d, encoder=encoder, device="all")
     assert gpus.calls == [("one", 1), ("all", True)]
-    with pytest.raises(IndexError_, match=r"'cuda:2': faiss sees 2 GPU"):
+    with pytest.raises(RetrievalIndexError, match=r"'cuda:2': faiss sees 2 GPU"):
         load_index(d, encoder=encoder, device="cuda:2")
     with pytest.raises(ValueError, match="device: must be 'cpu', 'cuda:N'"):
         load_index(d, encoder=encoder, device="gpu")
@@ -326,7 +326,7 @@ def test_dense_index_on_a_gpu_without_faiss_gpu_fails_clearly(tmp_path_factory, 
 
     if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
         pytest.skip("faiss sees a GPU here")
-    with pytest.raises(IndexError_, match="faiss sees no GPU .*--device cpu"):
+    with pytest.raises(RetrievalIndexError, match="faiss sees no GPU .*--device cpu"):
         load_index(world_index_dir(tmp_path_factory, "dense"), encoder=encoder, device="cuda:0")
 
 

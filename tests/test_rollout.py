@@ -5,6 +5,8 @@ no vLLM here (see test_engines.py).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from _tiny import FailingRetriever, KeywordRetriever, ScriptedEngine, SlowRetriever
@@ -12,7 +14,7 @@ from _tiny import FailingRetriever, KeywordRetriever, ScriptedEngine, SlowRetrie
 from tspo_fast.config import RolloutConfig
 from tspo_fast.data import PromptItem
 from tspo_fast.env.agent import SearchAgent
-from tspo_fast.env.batch import collate, group_id_of
+from tspo_fast.env.batch import RolloutStats, collate, group_id_of
 from tspo_fast.models.tiny import build_tiny_model, load_tokenizer
 from tspo_fast.protocol import INVALID_ACTION_OBS, format_docs, parse_action, search_observation
 from tspo_fast.retrieval import Resilient, RetrievalError, RetryPolicy
@@ -101,7 +103,15 @@ def test_search_then_answer_layout(tok):
     assert batch.answer_text == ["Paris"] * 4
     assert batch.truncated.tolist() == [False] * 4
     assert batch.group_id.tolist() == [group_id_of("u0")] * 2 + [group_id_of("u1")] * 2
-    assert batch.stats["retrieval_calls"] == 1 and batch.stats["search_queries"] == 4
+    assert batch.stats.retrieval_calls == 1 and batch.stats.search_queries == 4
+    assert (batch.stats.engine_calls, batch.stats.answered, batch.stats.async_loop) == (2, 4, False)
+    logged = batch.stats.as_dict()                  # the typed counters as floats, for logs and benchmarks
+    assert set(logged) == {f.name for f in dataclasses.fields(RolloutStats)} | {"engine_busy_frac"}
+    assert logged["search_queries"] == 4.0 and logged["async_loop"] == 0.0
+    assert logged["engine_busy_frac"] == pytest.approx(batch.stats.gen_seconds / batch.stats.total_seconds)
+    moved = batch.to("cpu")
+    moved.stats.search_queries += 1                 # a copy: the batch's own stats stay as they were
+    assert batch.stats.search_queries == 4
     for dt, name in [(torch.int64, "input_ids"), (torch.int64, "attention_mask"), (torch.int32, "turn_id"),
                      (torch.bool, "is_obs"), (torch.bool, "loss_mask"), (torch.float32, "rollout_logp")]:
         assert getattr(batch, name).dtype == dt, name
@@ -140,7 +150,7 @@ def test_invalid_action_then_final_turn_without_search(tok):
     assert b.observation_texts[0][0] == INVALID_ACTION_OBS
     assert b.observation_texts[0][1].startswith("\n\n<information>Doc 1(Title: Berlin)")
     assert b.observation_texts[0][3] == ""                     # search disabled in the last turn
-    assert len(ret.calls) == 2 and b.stats["invalid_actions"] == 1
+    assert len(ret.calls) == 2 and b.stats.invalid_actions == 1
     assert b.answer_text == [None] and not b.truncated[0]
     last = b.turn_id[0] == 3
     assert last.any() and not b.is_obs[0][last].any()
@@ -260,7 +270,7 @@ def test_hf_engine_rollout_token_in_token_out(tiny_dir, tok):
     m = b.loss_mask
     assert m.sum() > 0
     torch.testing.assert_close(b.rollout_logp[m], ref[m], atol=2e-4, rtol=0)
-    assert b.stats["gen_seconds"] > 0
+    assert b.stats.gen_seconds > 0
 
 
 def test_collate_padding_multiple(tok):

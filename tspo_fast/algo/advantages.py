@@ -3,19 +3,23 @@ estimators (``advantage.mode`` in a config).
 
 An estimator is a function::
 
-    estimator(batch, outcome, first_turn, *, alpha, gamma, norm, eps, max_turns, backend, seed)
+    estimator(batch, outcome, first_turn, settings: AdvantageSettings)
         -> (token_adv (B, L) float32, turn_adv (B, T) float32)
 
 ``batch`` is a :class:`~tspo_fast.env.batch.RolloutBatch` (groups: ``batch.group_id``; turns:
 ``batch.turn_id``; trained tokens: ``batch.loss_mask``), ``outcome`` (B,) the rewards R and
-``first_turn`` (B,) FOLR's k* (-1: none); ``alpha`` is ``reward.folr_alpha``, the rest the
-``advantage`` section; ``seed`` is the step's own seed (the run's seed mixed with the step: what a
-randomised estimator such as ``tspo_placebo`` draws from).  The built-in estimators run kernel K2.
-Add one with ``ESTIMATORS.register("name", fn)`` (docs/extending.md).
+``first_turn`` (B,) FOLR's k* (-1: none).  ``settings`` carries the ``advantage`` section
+(``mode``, ``norm``, ``gamma``, ``eps``, ``options``), FOLR's ``alpha`` (``reward.folr_alpha``),
+``max_turns`` and the step's own ``seed`` (the run's seed mixed with the step: what a
+randomised estimator such as ``tspo_placebo`` draws from).  The built-in estimators run kernel
+K2 and take no options.  A plugin is named by its path in the config
+(``advantage.mode: my_pkg.rules:my_rule``; docs/extending.md).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 
@@ -23,37 +27,66 @@ import tspo_kernels as tk
 
 from ..registry import Registry
 
-__all__ = ["ESTIMATORS", "Estimator", "batch_advantages", "kernel_estimator"]
+__all__ = ["ESTIMATORS", "AdvantageSettings", "Estimator", "batch_advantages", "kernel_estimator"]
 
-Estimator = Callable[..., Tuple[torch.Tensor, torch.Tensor]]
+
+@dataclass(frozen=True)
+class AdvantageSettings:
+    """What an estimator is called with besides the batch (the ``advantage`` section and the step).
+
+    mode, norm, gamma, eps, options: ``advantage.*``; alpha: ``reward.folr_alpha``; max_turns:
+    the rollout's turn limit + 1 (the forced answer turn; None: read off the batch, a device
+    sync); backend: K2's backend; seed: the step's seed; options: a read-only mapping.
+    """
+
+    mode: str = "tspo"
+    alpha: float = 0.5
+    gamma: float = 1.0
+    norm: str = "group"
+    eps: float = 1e-6
+    max_turns: Optional[int] = None
+    backend: str = "auto"
+    seed: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", types.MappingProxyType(dict(self.options)))
+
+    @classmethod
+    def from_config(cls, cfg, *, seed: int = 0, backend: str = "auto") -> "AdvantageSettings":
+        """From a run's ``Config`` (its ``advantage`` section, ``reward.folr_alpha``,
+        ``rollout.max_turns``) and the step's ``seed``."""
+        a = cfg.advantage
+        return cls(mode=a.mode, alpha=cfg.reward.folr_alpha, gamma=a.gamma, norm=a.norm, eps=a.eps,
+                   max_turns=cfg.rollout.max_turns + 1, backend=backend, seed=seed, options=a.options)
+
+
+Estimator = Callable[[Any, torch.Tensor, torch.Tensor, AdvantageSettings], Tuple[torch.Tensor, torch.Tensor]]
 
 
 def kernel_estimator(mode: str) -> Estimator:
     """The K2 estimator of ``mode`` (one of :data:`tspo_kernels.ADV_MODES`)."""
 
-    def estimator(batch, outcome, first_turn, *, alpha: float = 0.5, gamma: float = 1.0, norm: str = "group",
-                  eps: float = 1e-6, max_turns: Optional[int] = None, backend: str = "auto", seed: int = 0):
+    def estimator(batch, outcome, first_turn, settings: AdvantageSettings):
+        s = settings
         return tk.turn_advantages(outcome, first_turn, batch.num_turns, batch.group_id, batch.turn_id,
-                                  batch.loss_mask, alpha=alpha, gamma=gamma, mode=mode, norm=norm, eps=eps,
-                                  max_turns=max_turns, backend=backend, seed=seed)
+                                  batch.loss_mask, alpha=s.alpha, gamma=s.gamma, mode=mode, norm=s.norm, eps=s.eps,
+                                  max_turns=s.max_turns, backend=s.backend, seed=s.seed)
 
     estimator.__name__ = f"k2_{mode}"
     estimator.__doc__ = f"K2 ``mode={mode!r}`` (docs/algorithm.md §3)."
     return estimator
 
 
-#: ``advantage.mode`` -> estimator
-ESTIMATORS: Registry[Estimator] = Registry("advantage.mode", {m: kernel_estimator(m) for m in tk.ADV_MODES})
+#: ``advantage.mode`` -> estimator (the K2 modes, which take no ``advantage.options``)
+ESTIMATORS: Registry[Estimator] = Registry(
+    "advantage.mode", {m: kernel_estimator(m) for m in tk.ADV_MODES}, role="estimator",
+    call=("batch", "outcome", "first_turn", "settings"), options={m: () for m in tk.ADV_MODES})
 
 
-def batch_advantages(batch, outcome: torch.Tensor, first_turn: torch.Tensor, *, mode: str = "tspo",
-                     norm: str = "group", alpha: float = 0.5, gamma: float = 1.0, eps: float = 1e-6,
-                     max_turns: int | None = None, backend: str = "auto", seed: int = 0
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(token_adv (B, L) float32, turn_adv (B, T) float32)`` for ``batch`` by the estimator ``mode``.
-
-    ``max_turns``: the rollout's turn limit + 1 (the forced answer turn), which avoids a device sync;
-    ``seed``: the step's seed (randomised estimators).
-    """
-    return ESTIMATORS.get(mode)(batch, outcome, first_turn, alpha=alpha, gamma=gamma, norm=norm, eps=eps,
-                                max_turns=max_turns, backend=backend, seed=seed)
+def batch_advantages(batch, outcome: torch.Tensor, first_turn: torch.Tensor,
+                     settings: AdvantageSettings = AdvantageSettings()) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(token_adv (B, L) float32, turn_adv (B, T) float32)`` for ``batch`` by the estimator
+    ``settings.mode`` (a registered name or a plugin path), its options checked first."""
+    ESTIMATORS.check(settings.mode, settings.options)
+    return ESTIMATORS.get(settings.mode)(batch, outcome, first_turn, settings)

@@ -11,11 +11,12 @@ from .base import (
     FINISH_LENGTH,
     FINISH_STOP,
     Engine,
+    EngineSettings,
     Generation,
     SamplingConfig,
     build_engine,
     find_stop,
 )
 
-__all__ = ["ENGINES", "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP", "Engine", "Generation", "SamplingConfig",
+__all__ = ["ENGINES", "FINISH_EOS", "FINISH_LENGTH", "FINISH_STOP", "Engine", "EngineSettings", "Generation", "SamplingConfig",
            "build_engine", "find_stop"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 import torch
 
@@ -123,15 +123,57 @@ def find_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
     return best
 
 
-#: ``rollout.engine`` -> factory ``fn(cfg: Config, model_path: str, *, rank: int, world: int) -> Engine``.
+@dataclass(frozen=True)
+class EngineSettings:
+    """What a rollout engine is built from: the ``rollout`` section and the run's facts it needs.
+
+    model_path: the model folder; dtype: ``model.dtype``; max_model_len: the context the rollout
+    needs (``data.max_prompt_tokens + rollout.max_response_tokens``); seed: the run's ``seed``;
+    rank, world: this process's rank and the world size; rollout: the ``RolloutConfig``, whose
+    ``options`` (also :attr:`options`) are the engine's own settings.
+    """
+
+    model_path: str
+    dtype: str
+    max_model_len: int
+    seed: int
+    rollout: Any
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        return self.rollout.options
+
+    @classmethod
+    def from_config(cls, cfg, model_path: str, *, rank: int = 0, world: int = 1) -> "EngineSettings":
+        return cls(model_path=model_path, dtype=cfg.model.dtype,
+                   max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens, seed=cfg.seed,
+                   rollout=cfg.rollout, rank=rank, world=world)
+
+
+#: ``rollout.engine`` -> factory ``fn(settings: EngineSettings) -> Engine``; the built-ins take no options.
 #: Entries are named by module: vLLM is an optional, heavy import, and the engine modules import
 #: this one.
 ENGINES: Registry[Callable[..., Engine]] = Registry("rollout.engine", {
     "hf": "tspo_fast.engines.hf:from_config",
     "vllm": "tspo_fast.engines.vllm:from_config",
-})
+}, role="factory", call=("settings",), options={"hf": (), "vllm": ()})
+
+#: what the agent and the weight sync call on every engine (streaming engines: also STREAMING)
+REQUIRED = ("generate", "load_weights", "reset_prefix_cache")
+STREAMING = ("submit", "step", "abort", "num_pending")
 
 
 def build_engine(cfg, model_path: str, *, rank: int = 0, world: int = 1) -> Engine:
-    """The rollout engine of ``cfg.rollout.engine`` for the model folder ``model_path``."""
-    return ENGINES.get(cfg.rollout.engine)(cfg, model_path, rank=rank, world=world)
+    """The rollout engine of ``cfg.rollout.engine`` (a registered name or a plugin path) for the
+    model folder ``model_path``; what the factory builds must have the engine's methods."""
+    name = cfg.rollout.engine
+    ENGINES.check(name, cfg.rollout.options)
+    engine = ENGINES.get(name)(EngineSettings.from_config(cfg, model_path, rank=rank, world=world))
+    wanted = REQUIRED + (STREAMING if getattr(engine, "supports_streaming", False) else ())
+    missing = [m for m in wanted if not callable(getattr(engine, m, None))]
+    if missing:
+        raise TypeError(f"rollout.engine: {name!r} built a {type(engine).__name__} without "
+                        f"{', '.join(missing)} (the Engine interface, tspo_fast.engines.base)")
+    return engine

@@ -12,7 +12,16 @@ import torch
 from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from ..models import load_tokenizer
-from .base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingConfig, find_stop, mix_seed
+from .base import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineSettings,
+    Generation,
+    SamplingConfig,
+    find_stop,
+    mix_seed,
+)
 
 
 class _StopStrings(StoppingCriteria):
@@ -161,8 +170,8 @@ class HFEngine:
         """Not supported: no-op."""
 
 
-def from_config(cfg, model_path: str, *, rank: int = 0, world: int = 1) -> HFEngine:
+def from_config(settings: EngineSettings) -> HFEngine:
     """``rollout.engine: hf``: the model in ``model.dtype`` on this rank's device."""
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    return HFEngine.from_pretrained(model_path, dtype=cfg.model.dtype, device=device,
-                                    max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens)
+    return HFEngine.from_pretrained(settings.model_path, dtype=settings.dtype, device=device,
+                                    max_model_len=settings.max_model_len)

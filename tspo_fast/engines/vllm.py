@@ -41,7 +41,7 @@ from vllm.platforms import current_platform
 from vllm.sampling_params import RequestOutputKind
 
 from . import vllm_patches
-from .base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Generation, SamplingConfig, mix_seed
+from .base import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, EngineSettings, Generation, SamplingConfig, mix_seed
 
 __all__ = ["VLLMEngine", "from_config", "SEEDING"]
 
@@ -228,13 +228,13 @@ class VLLMEngine:
         return self._sleeping
 
 
-def from_config(cfg, model_path: str, *, rank: int = 0, world: int = 1) -> VLLMEngine:
+def from_config(settings: EngineSettings) -> VLLMEngine:
     """``rollout.engine: vllm``: an in-process ``vllm.LLM`` sized by the config, one per rank
     (``external_launcher`` when there are several ranks, ``uni`` otherwise)."""
-    r = cfg.rollout
-    backend = "external_launcher" if world > 1 else "uni"
+    s, r = settings, settings.rollout
+    backend = "external_launcher" if s.world > 1 else "uni"
     extra = {} if r.max_num_seqs is None else {"max_num_seqs": r.max_num_seqs}
-    return VLLMEngine(model_path, max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens,
+    return VLLMEngine(s.model_path, max_model_len=s.max_model_len,
                       tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
-                      dtype=cfg.model.dtype, seed=mix_seed(cfg.seed, rank) % 2 ** 32, enforce_eager=r.enforce_eager,
+                      dtype=s.dtype, seed=mix_seed(s.seed, s.rank) % 2 ** 32, enforce_eager=r.enforce_eager,
                       seeding=r.seeding, distributed_executor_backend=backend, **extra)

@@ -16,11 +16,12 @@ Each turn stops at ``</search>``, ``</answer>``, EOS or ``max_new_tokens_per_tur
 ids are never decoded and re-encoded: the trained sequence is exactly the engine's ids plus the
 tokenized observations.  Request seeds depend on (call seed, turn, trajectory) only, never on
 batch composition.  ``rollout.max_seconds`` is a step deadline: trajectories unfinished then are
-cut and flagged ``truncated`` (``stats["deadline_truncated"]`` counts them).
+cut and flagged ``truncated`` (``stats.deadline_truncated`` counts them; ``batch.stats`` is a
+:class:`~tspo_fast.env.batch.RolloutStats`).
 
 Both loops record each trajectory's own chain: the seconds its turns spent in the engine (from
 submission to finish; in the sync loop, the whole engine call it was part of) and its searches
-spent at the retriever (from query to observation).  ``stats["critical_path_seconds"]`` is the
+spent at the retriever (from query to observation).  ``stats.critical_path_seconds`` is the
 longest chain, split into ``critical_engine_seconds`` and ``critical_retrieval_seconds`` (with
 ``critical_tokens`` sampled by it).  No loop can end a rollout before its slowest trajectory's
 own retrieval waits plus its own turns, so it tells how much of a rollout scheduling can still win.
@@ -41,7 +42,7 @@ from ..data.prompts import PromptItem
 from ..engines.base import Engine, Generation, SamplingConfig, mix_seed
 from ..protocol import INVALID_ACTION_OBS, STOPS, parse_action, search_observation
 from ..retrieval.base import RetrievalError, Retriever, check_result
-from .batch import RolloutBatch, Trajectory, collate
+from .batch import RolloutBatch, RolloutStats, Trajectory, collate
 
 __all__ = ["SearchAgent"]
 
@@ -97,28 +98,25 @@ class SearchAgent:
                 raise ValueError(f"prompt uid={p.uid!r} is empty")
         trajs = [Trajectory(list(p.prompt_ids), p.uid, list(p.aliases), p.data_source)
                  for p in prompts for _ in range(n)]
-        stats = dict(gen_seconds=0.0, retrieval_seconds=0.0, retrieval_wait_seconds=0.0, generated_tokens=0.0,
-                     obs_tokens=0.0, engine_calls=0.0, retrieval_calls=0.0, search_queries=0.0,
-                     invalid_actions=0.0, answered=0.0, truncated=0.0, deadline_truncated=0.0, async_loop=0.0)
+        stats = RolloutStats()
         t0 = time.perf_counter()
         deadline = t0 + cfg.max_seconds if cfg.max_seconds > 0 else None
         chains = _Chains(len(trajs))
         if cfg.mode == "async" and getattr(self.engine, "supports_streaming", False):
-            stats["async_loop"] = 1.0
+            stats.async_loop = True
             self._run_async(trajs, temperature, seed, stats, deadline, chains)
         else:
             self._run_sync(trajs, temperature, seed, stats, deadline, chains)
         for t in trajs:
-            stats["obs_tokens"] += sum(t.is_obs)
-            stats["answered"] += t.answer_text is not None
-            stats["truncated"] += t.truncated
-        stats.update(chains.critical(trajs))
-        stats["total_seconds"] = time.perf_counter() - t0
-        stats["engine_busy_frac"] = stats["gen_seconds"] / max(stats["total_seconds"], 1e-9)
+            stats.obs_tokens += sum(t.is_obs)
+            stats.answered += t.answer_text is not None
+            stats.truncated += t.truncated
+        chains.critical(trajs, stats)
+        stats.total_seconds = time.perf_counter() - t0
         return collate(trajs, self.pad_id, self.pad_to_multiple, stats)
 
     # ------------------------------------------------------------------ the loops
-    def _after_action(self, traj: Trajectory, kind: Optional[str], turn: int, stats: dict) -> str:
+    def _after_action(self, traj: Trajectory, kind: Optional[str], turn: int, stats: RolloutStats) -> str:
         """What a trajectory does after its turn: "done", "search" or "next" (an invalid action's
         correction appended; the next turn follows)."""
         if traj.done:
@@ -128,11 +126,11 @@ class SearchAgent:
             return "done"
         if kind == "search":
             return "search"
-        stats["invalid_actions"] += 1
+        stats.invalid_actions += 1
         self._append_obs(traj, INVALID_ACTION_OBS, turn)
         return "done" if traj.done else "next"
 
-    def _run_sync(self, trajs: List[Trajectory], temperature: float, seed: Optional[int], stats: dict,
+    def _run_sync(self, trajs: List[Trajectory], temperature: float, seed: Optional[int], stats: RolloutStats,
                   deadline: Optional[float], chains: "_Chains") -> None:
         for turn in range(self.config.max_turns + 1):
             active = [i for i, t in enumerate(trajs) if not t.done]
@@ -159,15 +157,15 @@ class SearchAgent:
                 results = self._retrieve(queries, [turn])
                 dt = time.perf_counter() - t1
                 chains.add(searching, "retrieval", dt)
-                stats["retrieval_seconds"] += dt
-                stats["retrieval_wait_seconds"] += dt           # the engine idles meanwhile
-                stats["retrieval_calls"] += 1
-                stats["search_queries"] += len(queries)
+                stats.retrieval_seconds += dt
+                stats.retrieval_wait_seconds += dt              # the engine idles meanwhile
+                stats.retrieval_calls += 1
+                stats.search_queries += len(queries)
                 for (traj, _), res in zip(searches, results):
                     traj.num_searches += 1
                     self._append_obs(traj, search_observation(res), turn)
 
-    def _run_async(self, trajs: List[Trajectory], temperature: float, seed: Optional[int], stats: dict,
+    def _run_async(self, trajs: List[Trajectory], temperature: float, seed: Optional[int], stats: RolloutStats,
                    deadline: Optional[float], chains: "_Chains") -> None:
         cfg, eng = self.config, self.engine
         running: Dict[str, Tuple[int, int]] = {}           # request id -> (trajectory, turn)
@@ -180,7 +178,7 @@ class SearchAgent:
             # searches overlap the others' turns); matters only when requests wait for engine slots
             running[eng.submit(trajs[i].context, sampling, key=i, priority=turn)] = (i, turn)
             chains.start(i)
-            stats["engine_calls"] += 1
+            stats.engine_calls += 1
 
         try:
             for i in range(len(trajs)):
@@ -194,11 +192,11 @@ class SearchAgent:
                 if running:
                     t1 = time.perf_counter()
                     finished = eng.step()
-                    stats["gen_seconds"] += time.perf_counter() - t1
+                    stats.gen_seconds += time.perf_counter() - t1
                     for rid, gen in finished:
                         i, turn = running.pop(rid)
                         chains.stop(i, "engine")
-                        stats["generated_tokens"] += len(gen.token_ids)
+                        stats.generated_tokens += len(gen.token_ids)
                         kind, content = self._take_action(trajs[i], gen, turn)
                         after = self._after_action(trajs[i], kind, turn, stats)
                         if after == "search":
@@ -209,7 +207,7 @@ class SearchAgent:
                 elif batcher.pending:                          # nothing to generate: wait for an observation
                     t2 = time.perf_counter()
                     batcher.wait(None if deadline is None else max(0.0, deadline - t2))
-                    stats["retrieval_wait_seconds"] += time.perf_counter() - t2
+                    stats.retrieval_wait_seconds += time.perf_counter() - t2
                 for (i, turn), hits in batcher.completed():
                     chains.stop(i, "retrieval")
                     traj = trajs[i]
@@ -222,11 +220,11 @@ class SearchAgent:
                 eng.abort(list(running))
             batcher.close(stats)
 
-    def _cut_at_deadline(self, trajs: Sequence[Trajectory], stats: dict) -> None:
+    def _cut_at_deadline(self, trajs: Sequence[Trajectory], stats: RolloutStats) -> None:
         for t in trajs:
             t.truncated = True
             t.done = True
-            stats["deadline_truncated"] += 1
+            stats.deadline_truncated += 1
 
     # ------------------------------------------------------------------ steps
     def _sampling(self, active: Sequence[Trajectory], temperature: float, seed: Optional[int],
@@ -238,14 +236,14 @@ class SearchAgent:
                               seed=None if seed is None else mix_seed(seed, turn))
 
     def _generate(self, active: Sequence[Trajectory], sampling: SamplingConfig, keys: Sequence[int],
-                  stats: dict) -> list[Generation]:
+                  stats: RolloutStats) -> list[Generation]:
         t1 = time.perf_counter()
         gens = self.engine.generate([t.context for t in active], sampling, keys=keys)
-        stats["gen_seconds"] += time.perf_counter() - t1
-        stats["engine_calls"] += 1
+        stats.gen_seconds += time.perf_counter() - t1
+        stats.engine_calls += 1
         if len(gens) != len(active):
             raise RuntimeError(f"engine returned {len(gens)} generations for {len(active)} prompts")
-        stats["generated_tokens"] += sum(len(g.token_ids) for g in gens)
+        stats.generated_tokens += sum(len(g.token_ids) for g in gens)
         return gens
 
     def _take_action(self, traj: Trajectory, gen: Generation, turn: int) -> tuple[str | None, str]:
@@ -315,15 +313,15 @@ class _Chains:
     def stop(self, i: int, kind: str) -> None:
         self.seconds[kind][i] += time.perf_counter() - self._since.pop(i)
 
-    def critical(self, trajs: Sequence[Trajectory]) -> Dict[str, float]:
+    def critical(self, trajs: Sequence[Trajectory], stats: RolloutStats) -> None:
+        """The ``critical_*`` fields of ``stats``: the trajectory with the longest chain."""
         eng, ret = self.seconds["engine"], self.seconds["retrieval"]
         if not trajs:
-            return dict(critical_path_seconds=0.0, critical_engine_seconds=0.0,
-                        critical_retrieval_seconds=0.0, critical_tokens=0.0)
+            return
         i = max(range(len(trajs)), key=lambda j: eng[j] + ret[j])
-        sampled = sum(1 for o in trajs[i].is_obs if not o)
-        return dict(critical_path_seconds=eng[i] + ret[i], critical_engine_seconds=eng[i],
-                    critical_retrieval_seconds=ret[i], critical_tokens=float(sampled))
+        stats.critical_path_seconds = eng[i] + ret[i]
+        stats.critical_engine_seconds, stats.critical_retrieval_seconds = eng[i], ret[i]
+        stats.critical_tokens = sum(1 for o in trajs[i].is_obs if not o)
 
 
 class _RetrievalBatcher:
@@ -401,7 +399,7 @@ class _RetrievalBatcher:
                 return
             self._done.put(item)
 
-    def close(self, stats: dict) -> None:
-        stats["retrieval_seconds"] += self._seconds
-        stats["retrieval_calls"] += self._calls
-        stats["search_queries"] += self._queries
+    def close(self, stats: RolloutStats) -> None:
+        stats.retrieval_seconds += self._seconds
+        stats.retrieval_calls += self._calls
+        stats.search_queries += self._queries

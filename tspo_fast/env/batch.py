@@ -13,13 +13,14 @@ Per row (shape (B,)): ``group_id`` int64 (from the prompt uid), ``num_turns`` in
 ``prompt_len`` int32, ``truncated`` bool, ``num_searches`` int32. Plain lists (len B):
 ``uids``, ``answer_text`` (str | None), ``action_texts`` (list[str] per turn),
 ``observation_texts`` (list[str] per turn, "" for a turn without observation), ``aliases``,
-``data_source``. ``stats``: batch counters (floats).
+``data_source``. ``stats``: the rollout's counters and timings (:class:`RolloutStats`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 
@@ -33,6 +34,48 @@ def group_id_of(uid: Any) -> int:
         return uid
     digest = hashlib.blake2b(str(uid).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
+@dataclass
+class RolloutStats:
+    """What one rollout call counted and timed (both agent loops fill the same fields).
+
+    Seconds are wall-clock; ``gen_seconds`` inside the engine, ``retrieval_seconds`` inside
+    retriever calls (summed over concurrent calls), ``retrieval_wait_seconds`` the part of it the
+    engine had nothing to do.  The ``critical_*`` fields describe the trajectory whose own engine
+    and retrieval seconds add up to the most (``tspo_fast.env.agent``: the bound no scheduling
+    can beat).
+    """
+
+    gen_seconds: float = 0.0            # inside engine calls (generate, or the async loop's steps)
+    retrieval_seconds: float = 0.0      # inside retriever calls
+    retrieval_wait_seconds: float = 0.0  # waiting for the retriever with nothing to generate
+    total_seconds: float = 0.0          # the whole rollout call
+    generated_tokens: int = 0           # sampled by the engine (before the response budget cut)
+    obs_tokens: int = 0                 # observation tokens appended
+    engine_calls: int = 0               # generate calls (sync) or submitted requests (async)
+    retrieval_calls: int = 0            # retriever calls (each a batch of queries)
+    search_queries: int = 0             # queries sent to the retriever
+    invalid_actions: int = 0            # turns without a parsable search or answer
+    answered: int = 0                   # trajectories that gave an answer
+    truncated: int = 0                  # trajectories cut (response budget or deadline)
+    deadline_truncated: int = 0         # of which by rollout.max_seconds
+    async_loop: bool = False            # the asynchronous loop ran (else the turn-synchronous one)
+    critical_path_seconds: float = 0.0  # the longest trajectory's engine + retrieval seconds
+    critical_engine_seconds: float = 0.0     # of which in the engine
+    critical_retrieval_seconds: float = 0.0  # of which at the retriever
+    critical_tokens: int = 0            # tokens sampled by that trajectory
+
+    @property
+    def engine_busy_frac(self) -> float:
+        """Share of the rollout's wall-clock time spent inside the engine."""
+        return self.gen_seconds / max(self.total_seconds, 1e-9)
+
+    def as_dict(self) -> Dict[str, float]:
+        """Every field and ``engine_busy_frac`` as floats, for logs and benchmark records."""
+        out = {k: float(v) for k, v in dataclasses.asdict(self).items()}
+        out["engine_busy_frac"] = self.engine_busy_frac
+        return out
 
 
 @dataclass
@@ -86,7 +129,7 @@ class RolloutBatch:
     observation_texts: list[list[str]]
     aliases: list[list[str]]
     data_source: list[str]
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: RolloutStats = field(default_factory=RolloutStats)
 
     _TENSORS = ("input_ids", "attention_mask", "turn_id", "is_obs", "loss_mask", "rollout_logp",
                 "group_id", "num_turns", "prompt_len", "truncated", "num_searches")
@@ -99,7 +142,8 @@ class RolloutBatch:
         kw = {k: getattr(self, k).to(device) for k in self._TENSORS}
         return RolloutBatch(**kw, uids=self.uids, answer_text=self.answer_text,
                             action_texts=self.action_texts, observation_texts=self.observation_texts,
-                            aliases=self.aliases, data_source=self.data_source, stats=dict(self.stats))
+                            aliases=self.aliases, data_source=self.data_source,
+                            stats=dataclasses.replace(self.stats))
 
     def response_lengths(self) -> torch.Tensor:
         """(B,) int64: number of response tokens (actions + observations) per row."""
@@ -107,7 +151,7 @@ class RolloutBatch:
 
 
 def collate(trajs: Sequence[Trajectory], pad_id: int, pad_to_multiple: int = 1,
-            stats: dict[str, float] | None = None) -> RolloutBatch:
+            stats: RolloutStats | None = None) -> RolloutBatch:
     """Right-pad trajectories into a ``RolloutBatch``; L is the longest row rounded up to
     ``pad_to_multiple``."""
     if not trajs:
@@ -143,5 +187,5 @@ def collate(trajs: Sequence[Trajectory], pad_id: int, pad_to_multiple: int = 1,
         action_texts=[list(t.action_texts) for t in trajs],
         observation_texts=[list(t.observation_texts) for t in trajs],
         aliases=[list(t.aliases) for t in trajs], data_source=[t.data_source for t in trajs],
-        stats=dict(stats or {}),
+        stats=dataclasses.replace(stats) if stats is not None else RolloutStats(),
     )

@@ -27,7 +27,7 @@ from .base import (
 )
 
 _LAZY = {"Corpus": "corpus", "CorpusError": "corpus", "split_title": "corpus", "HTTPRetriever": "http",
-         "IndexError_": "index", "IndexMeta": "index", "IndexMismatchError": "index", "build_index": "index",
+         "RetrievalIndexError": "index", "IndexMeta": "index", "IndexMismatchError": "index", "build_index": "index",
          "load_index": "index", "InProcessRetriever": "inprocess"}
 
 __all__ = ["RETRIEVERS", "Hit", "Resilient", "RetrievalError", "Retriever", "RetryPolicy", "build_retriever",

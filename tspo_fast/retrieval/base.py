@@ -181,13 +181,20 @@ def check_request(queries: Sequence[object], topk: object, *, max_queries: int |
         raise ValueError(f"'topk' must be <= {max_topk}, got {topk}")
 
 
-#: ``retrieval.kind`` -> factory ``fn(RetrievalConfig) -> Retriever``
+#: ``retrieval.kind`` -> factory ``fn(cfg: RetrievalConfig) -> Retriever`` (the section: ``index``, ``url``,
+#: ``topk``, the retry settings and ``options``); the built-ins take no options
 RETRIEVERS: Registry[Callable[..., Retriever]] = Registry("retrieval.kind", {
     "inprocess": "tspo_fast.retrieval.inprocess:from_config",
     "http": "tspo_fast.retrieval.http:from_config",
-})
+}, role="factory", call=("cfg",), options={"inprocess": (), "http": ()})
 
 
 def build_retriever(cfg) -> Retriever:
-    """The retriever of a ``RetrievalConfig`` (its ``kind`` looked up in :data:`RETRIEVERS`)."""
-    return RETRIEVERS.get(cfg.kind)(cfg)
+    """The retriever of a ``RetrievalConfig``: ``cfg.kind`` (a registered name or a plugin path)
+    called with ``cfg``; what it builds must have ``retrieve(queries, topk)``."""
+    RETRIEVERS.check(cfg.kind, cfg.options)
+    retriever = RETRIEVERS.get(cfg.kind)(cfg)
+    if not callable(getattr(retriever, "retrieve", None)):
+        raise TypeError(f"retrieval.kind: {cfg.kind!r} built a {type(retriever).__name__}, which has no "
+                        "retrieve(queries, topk) method (the Retriever interface, tspo_fast.retrieval.base)")
+    return retriever

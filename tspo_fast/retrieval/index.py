@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .corpus import Corpus
 from .encoder import Encoder, canonical_encoder_name
 
-__all__ = ["FORMAT_VERSION", "IndexMeta", "IndexError_", "IndexMismatchError", "BM25Index",
+__all__ = ["FORMAT_VERSION", "IndexMeta", "RetrievalIndexError", "IndexMismatchError", "BM25Index",
            "DenseIndex", "make_faiss_index", "build_index", "load_index", "read_meta", "corpus_fingerprint",
            "check_corpus", "FAISS_DEVICES", "check_faiss_device", "place_faiss_index"]
 
@@ -62,11 +62,11 @@ def _faiss():
     return faiss
 
 
-class IndexError_(RuntimeError):
+class RetrievalIndexError(RuntimeError):
     """An index folder is missing, unreadable or inconsistent."""
 
 
-class IndexMismatchError(IndexError_):
+class IndexMismatchError(RetrievalIndexError):
     """The index was built with another encoder, dimension, corpus or format version."""
 
 
@@ -97,12 +97,12 @@ def read_meta(index_dir: str | os.PathLike) -> IndexMeta:
     d = Path(index_dir)
     p = d / META_FILE
     if not p.is_file():
-        raise IndexError_(f"not an index folder: {d} has no {META_FILE} (build one with "
+        raise RetrievalIndexError(f"not an index folder: {d} has no {META_FILE} (build one with "
                           f"'index build --corpus ... --kind bm25|dense --out {d}')")
     try:
         raw = json.loads(p.read_text())
     except Exception as e:
-        raise IndexError_(f"{p}: unreadable index metadata: {e}") from e
+        raise RetrievalIndexError(f"{p}: unreadable index metadata: {e}") from e
     version = raw.get("format_version")
     if version in READABLE_VERSIONS and str(d.resolve()) not in _WARNED:
         _WARNED.add(str(d.resolve()))
@@ -115,7 +115,7 @@ def read_meta(index_dir: str | os.PathLike) -> IndexMeta:
     known = {f.name for f in fields(IndexMeta)}
     meta = IndexMeta(**{k: v for k, v in raw.items() if k in known})
     if meta.kind not in ("bm25", "dense"):
-        raise IndexError_(f"{p}: unknown index kind {meta.kind!r}")
+        raise RetrievalIndexError(f"{p}: unknown index kind {meta.kind!r}")
     return meta
 
 
@@ -197,7 +197,7 @@ class BM25Index:
     def load(cls, index_dir: Path, meta: IndexMeta) -> "BM25Index":
         d = index_dir / BM25_DIR
         if not d.is_dir():
-            raise IndexError_(f"{index_dir}: BM25 index files ({BM25_DIR}/) are missing")
+            raise RetrievalIndexError(f"{index_dir}: BM25 index files ({BM25_DIR}/) are missing")
         return cls(bm25s.BM25.load(str(d), show_progress=False), meta)
 
     def search(self, queries: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -286,17 +286,17 @@ def place_faiss_index(index: Any, kind: str, device: str = "cpu") -> Any:
     faiss = _faiss()
     n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if n_gpus == 0:
-        raise IndexError_(f"device {device!r}: faiss sees no GPU (faiss-cpu installed? the gpu extra brings "
+        raise RetrievalIndexError(f"device {device!r}: faiss sees no GPU (faiss-cpu installed? the gpu extra brings "
                           "faiss-gpu-cu12); serve on the CPU with --device cpu")
     if kind == "hnsw":
-        raise IndexError_(f"device {device!r}: faiss has no GPU HNSW index; serve this index with --device cpu")
+        raise RetrievalIndexError(f"device {device!r}: faiss has no GPU HNSW index; serve this index with --device cpu")
     if device == "all":
         co = faiss.GpuMultipleClonerOptions()
         co.shard = True
         return faiss.index_cpu_to_all_gpus(index, co=co)
     gpu = int(device.split(":")[1])
     if gpu >= n_gpus:
-        raise IndexError_(f"device {device!r}: faiss sees {n_gpus} GPU(s) (cuda:0 to cuda:{n_gpus - 1})")
+        raise RetrievalIndexError(f"device {device!r}: faiss sees {n_gpus} GPU(s) (cuda:0 to cuda:{n_gpus - 1})")
     res = faiss.StandardGpuResources()
     placed = faiss.index_cpu_to_gpu(res, gpu, index)
     placed.referenced_objects = [res]          # the GPU resources live as long as the index
@@ -369,7 +369,7 @@ class DenseIndex:
                                      f"{meta.encoder!r}, not {enc_name!r}")
         p = index_dir / FAISS_FILE
         if not p.is_file():
-            raise IndexError_(f"{index_dir}: dense index file {FAISS_FILE} is missing")
+            raise RetrievalIndexError(f"{index_dir}: dense index file {FAISS_FILE} is missing")
         index = faiss.read_index(str(p))
         if index.d != meta.dim:
             raise IndexMismatchError(f"{p}: vectors have dimension {index.d} but {META_FILE} "
@@ -419,7 +419,7 @@ def build_index(corpus: str | os.PathLike | Corpus, kind: str, out_dir: str | os
     out.mkdir(parents=True, exist_ok=True)
     corp = corpus if isinstance(corpus, Corpus) else Corpus.load(corpus)
     if len(corp) == 0:
-        raise IndexError_(f"corpus {corp.path or '<memory>'} is empty")
+        raise RetrievalIndexError(f"corpus {corp.path or '<memory>'} is empty")
     if kind == "bm25":
         idx: BM25Index | DenseIndex = BM25Index.build(corp.texts(), progress=progress, **kwargs)
     elif kind == "dense":

@@ -1,4 +1,4 @@
-"""Per-step panels of runs (reward, EM, FOLR curves) written to PNG files."""
+"""Per-step panels of runs (train reward, FOLR hits, searches, test EM) written to PNG files."""
 from __future__ import annotations
 
 import os
@@ -14,8 +14,10 @@ from .metrics import read_metrics
 
 __all__ = ["PANELS", "plot_runs", "save_panels"]
 
-PANELS = [("reward/mean", "train reward"), ("reward/em", "train EM"), ("reward/folr_hit", "FOLR hit rate"),
-          ("eval/em", "test EM")]
+#: (metric, title) of each panel: what a run is trained on, what FOLR sees, how the policy searches, and
+#: the test score (``reward/em`` is not drawn: with ``reward.outcome: em`` it is ``reward/mean``)
+PANELS = [("reward/mean", "train reward (outcome)"), ("reward/folr_hit", "FOLR hit rate (answer retrieved)"),
+          ("rollout/searches", "searches per rollout"), ("eval/em", "test EM (greedy)")]
 
 
 def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Optional[Sequence[str]] = None) -> str:

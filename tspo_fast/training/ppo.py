@@ -15,6 +15,7 @@ only when ``loss.kl_coef`` > 0.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -22,12 +23,13 @@ import deepspeed
 import torch
 from packaging.version import Version
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, LossConfig
 from .distributed import global_max, global_sum, world_size
 from .packing import MicroBatch, micro_batches
 
-__all__ = ["MIN_DEEPSPEED", "check_deepspeed_version", "ds_config", "gradient_accumulation_steps", "UpdatePlan", "UpdateStats", "token_weights_normalizer",
-           "plan_update", "compute_logprobs", "ppo_update", "rollout_mismatch"]
+__all__ = ["MIN_DEEPSPEED", "check_deepspeed_version", "ds_config", "gradient_accumulation_steps", "UpdatePlan",
+           "UpdateStats", "token_weights_normalizer", "plan_update", "compute_logprobs", "loss_kwargs", "ppo_update",
+           "rollout_mismatch", "TRAINER_LOSS_FIELDS"]
 
 
 #: The oldest DeepSpeed the update is exact with.  ``managed_gradient_accumulation: false`` (the
@@ -194,6 +196,24 @@ def rollout_mismatch(pairs: List[tuple]) -> Dict[str, float]:
             "k3_kl": float((torch.exp(d) - d - 1.0).mean())}
 
 
+#: ``loss`` fields the trainer uses itself; every other field of LossConfig is a keyword argument of
+#: K3 (``tspo_kernels.fused_linear_pg_loss``) of the same name, so a new K3 option needs only its
+#: LossConfig field and its check (tests/test_config.py holds the names to K3's signature)
+TRAINER_LOSS_FIELDS = ("kl_coef", "agg", "chunk_size")
+
+
+def loss_kwargs(lo: LossConfig, *, ref_logp: Optional[torch.Tensor] = None,
+                rollout_logp: Optional[torch.Tensor] = None) -> Dict[str, Any]:
+    """K3's keyword arguments from the ``loss`` section (the one place they are built): every
+    field but :data:`TRAINER_LOSS_FIELDS` under its own name; ``beta`` = ``kl_coef`` where the
+    reference log-probs ``ref_logp`` are given (0 otherwise); ``rollout_logp`` only with ``tis_cap``."""
+    kw: Dict[str, Any] = {f.name: getattr(lo, f.name) for f in dataclasses.fields(lo)
+                          if f.name not in TRAINER_LOSS_FIELDS}
+    kw.update(ref_logp=ref_logp, beta=lo.kl_coef if ref_logp is not None else 0.0,
+              rollout_logp=rollout_logp if lo.tis_cap is not None else None)
+    return kw
+
+
 def ppo_update(engine, plan: UpdatePlan, cfg: Config) -> UpdateStats:
     """PPO epochs over the plan's mini-batches; one optimizer step per mini-batch."""
     t, lo = cfg.train, cfg.loss
@@ -206,11 +226,8 @@ def ppo_update(engine, plan: UpdatePlan, cfg: Config) -> UpdateStats:
             for mb in mini:
                 old = None if plan.on_policy else mb.old_logp
                 out = engine(**mb.model_inputs(), mode="loss", old_logp=old, advantages=mb.advantages,
-                             ref_logp=mb.ref_logp, weights=mb.weights,
-                             rollout_logp=mb.rollout_logp if lo.tis_cap else None,
-                             normalizer=norm, eps_low=lo.eps_low, eps_high=lo.eps_high, dual_clip=lo.dual_clip,
-                             beta=lo.kl_coef if mb.ref_logp is not None else 0.0, kl_clamp=lo.kl_clamp,
-                             entropy_coef=lo.entropy_coef, tis_cap=lo.tis_cap)
+                             weights=mb.weights, normalizer=norm,
+                             **loss_kwargs(lo, ref_logp=mb.ref_logp, rollout_logp=mb.rollout_logp))
                 # cancel DeepSpeed's mean over ranks: the gradient is the global sum / norm
                 engine.backward(out.loss * world, scale_wrt_gas=False)
                 n = int(out.logp.numel())

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from ..algo.advantages import batch_advantages
+from ..algo.advantages import AdvantageSettings, batch_advantages
 from ..algo.rewards import score_batch
 from ..config import Config, ConfigError, dump_config
 from ..data import QAExample, drop_long_prompts, prompt_items
@@ -184,18 +184,15 @@ class Trainer:
         batch = self.agent.rollout(items, seed=self.rollout_seed(self.step))
         release_for_update(self.engine)            # the engine sleeps (CUDA) while the update runs
         times["time/rollout"] = time.perf_counter() - t0
-        times["time/rollout_generate"] = batch.stats.get("gen_seconds", 0.0)
-        times["time/rollout_retrieval_wait"] = batch.stats.get("retrieval_wait_seconds", 0.0)
-        times["time/rollout_critical_path"] = batch.stats.get("critical_path_seconds", 0.0)
+        times["time/rollout_generate"] = batch.stats.gen_seconds
+        times["time/rollout_retrieval_wait"] = batch.stats.retrieval_wait_seconds
+        times["time/rollout_critical_path"] = batch.stats.critical_path_seconds
 
         t1 = time.perf_counter()
         outcome, first_turn = score_batch(batch, self.tokenizer, outcome=cfg.reward.outcome,
                                           source=cfg.reward.folr_source)
-        token_adv, turn_adv = batch_advantages(batch, outcome, first_turn, mode=cfg.advantage.mode,
-                                               norm=cfg.advantage.norm, alpha=cfg.reward.folr_alpha,
-                                               gamma=cfg.advantage.gamma, eps=cfg.advantage.eps,
-                                               max_turns=cfg.rollout.max_turns + 1,
-                                               seed=mix_seed(cfg.seed, self.step, 0))
+        token_adv, turn_adv = batch_advantages(
+            batch, outcome, first_turn, AdvantageSettings.from_config(cfg, seed=mix_seed(cfg.seed, self.step, 0)))
         times["time/reward_advantage"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
