@@ -38,6 +38,10 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
+    # adapters on the top this-many decoder layers only (0: every layer).  The layers below have no
+    # trainable parameter, so the backward pass stops above them: on a CPU the update costs about
+    # (forward + top_layers / layers x backward) instead of forward + backward
+    top_layers: int = 0
 
 
 @dataclass
@@ -335,6 +339,7 @@ def validate(cfg: Config) -> Config:
     _check(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")
     _check(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
     _check(lora.rank == 0 or len(lora.target_modules) > 0, "model.lora.target_modules", "needs at least one module name")
+    _check(lora.top_layers >= 0, "model.lora.top_layers", f"must be >= 0 (0 = every layer), got {lora.top_layers}")
     _check(bool(cfg.output_dir.strip()), "output_dir", "must name a folder")
     _check(len(cfg.data.train_files) > 0, "data.train_files", "needs at least one file")
     _one_of(cfg.data.chat_template, "data.chat_template", ("auto", "never"))

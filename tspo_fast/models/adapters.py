@@ -57,10 +57,10 @@ def merge_adapter(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     lm = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     params = dict(lm.named_parameters())
     for name in pairs:
-        if name not in params:
-            raise ValueError(f"{where}: adapts {name}, which the base model {base_dir} does not have")
         if any(part in name for part in ("lm_head", "embed_tokens")):
             raise ValueError(f"{where}: adapts {name}; an adapter on the (tied) embeddings is not merged")
+        if name not in params:
+            raise ValueError(f"{where}: adapts {name}, which the base model {base_dir} does not have")
     with torch.no_grad():
         for name, (a, b) in pairs.items():
             w = params[name]
