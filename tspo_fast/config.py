@@ -99,6 +99,10 @@ class RolloutConfig:
     max_num_seqs: Optional[int] = None  # vLLM: sequences decoded at once (null = vLLM's default)
     seeding: str = "request"            # request: one seed per request (reproducible); engine: the engine's generator
     sync_bucket_mb: float = 256.0
+    # the rollout engine's weights (vLLM): null = model.dtype.  bfloat16 halves the bytes each decode step
+    # reads (CPUs with AVX512-BF16, GPUs); the sync casts the trainer's weights, and loss.tis_cap can correct
+    # the sampling mismatch (mismatch/* measures it)
+    dtype: Optional[str] = None
 
 
 @dataclass
@@ -321,6 +325,8 @@ def check_rollout(r: RolloutConfig, where: str = "rollout") -> RolloutConfig:
     _check(0 < r.gpu_memory_utilization <= 1, f"{where}.gpu_memory_utilization",
            f"must be in (0, 1], got {r.gpu_memory_utilization}")
     _check(r.sync_bucket_mb > 0, f"{where}.sync_bucket_mb", f"must be > 0, got {r.sync_bucket_mb}")
+    _check(r.dtype in (None, "float32", "bfloat16", "float16"), f"{where}.dtype",
+           f"must be float32, bfloat16, float16 or null (model.dtype), got {r.dtype!r}")
     _check(r.max_num_seqs is None or r.max_num_seqs >= 1, f"{where}.max_num_seqs",
            f"must be >= 1 or null (vLLM's default), got {r.max_num_seqs}")
     return r

@@ -162,7 +162,7 @@ class HFEngine:
 
 
 def from_config(cfg, model_path: str, *, rank: int = 0, world: int = 1) -> HFEngine:
-    """``rollout.engine: hf``: the model in ``model.dtype`` on this rank's device."""
+    """``rollout.engine: hf``: the model in ``rollout.dtype`` (null: ``model.dtype``) on this rank's device."""
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    return HFEngine.from_pretrained(model_path, dtype=cfg.model.dtype, device=device,
+    return HFEngine.from_pretrained(model_path, dtype=cfg.rollout.dtype or cfg.model.dtype, device=device,
                                     max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens)

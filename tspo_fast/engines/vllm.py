@@ -232,5 +232,5 @@ def from_config(cfg, model_path: str, *, rank: int = 0, world: int = 1) -> VLLME
     extra = {} if r.max_num_seqs is None else {"max_num_seqs": r.max_num_seqs}
     return VLLMEngine(model_path, max_model_len=cfg.data.max_prompt_tokens + r.max_response_tokens,
                       tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
-                      dtype=cfg.model.dtype, seed=mix_seed(cfg.seed, rank) % 2 ** 32, enforce_eager=r.enforce_eager,
+                      dtype=r.dtype or cfg.model.dtype, seed=mix_seed(cfg.seed, rank) % 2 ** 32, enforce_eager=r.enforce_eager,
                       seeding=r.seeding, distributed_executor_backend=backend, **extra)
