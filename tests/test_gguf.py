@@ -141,3 +141,10 @@ def test_merge_refuses_an_adapter_on_the_tied_embeddings(tmp_path):
                "base_model.model.lm_head.lora_B.weight": torch.zeros(96, 2)}, str(ad / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match="lm_head.*tied"):
         merge_adapter(base, str(ad), str(tmp_path / "out"))
+
+
+def test_a_missing_warm_start_adapter_names_its_build_command(tmp_path):
+    from tspo_fast.models import smollm2_warm_start
+    with pytest.raises(FileNotFoundError, match=r"bundled:smollm2-warmstart: no adapter at .*"
+                                                r"python -m tspo_fast.worldgen.smollm2_warmstart --out"):
+        smollm2_warm_start(str(tmp_path))
