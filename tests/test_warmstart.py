@@ -99,3 +99,31 @@ def test_copy_examples_name_a_random_entity_of_the_right_kind():
         assert query in question and kind_of[query] in QTYPE_KIND.values()
         novel += question not in train_questions
     assert novel > 150   # mostly questions the training set never asks: copying is the only way
+
+
+def test_smollm2_warm_start_builder_runs_and_merges(tmp_path, monkeypatch):
+    """The SmolLM2 builder end to end on a tiny base (bundled:tiny) and a few training questions:
+    a LoRA adapter on the top layer only, the loss falls, and the merged folder loads."""
+    import pytest
+    import torch
+    pytest.importorskip("peft")
+    monkeypatch.setenv("TSPO_FAST_CACHE", os.environ.get("TSPO_FAST_CACHE", str(tmp_path / "cache")))
+    from safetensors.torch import load_file
+
+    from tspo_fast.models import resolve_model_path
+    from tspo_fast.models.adapters import merge_adapter
+    from tspo_fast.worldgen.smollm2_warmstart import SmolWarmStartSpec, build_smollm2_warm_start, smol_behaviours
+    assert abs(sum(w for _, w in smol_behaviours(0.6)) - 1.0) < 1e-9 and dict(smol_behaviours(0.6))["no_search"] == 0.6
+    spec = SmolWarmStartSpec(base="bundled:tiny", questions=16, epochs=3, batch_size=4, lora_layers=1, rank=4,
+                             lr=1e-2, probe_questions=4)
+    out = build_smollm2_warm_start(str(tmp_path / "adapter"), spec, progress=False)
+    info = json.load(open(os.path.join(out, "warmstart.json")))
+    assert info["demonstrations"] == 16 and info["steps"] == 12
+    assert info["last_loss"] < info["first_loss"]
+    assert 0.0 < info["search_first_prob"] < 1.0
+    weights = load_file(os.path.join(out, "adapter_model.safetensors"))
+    assert weights and all(".layers.1." in k for k in weights)           # the top layer of bundled:tiny's 2
+    merged = merge_adapter(resolve_model_path("bundled:tiny"), out, str(tmp_path / "merged"))
+    from transformers import AutoModelForCausalLM
+    lm = AutoModelForCausalLM.from_pretrained(merged)
+    assert torch.isfinite(lm(input_ids=torch.tensor([[1, 2, 3]])).logits).all()

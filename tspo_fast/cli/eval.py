@@ -83,9 +83,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                           "training run's folder (give an --out outside it)")
     weights = None
     if folder is None:
-        path = resolve_model_path(ck or cfg.model.path)
+        path = resolve_model_path(ck) if ck else resolve_model_path(cfg.model.path, cfg.model.gguf_file)
     else:
-        path = resolve_model_path(cfg.model.path)
+        path = resolve_model_path(cfg.model.path, cfg.model.gguf_file)
         weights = checkpoint_weights(folder, path, getattr(torch, cfg.model.dtype))
     tok = load_tokenizer(path)
     examples, report = drop_long_prompts(load_split(cfg.data.test_files), tok, cfg.data.chat_template,

@@ -127,7 +127,7 @@ def find_stop(text: str, stops: Sequence[str]) -> tuple[int, str] | None:
 class EngineSettings:
     """What a rollout engine is built from: the ``rollout`` section and the run's facts it needs.
 
-    model_path: the model folder; dtype: ``model.dtype``; max_model_len: the context the rollout
+    model_path: the model folder; dtype: ``rollout.dtype`` (null: ``model.dtype``); max_model_len: the context the rollout
     needs (``data.max_prompt_tokens + rollout.max_response_tokens``); seed: the run's ``seed``;
     rank, world: this process's rank and the world size; rollout: the ``RolloutConfig``, whose
     ``options`` (also :attr:`options`) are the engine's own settings.
@@ -147,7 +147,7 @@ class EngineSettings:
 
     @classmethod
     def from_config(cls, cfg, model_path: str, *, rank: int = 0, world: int = 1) -> "EngineSettings":
-        return cls(model_path=model_path, dtype=cfg.model.dtype,
+        return cls(model_path=model_path, dtype=cfg.rollout.dtype or cfg.model.dtype,
                    max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens, seed=cfg.seed,
                    rollout=cfg.rollout, rank=rank, world=world)
 

@@ -171,7 +171,7 @@ class HFEngine:
 
 
 def from_config(settings: EngineSettings) -> HFEngine:
-    """``rollout.engine: hf``: the model in ``model.dtype`` on this rank's device."""
+    """``rollout.engine: hf``: the model in ``rollout.dtype`` (null: ``model.dtype``) on this rank's device."""
     device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     return HFEngine.from_pretrained(settings.model_path, dtype=settings.dtype, device=device,
                                     max_model_len=settings.max_model_len)

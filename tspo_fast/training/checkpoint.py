@@ -406,6 +406,7 @@ def load_checkpoint(engine, folder: str, exclude_frozen: bool = False) -> Dict[s
 #: fields a checkpoint cannot be loaded under when they change (with the reason)
 _FIXED = {
     "model.path": "the weights in the checkpoint belong to that model",
+    "model.gguf_file": "the weights in the checkpoint belong to that model",
     "model.dtype": "the checkpoint's parameters and optimizer states have that dtype",
     "model.lora": "the checkpoint holds the parameters of that adapter layout",
     "train.zero_stage": "the DeepSpeed state is partitioned for that stage",
@@ -448,8 +449,8 @@ def resume_changes(state: Dict[str, Any], cfg: Config, world: int) -> List[str]:
     applied = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if a == b or key == "output_dir":
-            continue
+        if a == b or key == "output_dir" or (a in (None, "<unset>") and b in (None, "<unset>")):
+            continue            # (a field added since the checkpoint was written, at its null default: no change)
         fixed = next((f for f in _FIXED if key == f or key.startswith(f + ".")), None)
         if fixed is not None:
             refused.append(f"{key}: {a!r} -> {b!r} cannot apply to this checkpoint ({_FIXED[fixed]})")

