@@ -142,3 +142,18 @@ def test_jobs_run_at_once_with_their_share_of_the_cores(tmp_path, monkeypatch):
     assert sorted(state["dirs"]) == sorted(str(out / c / f"seed{s}") for c in ("a", "b") for s in (1, 2))
     with pytest.raises(ValueError, match="--jobs: must be >= 1"):
         compare.compare([a], [1], str(out), jobs=0)
+
+
+def test_runs_without_a_step_zero_evaluation(tmp_path):
+    """train.eval_at_start: false: no 'before' value, and the mean over evaluations counts every one
+    (after step 0) rather than dropping the first."""
+    rng = random.Random(3)
+    out = tmp_path / "cmp"
+    a = _config(tmp_path, "a", 6)
+    rows = _write_run(str(out / "a" / "seed1"), 6, 0.1, 0.5, rng)
+    with open(out / "a" / "seed1" / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows[1:])             # the step-0 row left out
+    table = compare.summarize(str(out), [a], [1])
+    s = table["a"]["per_seed"][0]
+    assert s["em_before"] != s["em_before"]                                # NaN: not measured
+    assert s["em_during"] == pytest.approx((0.3 + 0.5) / 2) and s["em_after"] == 0.5

@@ -96,13 +96,15 @@ def summarize(out: str, configs: Sequence[str], seeds: Sequence[int], last_k: in
             run_dir = os.path.join(out, name, f"seed{seed}")
             rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
             evals = [r for r in rows if "eval/em" in r]
+            later = [r for r in evals if r["step"] > 0]               # train.eval_at_start: false has no step 0
             train = [r for r in rows if "reward/mean" in r][-last_k:]
             wall_path = os.path.join(run_dir, "wall_s.txt")
             per_seed.append({
                 "seed": seed,
-                "em_before": evals[0]["eval/em"], "em_after": evals[-1]["eval/em"],
-                # how fast it learnt: the mean test EM over the evaluations after the first
-                "em_during": statistics.fmean(r["eval/em"] for r in evals[1:]) if len(evals) > 1 else float("nan"),
+                "em_before": evals[0]["eval/em"] if evals[0]["step"] == 0 else float("nan"),
+                "em_after": evals[-1]["eval/em"],
+                # how fast it learnt: the mean test EM over the evaluations after step 0
+                "em_during": statistics.fmean(r["eval/em"] for r in later) if later else float("nan"),
                 "em_path": [(r["step"], r["eval/em"]) for r in evals],
                 "retrieved_after": evals[-1].get("eval/answer_retrieved", float("nan")),
                 "reward_last": statistics.fmean(r["reward/mean"] for r in train),
