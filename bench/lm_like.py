@@ -229,12 +229,20 @@ def filter_tile_fractions(hidden, weight, targets, old_logp, advantages, loss_ma
                               tiles_dw=tiles["dw"], block_h=pg.FILTER_BLOCK_H, collect_stats=True)
              for t in thresholds}
     maps = {t: {"dh": [], "dw": [], "lowered": 0} for t in thresholds}
+    mass, mass_bound = [], []            # per loss row, at the first threshold, per-entry rule only
     for s, e, z in _logit_chunks(h, w, rows):
         zp = z[:, order]
         del z
         tok_c = {k: v[s:e] for k, v in tok.items()}
         res = row_step.core_torch(zp, y_p[s:e], tok_c, opt, inv_norm, write_grad=False, has_loss=True,
                                   stats_unit=unit)
+        # no entropy term here (g_ent = 0): a unit is droppable where its largest probability is
+        # <= threshold; its mass exactly (unit log-sum-exp) against the unit-maximum bound
+        lse = res["lse"][:, None]
+        drop = torch.exp(res["zmax"] - lse) <= float(thresholds[0])
+        loss_rows = tok_c["mask"] & (res["g_lp"] != 0)
+        mass.append((torch.exp(res["zlse"] - lse) * drop).sum(1)[loss_rows].cpu())
+        mass_bound.append((unit * torch.exp(res["zmax"] - lse) * drop).sum(1)[loss_rows].cpu())
         for t in thresholds:
             plan = filtered.filter_plan(res, e - s, V, filts[t], 1.0)
             maps[t]["dh"].append(plan["dh"].cpu())
@@ -265,6 +273,12 @@ def filter_tile_fractions(hidden, weight, targets, old_logp, advantages, loss_ma
         out[float(t)] = {"kept_dh": kept_dh, "kept_dw": kept_dw, "skipped": 1.0 - 0.5 * (kept_dh + kept_dw),
                          "written": float(write.float().mean()), "rows_lowered": maps[t]["lowered"] / n_loss,
                          "dw_units_touched": touched}
+    q = torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=torch.float64)
+    m, mb = torch.cat(mass).double(), torch.cat(mass_bound).double()
+    out["dropped_mass"] = {"threshold": float(thresholds[0]), "quantiles": [0.1, 0.5, 0.9, 0.99],
+                           "mass": m.quantile(q).tolist(), "unit_max_bound": mb.quantile(q).tolist(),
+                           "rows_over": {r: (float((m > r).double().mean()), float((mb > r).double().mean()))
+                                         for r in (2.0 ** -8, 2.0 ** -6, 2.0 ** -4)}}
     return out
 
 
@@ -304,10 +318,17 @@ def lm_like_report(N: int = 1024, H: int = 512, V: int = 32768, *, seed: int = 0
     say(f"  filtered path, LM-like (tiles dh {pg.FILTER_TILES['dh']}, dw {pg.FILTER_TILES['dw']}, vocabulary by mean "
         f"logit, row bound 2^{math.log2(rho):.0f}):")
     for t, f in fr.items():
+        if t == "dropped_mass":
+            continue
         touched = ", ".join(f"C={c}: {v:.2f}" for c, v in f["dw_units_touched"].items())
         say(f"    threshold 2^{math.log2(t):.0f}: kept dh {f['kept_dh']:.3f}, dw {f['kept_dw']:.3f} -> skipped "
             f"{f['skipped']:.3f}; sweep 2 writes {f['written']:.3f}; rows lowered {f['rows_lowered']:.3f}; "
             f"dw vocabulary tiles touched per chunk: {touched}")
+    dm = fr["dropped_mass"]
+    over = ", ".join(f"{a:.3f} (bound {b:.3f})" for a, b in dm["rows_over"].values())
+    say(f"  a row's droppable probability mass at threshold 2^{math.log2(dm['threshold']):.0f}, per-entry rule only "
+        f"(quantiles {dm['quantiles']}): exactly {_fmt(dm['mass'], '.4f')}; unit-maximum bound "
+        f"{_fmt(dm['unit_max_bound'], '.4f')}; rows over 2^-8 / 2^-6 / 2^-4: {over}")
     out = {"stats": stats, "filter": fr}
     if uniform:
         import os
@@ -319,6 +340,8 @@ def lm_like_report(N: int = 1024, H: int = 512, V: int = 32768, *, seed: int = 0
         fu = filter_tile_fractions(*make_inputs(N, H, V, dtype, device), thresholds=thresholds, row_bound=row_bound)
         say(f"  filtered path, uniform random inputs (make_inputs; {time.time() - t3:.1f} s):")
         for t, f in fu.items():
+            if t == "dropped_mass":
+                continue
             touched = ", ".join(f"C={c}: {v:.2f}" for c, v in f["dw_units_touched"].items())
             say(f"    threshold 2^{math.log2(t):.0f}: kept dh {f['kept_dh']:.3f}, dw {f['kept_dw']:.3f} -> skipped "
                 f"{f['skipped']:.3f}; sweep 2 writes {f['written']:.3f}; rows lowered {f['rows_lowered']:.3f}; "
