@@ -185,21 +185,26 @@ def make_lm_like_inputs(N: int, H: int, V: int, dtype=torch.bfloat16, device="cp
 
 def filter_tile_fractions(hidden, weight, targets, old_logp, advantages, loss_mask,
                           thresholds: Sequence[float] = REPORT_THRESHOLDS, rows: int = 256,
-                          chunks: Sequence[int] = (256, 512, 1024, 1536, 1920, 2048, 4736, 5504)) -> dict:
+                          chunks: Sequence[int] = (256, 512, 1024, 1536, 1920, 2048, 4736, 5504),
+                          row_bound: Optional[float] = None) -> dict:
     """Kept-tile fractions of ``fused_linear_pg_loss(backward="filtered")`` at each threshold,
     from the forward only (no products): the vocabulary ordered by mean logit, the row
-    statistics and the tile plan of :mod:`tspo_kernels.pg_loss` (its private helpers, float32,
-    PPO clip 0.2, no KL or entropy term), ``rows`` token rows at a time (a multiple of 128, so
-    the tiles are those of any chunk that is a multiple of 128 too).
+    statistics and the tile plan of :mod:`tspo_kernels.pg_loss` (its modules ``rows`` and
+    ``filtered``, float32, PPO clip 0.2, no KL or entropy term; the row bound ``row_bound``,
+    default the package's ``FILTER_ROW_BOUND``), ``rows`` token rows at a time (a multiple of
+    128, so the tiles are those of any chunk that is a multiple of 128 too).
 
-    Returns ``{threshold: {"kept_dh", "kept_dw", "skipped", "written", "dw_units_touched": {C: fraction}}}``:
-    ``written``, the fraction of the logits that sweep 2 rewrites (the union of both products'
-    kept tiles); ``dw_units_touched[C]``, for each C in ``chunks`` (multiples of 32, at most N),
-    the mean over the full C-row chunks of the fraction of grad_weight's vocabulary tiles (128
-    wide) that at least one kept tile touches: their float32 accumulator rows are read and
-    written once per chunk (the filtered path's chunks at the benchmark's shapes: 1920 rows at
-    N = 16384, 1536 at 32768)."""
+    Returns ``{threshold: {"kept_dh", "kept_dw", "skipped", "written", "rows_lowered",
+    "dw_units_touched": {C: fraction}}}``: ``written``, the fraction of the logits that sweep 2
+    rewrites (the union of both products' kept tiles); ``rows_lowered``, the fraction of loss
+    rows whose threshold the row bound lowered; ``dw_units_touched[C]``, for each C in ``chunks``
+    (multiples of 32, at most N), the mean over the full C-row chunks of the fraction of
+    grad_weight's vocabulary tiles (128 wide) that at least one kept tile touches: their float32
+    accumulator rows are read and written once per chunk."""
     from tspo_kernels import pg_loss as pg
+    from tspo_kernels.pg_loss import filtered
+    from tspo_kernels.pg_loss import rows as row_step
+    from tspo_kernels.pg_loss.options import FilterOptions
 
     if rows % 128:
         raise ValueError("rows must be a multiple of 128")
@@ -213,25 +218,38 @@ def filter_tile_fractions(hidden, weight, targets, old_logp, advantages, loss_ma
     tok = pg._token_inputs(torch.float32, loss_mask, old_logp=old_logp, advantages=advantages)
     inv_norm, _ = pg._inv_norm(None, tok["mask"], torch.float32, dev)
     opt = pg._options(0.2, 0.2, None, 0.0, 10.0, 0.0, None, 1.0, None, None)
-    order = pg._vocab_permutation("mean_logit", h, w, None, tok["mask"])
+    order = filtered.vocab_permutation("mean_logit", h, w, None, tok["mask"])
     inv = torch.empty_like(order)
     inv[order] = torch.arange(V, device=dev)
     y_p = inv[targets]
     tiles = {k: tuple(v) for k, v in pg.FILTER_TILES.items()}
     unit = tiles["dh"][1]
-    filts = {t: pg._Filter(threshold=float(t), order=order, tiles=tiles, block_h=pg.FILTER_BLOCK_H)
+    rho = pg.FILTER_ROW_BOUND if row_bound is None else row_bound
+    filts = {t: FilterOptions(threshold=float(t), row_bound=rho, dense_above=1.0, order=order, tiles_dh=tiles["dh"],
+                              tiles_dw=tiles["dw"], block_h=pg.FILTER_BLOCK_H, collect_stats=True)
              for t in thresholds}
-    maps = {t: {"dh": [], "dw": []} for t in thresholds}
+    maps = {t: {"dh": [], "dw": [], "lowered": 0} for t in thresholds}
+    mass, mass_bound = [], []            # per loss row, at the first threshold, per-entry rule only
     for s, e, z in _logit_chunks(h, w, rows):
         zp = z[:, order]
         del z
         tok_c = {k: v[s:e] for k, v in tok.items()}
-        res = pg._core_torch(zp, y_p[s:e], tok_c, opt, inv_norm, False, True, True, stats_unit=unit)
+        res = row_step.core_torch(zp, y_p[s:e], tok_c, opt, inv_norm, write_grad=False, has_loss=True,
+                                  stats_unit=unit)
+        # no entropy term here (g_ent = 0): a unit is droppable where its largest probability is
+        # <= threshold; its mass exactly (unit log-sum-exp) against the unit-maximum bound
+        lse = res["lse"][:, None]
+        drop = torch.exp(res["zmax"] - lse) <= float(thresholds[0])
+        loss_rows = tok_c["mask"] & (res["g_lp"] != 0)
+        mass.append((torch.exp(res["zlse"] - lse) * drop).sum(1)[loss_rows].cpu())
+        mass_bound.append((unit * torch.exp(res["zmax"] - lse) * drop).sum(1)[loss_rows].cpu())
         for t in thresholds:
-            plan = pg._filter_plan(res, e - s, V, filts[t], 1.0)
+            plan = filtered.filter_plan(res, e - s, V, filts[t], 1.0)
             maps[t]["dh"].append(plan["dh"].cpu())
             maps[t]["dw"].append(plan["dw"].cpu())
+            maps[t]["lowered"] += int(plan["rows_lowered"])
         del zp, res
+    n_loss = max(int(tok["mask"].sum()), 1)
     n_units = -(-V // unit)
     n_dw = -(-V // tiles["dw"][1])
     r0 = tiles["dw"][0]
@@ -253,7 +271,14 @@ def filter_tile_fractions(hidden, weight, targets, old_logp, advantages, loss_ma
             fr = [float(dw[i:i + blocks].any(0).float().mean()) for i in range(0, rows_dw - blocks + 1, blocks)]
             touched[c] = sum(fr) / len(fr)                           # full chunks only
         out[float(t)] = {"kept_dh": kept_dh, "kept_dw": kept_dw, "skipped": 1.0 - 0.5 * (kept_dh + kept_dw),
-                         "written": float(write.float().mean()), "dw_units_touched": touched}
+                         "written": float(write.float().mean()), "rows_lowered": maps[t]["lowered"] / n_loss,
+                         "dw_units_touched": touched}
+    q = torch.tensor([0.1, 0.5, 0.9, 0.99], dtype=torch.float64)
+    m, mb = torch.cat(mass).double(), torch.cat(mass_bound).double()
+    out["dropped_mass"] = {"threshold": float(thresholds[0]), "quantiles": [0.1, 0.5, 0.9, 0.99],
+                           "mass": m.quantile(q).tolist(), "unit_max_bound": mb.quantile(q).tolist(),
+                           "rows_over": {r: (float((m > r).double().mean()), float((mb > r).double().mean()))
+                                         for r in (2.0 ** -8, 2.0 ** -6, 2.0 ** -4)}}
     return out
 
 
@@ -263,7 +288,7 @@ def _fmt(xs, spec="6.2f"):
 
 def lm_like_report(N: int = 1024, H: int = 512, V: int = 32768, *, seed: int = 0, dtype=torch.bfloat16,
                    device="cpu", thresholds: Sequence[float] = REPORT_THRESHOLDS, uniform: bool = False,
-                   print_fn=print, **params) -> dict:
+                   row_bound: Optional[float] = None, print_fn=print, **params) -> dict:
     """Build LM-like inputs at (N, H, V) and print the entropy deciles, top-1 probability
     quantiles, tokens above 2^-12 per row, mass per frequency-rank decade and the filtered
     path's kept-tile fractions; ``uniform=True`` also prints the kept fractions of the random
@@ -274,7 +299,7 @@ def lm_like_report(N: int = 1024, H: int = 512, V: int = 32768, *, seed: int = 0
     stats = {}
     inputs = make_lm_like_inputs(N, H, V, dtype, device, seed, stats=stats, **params)
     t1 = time.time()
-    fr = filter_tile_fractions(*inputs, thresholds=thresholds)
+    fr = filter_tile_fractions(*inputs, thresholds=thresholds, row_bound=row_bound)
     t2 = time.time()
     name = str(dtype).split(".")[-1]
     say = print_fn
@@ -287,11 +312,23 @@ def lm_like_report(N: int = 1024, H: int = 512, V: int = 32768, *, seed: int = 0
         say(f"  {label:<26} {_fmt(d['deciles'], spec)}  {d['min']:6.2f} {d['mean']:6.2f} {d['max']:6.2f}")
     say("  mean predicted mass per frequency-rank decade (model | Zipf(1) unigram):")
     say("    " + "  ".join(f"[{lo},{hi}]: {m:.3f} | {z:.3f}" for lo, hi, m, z in stats["rank_decades"]))
-    say("  filtered path, LM-like (tiles dh 128x64, dw 32x128, vocabulary by mean logit):")
+    from tspo_kernels import pg_loss as pg
+
+    rho = pg.FILTER_ROW_BOUND if row_bound is None else row_bound
+    say(f"  filtered path, LM-like (tiles dh {pg.FILTER_TILES['dh']}, dw {pg.FILTER_TILES['dw']}, vocabulary by mean "
+        f"logit, row bound 2^{math.log2(rho):.0f}):")
     for t, f in fr.items():
+        if t == "dropped_mass":
+            continue
         touched = ", ".join(f"C={c}: {v:.2f}" for c, v in f["dw_units_touched"].items())
         say(f"    threshold 2^{math.log2(t):.0f}: kept dh {f['kept_dh']:.3f}, dw {f['kept_dw']:.3f} -> skipped "
-            f"{f['skipped']:.3f}; sweep 2 writes {f['written']:.3f}; dw vocabulary tiles touched per chunk: {touched}")
+            f"{f['skipped']:.3f}; sweep 2 writes {f['written']:.3f}; rows lowered {f['rows_lowered']:.3f}; "
+            f"dw vocabulary tiles touched per chunk: {touched}")
+    dm = fr["dropped_mass"]
+    over = ", ".join(f"{a:.3f} (bound {b:.3f})" for a, b in dm["rows_over"].values())
+    say(f"  a row's droppable probability mass at threshold 2^{math.log2(dm['threshold']):.0f}, per-entry rule only "
+        f"(quantiles {dm['quantiles']}): exactly {_fmt(dm['mass'], '.4f')}; unit-maximum bound "
+        f"{_fmt(dm['unit_max_bound'], '.4f')}; rows over 2^-8 / 2^-6 / 2^-4: {over}")
     out = {"stats": stats, "filter": fr}
     if uniform:
         import os
@@ -300,13 +337,15 @@ def lm_like_report(N: int = 1024, H: int = 512, V: int = 32768, *, seed: int = 0
         from test_bench_pg_loss import make_inputs
 
         t3 = time.time()
-        fu = filter_tile_fractions(*make_inputs(N, H, V, dtype, device), thresholds=thresholds)
+        fu = filter_tile_fractions(*make_inputs(N, H, V, dtype, device), thresholds=thresholds, row_bound=row_bound)
         say(f"  filtered path, uniform random inputs (make_inputs; {time.time() - t3:.1f} s):")
         for t, f in fu.items():
+            if t == "dropped_mass":
+                continue
             touched = ", ".join(f"C={c}: {v:.2f}" for c, v in f["dw_units_touched"].items())
             say(f"    threshold 2^{math.log2(t):.0f}: kept dh {f['kept_dh']:.3f}, dw {f['kept_dw']:.3f} -> skipped "
-                f"{f['skipped']:.3f}; sweep 2 writes {f['written']:.3f}; dw vocabulary tiles touched per chunk: "
-                f"{touched}")
+                f"{f['skipped']:.3f}; sweep 2 writes {f['written']:.3f}; rows lowered {f['rows_lowered']:.3f}; "
+                f"dw vocabulary tiles touched per chunk: {touched}")
         out["filter_uniform"] = fu
     return out
 
@@ -322,10 +361,13 @@ def main(argv=None):
                     "products on CPU: a few GB, a minute or more)")
     ap.add_argument("--uniform", action="store_true", help="also the random inputs' kept fractions")
     ap.add_argument("--kappa", type=float, default=None)
+    ap.add_argument("--row-bound-log2", type=float, default=None,
+                    help="the filtered path's row bound as a power of 2 (default: the package's FILTER_ROW_BOUND)")
     a = ap.parse_args(argv)
     N, H, V = (2048, 3584, 152064) if a.real else (a.N, a.H, a.V)
     extra = {} if a.kappa is None else {"kappa": a.kappa}
-    lm_like_report(N, H, V, seed=a.seed, device=a.device, uniform=a.uniform, **extra)
+    rho = None if a.row_bound_log2 is None else 2.0 ** a.row_bound_log2
+    lm_like_report(N, H, V, seed=a.seed, device=a.device, uniform=a.uniform, row_bound=rho, **extra)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ product (``one_product``, the log-probs' floor), eager PyTorch, torch.compile of
 liger-kernel's ``LigerFusedLinearGRPOLoss`` and ``triton_grpo_loss`` (when importable).
 ``benchmark.extra_info`` gets ``peak_extra_GiB`` (peak CUDA memory during one call above the
 inputs, the gradients of h and W included), the variant, the kind of inputs, the chunk rows,
-the accumulation strategy and, for the filtered path, the skipped fractions from
-``filter_stats``.  ``bench/device_check.sh`` runs them and prints the ratios to the floor.
+the accumulation strategy and, for the filtered path, the skipped fractions and rows lowered by
+the row bound from ``PGLossOutput.filter_stats``.  ``bench/device_check.sh`` runs them and prints the ratios to the floor.
 
     pytest bench/test_bench_pg_loss.py --benchmark-only
 """
@@ -167,10 +167,10 @@ def test_cpu_filtered_lm_like_matches_dense():
         return out, h.grad, w.grad
 
     dense, gh_d, gw_d = run()
-    stats = {}
     # the block-sparse route (dense_above 1): at this reduced size the default 0.75 would run the
     # dense products, since fewer tiles are skipped than at V = 152064 (bench/RESULTS.md)
-    filt, gh_f, gw_f = run(backward="filtered", filter_stats=stats, filter_dense_above=1.0)
+    filt, gh_f, gw_f = run(backward="filtered", filter_stats=True, filter_dense_above=1.0)
+    stats = filt.filter_stats.as_dict()
     skipped = float(stats["skipped_fraction"])
     assert 0.0 < skipped < 1.0, stats
     assert 0.0 < float(stats["skipped_dh"]) and 0.0 < float(stats["skipped_dw"]), stats
@@ -185,9 +185,8 @@ def test_cpu_filtered_lm_like_matches_dense():
     assert err_w <= bound_w * (1 + 1e-9) + 1e-12, (err_w, bound_w)
     assert _rel(gh_f, gh_d) <= 2e-2 and _rel(gw_f, gw_d) <= 2e-2, (_rel(gh_f, gh_d), _rel(gw_f, gw_d))
 
-    none = {}
-    _, gh_0, gw_0 = run(backward="filtered", filter_threshold=0.0, filter_stats=none)
-    assert float(none["skipped_fraction"]) == 0.0
+    none, gh_0, gw_0 = run(backward="filtered", filter_threshold=0.0, filter_stats=True)
+    assert float(none.filter_stats.skipped_fraction) == 0.0
     assert _rel(gh_0, gh_d) <= 1e-10 and _rel(gw_0, gw_d) <= 1e-10
 
 
@@ -307,8 +306,7 @@ def _chunk_info(N, backward, grads=True):
     if grads:
         kw.update(need_h=True, need_w=True, weight_half=True)
     if backward == "filtered":
-        tiles = pg_mod.FILTER_TILES
-        kw.update(extra_fixed=GPU_V * GPU_H * elem, extra_per_row=-(-GPU_V // tiles["dh"][1]) * 8 + GPU_H * elem)
+        kw.update(pg_mod._filter_memory(GPU_V, GPU_H, elem, ordered=True))
     try:
         rows = pg_mod._chunk_rows(None, N, GPU_H, GPU_V, **kw)
     except Exception:  # a private helper: its signature may change
@@ -330,13 +328,19 @@ def _loss_fn(impl, inputs, opts, info, acc_override=None):
         return lambda *a: fused_linear_pg_loss(*a, backend="triton").loss
     if impl.startswith("tspo_filtered"):
         # filter_stats costs a few extra elementwise ops per chunk: the untimed calls (warm-up,
-        # peak memory) fill it, the timed rounds run without it (test_cuda_pg_loss_fwd_bwd)
+        # peak memory) collect them, the timed rounds run without (test_cuda_pg_loss_fwd_bwd)
         stats = info.setdefault("_filter_stats", {"on": True, "stats": {}})
         thr, da = opts["threshold"], opts.get("dense_above", 0.75)
         info.update(backward="filtered", threshold=thr, dense_above=da, **_chunk_info(inputs[0].shape[0], "filtered"))
-        return lambda *a: fused_linear_pg_loss(*a, backend="triton", backward="filtered", filter_threshold=thr,
-                                               filter_dense_above=da,
-                                               filter_stats=stats["stats"] if stats["on"] else None).loss
+
+        def loss(*a):
+            out = fused_linear_pg_loss(*a, backend="triton", backward="filtered", filter_threshold=thr,
+                                       filter_dense_above=da, filter_stats=stats["on"])
+            if out.filter_stats is not None:
+                stats["stats"] = out.filter_stats.as_dict()
+            return out.loss
+
+        return loss
     if impl == "eager":
         return eager_loss
     if impl == "compiled_eager":
@@ -354,7 +358,7 @@ def _filter_info(stats):
     """Skipped fractions and bounds of the last filtered call (0-dim tensors -> floats)."""
     out = {}
     for k in ("skipped_fraction", "skipped_dh", "skipped_dw", "dropped_l1_bound_dh", "dropped_l1_bound_dw",
-              "row_scale_l1"):
+              "row_scale_l1", "rows_lowered"):
         if k in stats:
             out[k] = round(float(stats[k]), 6)
     for k in ("tiles_dh", "tiles_dw"):

@@ -6,10 +6,11 @@ in Triton's interpreter and are compared with the PyTorch references.
 
 On a machine with a CUDA device the interpreter stays off (unless TRITON_INTERPRET=1 is set by
 hand), so the compiled kernels are what the tests check.  The tests build their inputs on the
-CPU, which a compiled kernel cannot read; so there the kernel launchers (K1, K2 and K3's row
-kernel) are wrapped: they run on GPU copies of their tensor arguments, and the results (and the
-buffers they write in place: ``out=``, K3's logits chunk) come back to the CPU tensors.  Calls
-whose tensors are already on the GPU (the ``gpu``-marked tests) go straight through.
+CPU, which a compiled kernel cannot read; so there every Triton kernel launch, whichever
+launcher makes it, runs on GPU copies of its CPU tensor arguments, and what the kernel wrote
+comes back to the CPU tensors (``tests/_device_harness.py``; ``tests/test_device_harness.py``
+checks on CPU that every kernel path reaches it).  Launches whose tensors are already on the GPU
+(the ``gpu``-marked tests) go straight through.
 """
 import hashlib
 import os
@@ -44,101 +45,17 @@ def seed_of(test_id: str) -> int:
 COMPILED_KERNELS = HAS_CUDA and os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "on", "yes")
 
 
-def _run_launchers_on_cuda():
-    """Wrap the Triton launchers so that CPU-built test inputs run through the compiled kernels."""
-    import functools
-    import importlib
-    import inspect
-
-    cuda = torch.device("cuda")
-
-    def tensors(x):
-        if isinstance(x, torch.Tensor):
-            yield x
-        elif isinstance(x, (tuple, list)):
-            for v in x:
-                yield from tensors(v)
-        elif isinstance(x, dict):
-            for v in x.values():
-                yield from tensors(v)
-
-    def to_cuda(x, pairs):
-        if isinstance(x, torch.Tensor):
-            if x.device.type != "cpu":
-                return x
-            y = x.to(cuda, copy=True)
-            pairs.append((x, y))
-            return y
-        if isinstance(x, tuple) and hasattr(x, "_fields"):          # NamedTuple (PackedPatterns)
-            return type(x)(*(to_cuda(v, pairs) for v in x))
-        if isinstance(x, (tuple, list)):
-            return type(x)(to_cuda(v, pairs) for v in x)
-        if isinstance(x, dict):
-            return {k: to_cuda(v, pairs) for k, v in x.items()}
-        return x
-
-    def copy_back(orig, moved):
-        if isinstance(orig, torch.Tensor):
-            if moved is not orig:
-                orig.copy_(moved)
-        elif isinstance(orig, (tuple, list)):
-            for o, m in zip(orig, moved):
-                copy_back(o, m)
-        elif isinstance(orig, dict):
-            for k in orig:
-                copy_back(orig[k], moved[k])
-
-    def to_cpu(r, pairs):
-        if isinstance(r, torch.Tensor):
-            for x, y in pairs:
-                if r is y:
-                    return x
-            return r.cpu()
-        if isinstance(r, tuple) and hasattr(r, "_fields"):
-            return type(r)(*(to_cpu(v, pairs) for v in r))
-        if isinstance(r, (tuple, list)):
-            return type(r)(to_cpu(v, pairs) for v in r)
-        if isinstance(r, dict):
-            return {k: to_cpu(v, pairs) for k, v in r.items()}
-        return r
-
-    def wrap(module_name, fn_name, writes):
-        module = importlib.import_module(module_name)
-        fn = getattr(module, fn_name)
-        sig = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def on_cuda(*args, **kwargs):
-            bound = sig.bind(*args, **kwargs)
-            if not any(t.device.type == "cpu" for t in tensors(list(bound.arguments.values()))):
-                return fn(*args, **kwargs)
-            pairs = []
-            moved = {k: to_cuda(v, pairs) for k, v in bound.arguments.items()}
-            result = fn(**moved)
-            torch.cuda.synchronize()
-            with torch.no_grad():
-                for name in writes:
-                    if name in bound.arguments:
-                        copy_back(bound.arguments[name], moved[name])
-            return to_cpu(result, pairs)
-
-        setattr(module, fn_name, on_cuda)
-
-    import tspo_kernels  # noqa: F401  (defines the kernels, compiled mode)
-
-    wrap("tspo_kernels.first_occurrence", "_first_occurrence_triton", writes=("out",))
-    wrap("tspo_kernels.advantages", "_turn_advantages_triton", writes=("out",))
-    wrap("tspo_kernels.pg_loss", "_core_triton", writes=("logits",))   # the gradient goes into logits
-
-
 if COMPILED_KERNELS:
-    _run_launchers_on_cuda()
+    from _device_harness import LaunchRouter
+
+    #: every Triton launch of the run gets GPU copies of its CPU tensors (tests/_device_harness.py)
+    LAUNCH_ROUTER = LaunchRouter("cuda").install()
 
 
 def pytest_report_header(config):
     seeds = f"random inputs: TSPO_TEST_SEED={RUN_SEED}"
     if HAS_CUDA:
-        mode = "compiled (launchers run CPU-built inputs on the GPU)" if COMPILED_KERNELS else "interpreter"
+        mode = "compiled (every launch runs CPU-built inputs on the GPU)" if COMPILED_KERNELS else "interpreter"
         return [f"tspo_kernels: CUDA device {torch.cuda.get_device_name()}; Triton kernels {mode}", seeds]
     return ["tspo_kernels: no CUDA device; Triton kernels run in the interpreter", seeds]
 

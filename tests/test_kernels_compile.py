@@ -1,74 +1,94 @@
-"""Every Triton kernel of tspo_kernels compiles for sm_90 (Hopper) with the launch configuration
-the CUDA path uses.  The interpreter accepts code the compiler rejects (dot shapes, types,
-constexpr misuse); this compiles with Triton's bundled ptxas, no GPU needed.  The K3 row
-kernel's own check is ``tests/test_pg_loss.py::test_kernel_compiles_for_hopper``."""
+"""Every Triton kernel configuration of tspo_kernels compiles for Hopper (sm_90a) and fits it.
+
+The interpreter accepts code the compiler rejects (dot shapes, types, constexpr misuse) and
+computes offsets in Python integers, so it can neither see register spills nor 32-bit address
+overflow.  ``bench/kernel_resources.py`` compiles every configuration the launchers can choose
+with Triton's bundled ptxas (no GPU needed) and reads the cubin and the TTGIR; this test runs it
+and fails on a configuration that does not compile, spills registers, needs more shared memory
+than an SM has, fits fewer CTAs per SM than the kernel's traffic model assumes (bench/RESULTS.md),
+or forms an address offset as a 32-bit product of two run-time values.  The K3 row kernel's
+option flags are compiled on and off by ``tests/test_pg_loss.py::test_kernel_compiles_for_hopper``.
+"""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-_SCRIPT = r"""
-import os, sys
-os.environ.pop("TRITON_INTERPRET", None)
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from importlib import import_module
-# the package exports functions named like the modules: take the modules themselves
-k1, k2, k3 = (import_module(f"tspo_kernels.{m}") for m in ("first_occurrence", "advantages", "pg_loss"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-def compile_(kernel, types, const, num_warps=4, num_stages=3):
-    sig = {}
-    for name in kernel.arg_names:
-        if name in const:
-            sig[name] = "constexpr"
-        else:
-            sig[name] = types.get(name, "i32")
-    cx = {(kernel.arg_names.index(k),): v for k, v in const.items()}
-    out = triton.compile(ASTSource(kernel, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": num_warps, "num_stages": num_stages})
-    assert len(out.asm["cubin"]) > 0, kernel.__name__
-    print("ok", kernel.__name__, const, flush=True)
-
-compile_(k1._first_occurrence_kernel,
-         dict(ids_ptr="*i64", turn_ptr="*i32", obs_ptr="*u8", pat_ptr="*i32", voff_ptr="*i32", roff_ptr="*i32",
-              key_ptr="*i64", count_ptr="*i64"),
-         dict(SOURCE=0, BLOCK_L=1024, BLOCK_P=8))
-for mode, turn_norm, out_t in ((0, True, "*fp32"), (2, False, "*fp64")):
-    compile_(k2._turn_table_kernel,
-             dict(outcome_ptr=out_t, first_ptr="*i64", nturn_ptr="*i64", gid_ptr="*i64", turn_adv_ptr="*fp32",
-                  alpha="fp32", log2_gamma="fp32", eps="fp32"),
-             dict(MODE=mode, NORM_TURN=turn_norm, BLOCK_R=4, BLOCK_B=1024, BLOCK_T=8))
-compile_(k2._token_adv_kernel, dict(turn_ptr="*i32", mask_ptr="*u8", turn_adv_ptr="*fp32", tok_adv_ptr="*fp32"),
-         dict(BLOCK_L=1024))
-(bm2, bn2), (bm3, bn3) = k3.FILTER_TILES["dh"], k3.FILTER_TILES["dw"]
-compile_(k3._soft_grad_kernel,
-         dict(logits_ptr="*bf16", mask_ptr="*i8", lse_ptr="*fp32", ez_ptr="*fp32", glp_ptr="*fp32",
-              gent_ptr="*fp32", keep_ptr="*u8", inv_temp="fp32"),
-         dict(ROWS=bm3, UNIT=bn2, BLOCK_V=4096), num_warps=8)
-for dt, f32 in (("bf16", False), ("fp32", True)):
-    compile_(k3._filtered_dh_kernel,
-             dict(dl_ptr="*" + dt, w_ptr="*" + dt, y_ptr="*i64", coef_ptr="*fp32", idx_ptr="*i32", cnt_ptr="*i32",
-                  gh_ptr="*" + dt),
-             dict(BM=bm2, BN=bn2, BH=k3.FILTER_BLOCK_H, DOT_F32=f32))
-    compile_(k3._filtered_dw_kernel,
-             dict(dl_ptr="*" + dt, h_ptr="*" + dt, idx_ptr="*i32", cnt_ptr="*i32", gw_ptr="*fp32", gb_ptr="*fp32"),
-             dict(BM=bm3, BN=bn3, BH=k3.FILTER_BLOCK_H, HAS_BIAS=True, DOT_F32=f32))
-compile_(k3._mm_acc_kernel, dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*fp32"),
-         dict(ACCUMULATE=True, DOT_F32=False, BM=128, BN=128, BK=64, GROUP_M=8), num_warps=8)
-print("compiled all")
-"""
+from kernel_resources import ctas_per_sm, narrow_offsets  # noqa: E402  (bench/ on the path first)
 
 
-def test_every_kernel_compiles_for_hopper():
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
     import triton.backends
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton build has no NVIDIA backend")
+    out = tmp_path_factory.mktemp("resources") / "resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=root)
-    assert proc.returncode == 0 and "compiled all" in proc.stdout, (proc.stdout[-2000:], proc.stderr[-4000:])
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "kernel_resources.py"), "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert out.exists(), (proc.stdout[-3000:], proc.stderr[-3000:])
+    return json.loads(out.read_text()), proc
+
+
+def test_every_kernel_compiles_for_hopper(compiled):
+    data, proc = compiled
+    kernels = {r["kernel"].split(":")[1] for r in data["results"]}
+    assert {"_first_occurrence_kernel", "_turn_table_kernel", "_token_adv_kernel", "_pg_rows_kernel",
+            "_soft_grad_kernel", "_filtered_dh_kernel", "_filtered_dw_kernel", "_mm_acc_kernel"} <= kernels
+    errors = [f"{r['kernel']} [{r['label']}]: {r['error']}" for r in data["results"] if r["error"]]
+    assert not errors, errors
+
+
+def test_no_spills_shared_memory_within_the_sm_and_occupancy_as_modelled(compiled):
+    data, proc = compiled
+    failed = [f"{r['kernel'].split(':')[1]} [{r['label']}]: {'; '.join(r['failures'])}"
+              for r in data["results"] if r["failures"]]
+    assert not failed, "\n".join(failed)
+    assert proc.returncode == 0 and "all checks passed" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_tensor_core_products_use_wgmma(compiled):
+    """The block-sparse products and the GEMM run on Hopper's tensor cores (16-bit operands)."""
+    data, _ = compiled
+    for r in data["results"]:
+        name = r["kernel"].split(":")[1]
+        if name in ("_filtered_dh_kernel", "_filtered_dw_kernel", "_mm_acc_kernel") and "fp32" not in r["label"]:
+            assert r["wgmma"] > 0, (name, r["label"])
+
+
+# --------------------------------------------------------------------------- the checks themselves
+def test_occupancy_arithmetic():
+    """sm_90: 64K registers allocated per warp in units of 256, 64 warps, 32 CTAs, 228 KiB."""
+    assert ctas_per_sm(255, 4, 0)["ctas"] == 2            # the old K1: 255 registers at 4 warps
+    assert ctas_per_sm(48, 4, 0)["ctas"] == 10
+    assert ctas_per_sm(32, 4, 0)["ctas"] == 16             # then the warp limit
+    assert ctas_per_sm(128, 8, 160 * 1024)["ctas"] == 1    # then shared memory
+    assert ctas_per_sm(16, 1, 0)["ctas"] == 32             # then the CTA limit
+
+
+_OLD_MM_ACC = """
+    %rk_41 = arith.addi %rk_40, %rk : tensor<64xi32> loc(#loc81)
+    %a_57 = tt.expand_dims %rk_41 {axis = 0 : i32} : tensor<64xi32> -> tensor<1x64xi32> loc(#loc88)
+    %a_58 = tt.splat %s_ak : i32 -> tensor<1x64xi32> loc(#loc88)
+    %a_59 = arith.muli %a_57, %a_58 : tensor<1x64xi32> loc(#loc88)
+    %a_61 = tt.broadcast %a_59 : tensor<1x64xi32> -> tensor<128x64xi32> loc(#loc87)
+    %a_62 = tt.addptr %a_60, %a_61 : tensor<128x64x!tt.ptr<bf16>>, tensor<128x64xi32> loc(#loc87)
+    %rm = arith.muli %pm_7, %c128_i32 : i32 loc(#loc74)
+    %c128_i32 = arith.constant 128 : i32 loc(#loc1)
+    %b_1 = tt.addptr %b_0, %rm : !tt.ptr<bf16>, i32 loc(#loc94)
+"""
+
+
+def test_narrow_offsets_finds_a_32_bit_index_times_stride():
+    """The TTGIR of the old ``_mm_acc_kernel`` (k * s_ak in int32, excerpt): the index-times-stride
+    product is found; a product with a compile-time factor (pm * 128) is not."""
+    found = narrow_offsets(_OLD_MM_ACC)
+    assert len(found) == 1 and found[0].startswith("%a_59"), found
+    assert narrow_offsets(_OLD_MM_ACC.replace("xi32>", "xi64>")) == []

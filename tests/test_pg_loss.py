@@ -124,6 +124,8 @@ def run(fn, args, kw, *, dtype=None, grad_bias=True, **extra):
     out.loss.backward()
     res = {k: getattr(out, k).detach() for k in OUTPUTS}
     res.update(grad_hidden=h.grad, grad_weight=w.grad)
+    if out.filter_stats is not None:                  # backward="filtered" with filter_stats=True
+        res["filter_stats"] = out.filter_stats
     if b is not None and grad_bias:
         res["grad_bias"] = b.grad
     return res
@@ -642,9 +644,9 @@ def test_filtered_threshold_zero_is_the_dense_result(backend, vocab_order, dense
     through the dense products (every chunk keeps more than ``filter_dense_above`` = 0.75 of its
     tiles) or, with 1, through the block-sparse kernels over every tile."""
     args, kw = make_case(seed, 45, 16, 150, torch.float32, opts=OPTION_SETS["all"])
-    stats = {}
     got = run(fused_linear_pg_loss, args, kw, chunk_size=16, backend=backend, backward="filtered",
-              filter_threshold=0.0, vocab_order=vocab_order, filter_stats=stats, filter_dense_above=dense_above)
+              filter_threshold=0.0, vocab_order=vocab_order, filter_stats=True, filter_dense_above=dense_above)
+    stats = got["filter_stats"].as_dict()
     assert_close(got, reference_of(args, kw), torch.float32)
     assert float(stats["skipped_dh"]) == 0.0 and float(stats["skipped_dw"]) == 0.0
     assert stats["chunks"] == 3 and stats["dense_chunks"] == (3 if dense_above < 1 else 0)
@@ -670,9 +672,9 @@ def test_filtered_skips_tiles_within_its_error_bound(backend, small_tiles, seed)
     h_row = float(hidden.double()[mask].abs().sum(1).max())
     skipped = []
     for threshold in (2.0 ** -12, 2.0 ** -8, 2.0 ** -4):
-        stats = {}
         got = run(fused_linear_pg_loss, args, kw, chunk_size=48, backend=backend, backward="filtered",
-                  filter_threshold=threshold, filter_stats=stats, filter_dense_above=1.0)   # always the sparse path
+                  filter_threshold=threshold, filter_stats=True, filter_dense_above=1.0)   # always the sparse path
+        stats = got["filter_stats"].as_dict()
         assert_close(got, want, torch.float32, keys=["loss", "logp", "entropy", "kl", "clip_frac"])
         for g_key, bound_key, row in (("grad_hidden", "dropped_l1_bound_dh", w_row),
                                       ("grad_weight", "dropped_l1_bound_dw", h_row)):
@@ -749,3 +751,42 @@ def test_non_finite_policy(backend, backward, small_tiles, seed):
     for value in (0.0, -1.0, float("nan"), torch.tensor(0.0)):
         with pytest.raises(ValueError, match="normalizer"):
             fused_linear_pg_loss(*args, **kw, normalizer=value, **opts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_filtered_bounds_each_rows_dropped_total_on_high_entropy_rows(backend, small_tiles, seed):
+    """Rows whose probability mass is spread wide (entropy above ln 4096: every token's
+    probability, about 1/V, is below the threshold 2^-12) would lose their whole soft gradient to
+    the per-entry rule alone, a coherent bias.  The row bound keeps tiles until no row drops more
+    than rho (|g_lp| + |g_ent|) / T in all (rho = ``FILTER_ROW_BOUND``), so per row t and hidden
+    column j: sum_j |err grad_h[t, j]| <= rho s_t sum_j max_v |W_vj|, and per column j:
+    sum_v |err grad_W[v, j]| <= rho sum_t s_t |h_tj|.  On-policy, no entropy or KL term: s_t =
+    |A_t| / (masked tokens).  Every W row shares a common part c, which the softmax cancels (the
+    rows stay near uniform) but which makes a dropped soft gradient, -g_lp sum_v p_v W_v ~ -g_lp c,
+    large in grad_h."""
+    N, H, V = 24, 16, 8192
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, H, generator=g)
+    weight = 1.0 + 0.02 * torch.randn(V, H, generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    adv, mask = torch.randn(N, generator=g), torch.ones(N, dtype=torch.bool)
+    args, kw = (hidden, weight, targets, None, adv, mask), {}
+    with torch.no_grad():
+        _, ent = logprobs_reference(hidden.double(), weight.double(), targets, return_entropy=True)
+    assert float(ent.min()) > math.log(4096), float(ent.min())
+    want = reference_of(args, kw)
+    got = run(fused_linear_pg_loss, args, kw, chunk_size=N, backend=backend, backward="filtered",
+              filter_dense_above=1.0, filter_stats=True)
+    stats = got["filter_stats"]
+    rho = pg_mod.FILTER_ROW_BOUND
+    s = adv.double().abs() / N
+    err_h = (got["grad_hidden"].double() - want["grad_hidden"]).abs().sum(1)
+    bound_h = rho * s * float(weight.double().abs().amax(0).sum())
+    slack_h = 1e-5 * want["grad_hidden"].abs().sum(1) + 1e-12
+    assert (err_h <= bound_h + slack_h).all(), (err_h / bound_h).max()
+    err_w = (got["grad_weight"].double() - want["grad_weight"]).abs().sum(0)
+    bound_w = rho * (s[:, None] * hidden.double().abs()).sum(0)
+    slack_w = 1e-5 * want["grad_weight"].abs().sum(0) + 1e-12
+    assert (err_w <= bound_w + slack_w).all(), (err_w / bound_w).max()
+    assert int(stats.rows_lowered) == N                     # every row needed a lower threshold
+    assert float(stats.dropped_l1_bound_dh) <= rho * float(s.sum()) * (1 + 1e-6)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Iterable, Sequence
 
 import torch
@@ -59,6 +60,13 @@ FOLR_SOURCES = ("observation", "action", "any")
 #: "tspo_placebo" (a control: "tspo" with each group's FOLR bonuses moved to random members and turns)
 ADV_MODES = ("tspo", "grpo", "tspo_stage", "tspo_placebo")
 ADV_NORMS = ("group", "turn")
+
+
+#: Triton runs its interpreter (``TRITON_INTERPRET=1``, read when the kernels are defined): the
+#: launchers then pick small blocks (each program costs milliseconds there) and upcast what the
+#: interpreter computes wrongly (bf16 products); compiled, they pick the GPU configurations
+#: whatever device the tensors report.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def use_triton(backend: str, device: torch.device) -> bool:

@@ -1,15 +1,20 @@
 """K1: first occurrence of a gold answer's token spelling, per trajectory (docs/algorithm.md §2, §5).
 
 A 2-D grid over (row, block of ``BLOCK_L`` positions).  Each program loads its block of token
-ids and compares it with the first token of every pattern of its row, ``BLOCK_P`` patterns at
-a time (the *prefilter*); only where some position survives does it load ``turn_id`` /
-``is_obs`` and check the pattern's other tokens and that the window lies in one segment of the
-selected kind.  A program's best match, the key ``turn * L + pos`` (smallest turn, then smallest
-position), goes into a per-row atomic minimum.  The last program of a row to finish (a per-row
-atomic countdown) reads that minimum and writes the row's ``(turn, pos)``.
+ids once, as 32-bit values (an id outside [0, 2^31) can never equal a pattern token and becomes
+-1), and compares it with the first token of every pattern of its row, ``BLOCK_P`` patterns at a
+time (the *prefilter*: one comparison per position and pattern, one block-wide "any" per
+``BLOCK_P`` patterns).  Only where some position survives does it check the pattern's other
+tokens and that the window lies in one segment of the selected kind, with loads masked to the
+positions still matching (the verification touches memory only there).  Turns and positions stay
+32-bit; a program's best match, the key ``turn * L + pos`` (smallest turn, then smallest
+position), is formed in 64 bits once, at the end, and goes into a per-row atomic minimum.  The
+last program of a row to finish (a per-row atomic countdown) reads that minimum and writes the
+row's ``(turn, pos)``.
 
 Both per-row counters live in the two output buffers themselves (``pos`` holds the key,
 ``turn`` the countdown), initialised by one fill, so a call is one fill and one launch.
+Registers and occupancy on Hopper: ``bench/kernel_resources.py`` (bench/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -23,36 +28,44 @@ from . import _checks, reference
 from .patterns import PackedPatterns, pack_patterns
 from .text import alias_list, answer_variants
 
-__all__ = ["PackedPatterns", "first_occurrence", "first_occurrence_of_aliases", "pack_patterns"]
+__all__ = ["PackedPatterns", "first_occurrence", "first_occurrence_of_aliases", "k1_launch", "pack_patterns"]
 
 _SOURCE_CODE = {"observation": 0, "action": 1, "any": 2}
 _NONE = 9223372036854775807          # int64 max: "no match" key and the countdown's start
 
 
 @triton.jit
+def _ids32(x):
+    """Token ids as int32; ids outside [0, 2^31) (never a pattern token) become -1."""
+    return tl.where((x >= 0) & (x <= 2147483647), x, -1).to(tl.int32)
+
+
+@triton.jit
+def _segment(turn_row, obs_row, pos, mask):
+    """(turn, segment code 2 * turn + is_obs; -1 off the turns) at ``pos`` where ``mask``, int32."""
+    t = tl.load(turn_row + pos, mask=mask, other=-1).to(tl.int32)
+    o = tl.where(tl.load(obs_row + pos, mask=mask, other=0) != 0, 1, 0)
+    return t, tl.where(t >= 0, 2 * t + o, -1), o
+
+
+@triton.jit
 def _check_pattern(ids_row, turn_row, obs_row, pat_ptr, p_lo, n, offs, cand, L, SOURCE: tl.constexpr):
-    """Keys (turn * L + pos, or NONE) of the positions in ``offs`` where the pattern
-    ``pat[p_lo:p_lo+n]`` occurs inside one segment of the selected kind; ``cand`` marks the
-    positions whose first token already matched."""
-    NONE: tl.constexpr = 9223372036854775807
-    inb = offs < L
-    t0 = tl.load(turn_row + offs, mask=inb, other=-1).to(tl.int64)
-    o0 = tl.where(tl.load(obs_row + offs, mask=inb, other=0) != 0, 1, 0).to(tl.int64)
-    seg0 = tl.where(t0 >= 0, 2 * t0 + o0, -1)
+    """(turn, ok): where the pattern ``pat[p_lo:p_lo+n]`` starts at ``offs`` inside one segment of
+    the selected kind (``cand``: the positions whose first token matched).  Every load is
+    masked to the positions still matching."""
+    t0, seg0, o0 = _segment(turn_row, obs_row, offs, cand)
     ok = cand & (t0 >= 0)
     if SOURCE == 0:
         ok = ok & (o0 == 1)
     if SOURCE == 1:
         ok = ok & (o0 == 0)
     for j in range(1, n):
-        m = offs + j < L
-        pj = tl.load(pat_ptr + p_lo + j).to(tl.int64)
-        tok = tl.load(ids_row + offs + j, mask=m, other=-1).to(tl.int64)
-        tj = tl.load(turn_row + offs + j, mask=m, other=-1).to(tl.int64)
-        oj = tl.where(tl.load(obs_row + offs + j, mask=m, other=0) != 0, 1, 0).to(tl.int64)
-        segj = tl.where(tj >= 0, 2 * tj + oj, -1)
-        ok = ok & m & (tok == pj) & (segj == seg0)
-    return tl.where(ok, t0 * L + offs, NONE)
+        ok = ok & (offs + j < L)
+        pj = tl.load(pat_ptr + p_lo + j)
+        tok = _ids32(tl.load(ids_row + offs + j, mask=ok, other=-1))
+        _, segj, _ = _segment(turn_row, obs_row, offs + j, ok)
+        ok = ok & (tok == pj) & (segj == seg0)
+    return t0, ok
 
 
 @triton.jit
@@ -60,6 +73,7 @@ def _first_occurrence_kernel(ids_ptr, turn_ptr, obs_ptr, pat_ptr, voff_ptr, roff
                              L, n_blocks, s_ids, s_turn, s_obs,
                              SOURCE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr):
     NONE: tl.constexpr = 9223372036854775807
+    BIG: tl.constexpr = 2147483647
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     inb = offs < L
@@ -68,27 +82,35 @@ def _first_occurrence_kernel(ids_ptr, turn_ptr, obs_ptr, pat_ptr, voff_ptr, roff
     obs_row = obs_ptr + row * s_obs
     v_lo = tl.load(roff_ptr + row)
     v_hi = tl.load(roff_ptr + row + 1)
-    tok0 = tl.load(ids_row + offs, mask=inb, other=-1).to(tl.int64)
+    tok0 = _ids32(tl.load(ids_row + offs, mask=inb, other=-1))
     pp = tl.arange(0, BLOCK_P)
-    best = tl.full((), NONE, tl.int64)
+    best_t = tl.full((), BIG, tl.int32)
+    best_p = tl.full((), BIG, tl.int32)
     for v0 in range(v_lo, v_hi, BLOCK_P):
-        # prefilter: BLOCK_P patterns' first tokens against the whole block at once
+        # prefilter: BLOCK_P patterns' first tokens against the whole block, one "any" for all
         vv = v0 + pp
         vin = vv < v_hi
         p_lo = tl.load(voff_ptr + vv, mask=vin, other=0)
         n = tl.where(vin, tl.load(voff_ptr + vv + 1, mask=vin, other=0) - p_lo, 0)
-        first = tl.load(pat_ptr + p_lo, mask=n > 0, other=-2).to(tl.int64)
-        hit = (tok0[:, None] == first[None, :]) & inb[:, None] & (n > 0)[None, :]      # (BLOCK_L, BLOCK_P)
-        if tl.max(tl.max(hit.to(tl.int32), axis=1), axis=0) > 0:          # rare: check the survivors
+        first = tl.load(pat_ptr + p_lo, mask=n > 0, other=-2)          # -2: no pattern (ids are >= -1)
+        hit = tok0 == tl.sum(tl.where(pp == 0, first, 0), axis=0)
+        for q in tl.static_range(1, BLOCK_P):
+            hit = hit | (tok0 == tl.sum(tl.where(pp == q, first, 0), axis=0))
+        if tl.max((hit & inb).to(tl.int32), axis=0) > 0:                # rare: check the survivors
             for i in range(0, BLOCK_P):
-                cand = tl.max(tl.where(pp[None, :] == i, hit.to(tl.int32), 0), axis=1) > 0
+                f_i = tl.sum(tl.where(pp == i, first, 0), axis=0)
+                cand = inb & (tok0 == f_i)
                 if tl.max(cand.to(tl.int32), axis=0) > 0:
                     lo_i = tl.sum(tl.where(pp == i, p_lo, 0), axis=0)
                     n_i = tl.sum(tl.where(pp == i, n, 0), axis=0)
-                    key = _check_pattern(ids_row, turn_row, obs_row, pat_ptr, lo_i, n_i, offs, cand, L, SOURCE)
-                    best = tl.minimum(best, tl.min(key, axis=0))
-    if best != NONE:
-        tl.atomic_min(key_ptr + row, best)
+                    t, ok = _check_pattern(ids_row, turn_row, obs_row, pat_ptr, lo_i, n_i, offs, cand, L, SOURCE)
+                    bt = tl.min(tl.where(ok, t, BIG), axis=0)
+                    bp = tl.min(tl.where(ok & (t == bt), offs, BIG), axis=0)
+                    better = (bt < best_t) | ((bt == best_t) & (bp < best_p))
+                    best_t = tl.where(better, bt, best_t)
+                    best_p = tl.where(better, bp, best_p)
+    if best_t != BIG:
+        tl.atomic_min(key_ptr + row, best_t.to(tl.int64) * L + best_p)          # the 64-bit key, once
     # countdown from NONE: the program that sees NONE - (n_blocks - 1) finishes last and
     # turns the key into (turn, pos), in place of the two counters
     left = tl.atomic_add(count_ptr + row, -1)
@@ -100,8 +122,17 @@ def _first_occurrence_kernel(ids_ptr, turn_ptr, obs_ptr, pat_ptr, voff_ptr, roff
         tl.store(key_ptr + row, tl.where(found, k % L, -1))
 
 
+def k1_launch(L: int, block_l: int = 512, block_p: int = 8) -> dict:
+    """Launch settings of ``_first_occurrence_kernel`` for rows of L tokens (the compile check,
+    ``bench/kernel_resources.py``, builds every configuration this returns).  Four positions per
+    thread: on sm_90 that needs about 48 registers, so 10 CTAs (40 warps) fit an SM; eight per
+    thread need twice the registers and halve the CTAs, with the same bytes in flight."""
+    block = min(block_l, max(16, triton.next_power_of_2(L)))
+    return dict(BLOCK_L=block, BLOCK_P=max(2, block_p), num_warps=min(4, max(1, block // 128)))
+
+
 def _first_occurrence_triton(token_ids, turn_id, is_obs, patterns: PackedPatterns, source: str,
-                             block_l: int = 1024, block_p: int = 8, out=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                             block_l: int = 512, block_p: int = 8, out=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch K1; ``out`` optionally gives the two (B,) int64 output buffers (turn, pos)."""
     B, L = token_ids.shape
     dev = token_ids.device
@@ -120,12 +151,12 @@ def _first_occurrence_triton(token_ids, turn_id, is_obs, patterns: PackedPattern
     ids, voff, roff = (x.contiguous() for x in (patterns.ids, patterns.offsets, patterns.row_offsets))
     if ids.numel() == 0:  # no pattern tokens at all: give the kernel a valid pointer
         ids = torch.zeros(1, dtype=torch.int32, device=dev)
-    block = min(block_l, max(16, triton.next_power_of_2(L)))
-    n_blocks = triton.cdiv(L, block)
+    cfg = k1_launch(L, block_l, block_p)
+    n_blocks = triton.cdiv(L, cfg["BLOCK_L"])
     _first_occurrence_kernel[(B, n_blocks)](
         token_ids, turn_id, is_obs, ids, voff, roff, out_pos, out_turn,
         L, n_blocks, token_ids.stride(0), turn_id.stride(0), is_obs.stride(0),
-        SOURCE=_SOURCE_CODE[source], BLOCK_L=block, BLOCK_P=max(2, block_p), num_warps=4,
+        SOURCE=_SOURCE_CODE[source], **cfg,
     )
     return out_turn, out_pos
 

@@ -249,8 +249,16 @@ def turn_advantages(outcome: torch.Tensor, first_turn: torch.Tensor, num_turns: 
 # lets autograd differentiate it; ``tspo_kernels.pg_loss`` must agree with it.
 
 
-class PGLossOutput(NamedTuple):
-    """Result of ``fused_linear_pg_loss`` / ``pg_loss_reference``.
+class _PGLossFields(NamedTuple):
+    loss: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    kl: torch.Tensor
+    clip_frac: torch.Tensor
+
+
+class PGLossOutput(_PGLossFields):
+    """Result of ``fused_linear_pg_loss`` / ``pg_loss_reference``: a 5-tuple
 
     loss       scalar: sum over loss-masked tokens of the per-token objective / normalizer
     logp       (N,) log pi(target) of every token (masked or not)
@@ -259,13 +267,13 @@ class PGLossOutput(NamedTuple):
                ``ref_logp`` is None
     clip_frac  scalar: fraction of loss-masked tokens whose ratio gradient is clipped away
                (PPO clip or dual clip); 0 when no token is masked
+
+    and one attribute outside the tuple (so that ``loss, logp, entropy, kl, clip_frac = out``
+    keeps working): ``filter_stats``, the gradient-filtered path's statistics
+    (``tspo_kernels.pg_loss.FilterStats``) when asked for, else None.
     """
 
-    loss: torch.Tensor
-    logp: torch.Tensor
-    entropy: torch.Tensor
-    kl: torch.Tensor
-    clip_frac: torch.Tensor
+    filter_stats = None
 
 
 def _k3_log_softmax(hidden, weight, bias, temperature):
