@@ -286,6 +286,13 @@ def _fmt(xs, spec="6.2f"):
     return " ".join(format(x, spec) for x in xs)
 
 
+def _say_mass(say, dm):
+    over = ", ".join(f"{a:.3f} (bound {b:.3f})" for a, b in dm["rows_over"].values())
+    say(f"  a row's droppable probability mass at threshold 2^{math.log2(dm['threshold']):.0f}, per-entry rule only "
+        f"(quantiles {dm['quantiles']}): exactly {_fmt(dm['mass'], '.4f')}; unit-maximum bound "
+        f"{_fmt(dm['unit_max_bound'], '.4f')}; rows over 2^-8 / 2^-6 / 2^-4: {over}")
+
+
 def lm_like_report(N: int = 1024, H: int = 512, V: int = 32768, *, seed: int = 0, dtype=torch.bfloat16,
                    device="cpu", thresholds: Sequence[float] = REPORT_THRESHOLDS, uniform: bool = False,
                    row_bound: Optional[float] = None, print_fn=print, **params) -> dict:
@@ -324,11 +331,7 @@ def lm_like_report(N: int = 1024, H: int = 512, V: int = 32768, *, seed: int = 0
         say(f"    threshold 2^{math.log2(t):.0f}: kept dh {f['kept_dh']:.3f}, dw {f['kept_dw']:.3f} -> skipped "
             f"{f['skipped']:.3f}; sweep 2 writes {f['written']:.3f}; rows lowered {f['rows_lowered']:.3f}; "
             f"dw vocabulary tiles touched per chunk: {touched}")
-    dm = fr["dropped_mass"]
-    over = ", ".join(f"{a:.3f} (bound {b:.3f})" for a, b in dm["rows_over"].values())
-    say(f"  a row's droppable probability mass at threshold 2^{math.log2(dm['threshold']):.0f}, per-entry rule only "
-        f"(quantiles {dm['quantiles']}): exactly {_fmt(dm['mass'], '.4f')}; unit-maximum bound "
-        f"{_fmt(dm['unit_max_bound'], '.4f')}; rows over 2^-8 / 2^-6 / 2^-4: {over}")
+    _say_mass(say, fr["dropped_mass"])
     out = {"stats": stats, "filter": fr}
     if uniform:
         import os
@@ -346,6 +349,7 @@ def lm_like_report(N: int = 1024, H: int = 512, V: int = 32768, *, seed: int = 0
             say(f"    threshold 2^{math.log2(t):.0f}: kept dh {f['kept_dh']:.3f}, dw {f['kept_dw']:.3f} -> skipped "
                 f"{f['skipped']:.3f}; sweep 2 writes {f['written']:.3f}; rows lowered {f['rows_lowered']:.3f}; "
                 f"dw vocabulary tiles touched per chunk: {touched}")
+        _say_mass(say, fu["dropped_mass"])
         out["filter_uniform"] = fu
     return out
 
