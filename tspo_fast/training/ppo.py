@@ -16,7 +16,7 @@ only when ``loss.kl_coef`` > 0.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -80,6 +80,9 @@ class UpdateStats:
     grad_norm: float = 0.0
     tokens: int = 0
     mismatch: Dict[str, float] = field(default_factory=dict)
+    #: the first micro-batch's loss-token log-probs under the weights before the update (the
+    #: reference of the guard's post-update check, :func:`tspo_fast.training.guard.update_kl`)
+    before_logp: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -196,6 +199,8 @@ def ppo_update(engine, plan: UpdatePlan, cfg: Config) -> UpdateStats:
                     sel = mb.loss_mask[:, 1:].bool()
                     trainer_logp = out.logp if plan.on_policy else mb.old_logp[:, 1:][sel]
                     pairs.append((trainer_logp.detach(), mb.rollout_logp[:, 1:][sel]))
+                    if stats.before_logp is None:
+                        stats.before_logp = pairs[0][0]
                 stats.loss += float(out.loss.detach())
                 stats.kl += float(out.kl.sum()) if n else 0.0
                 stats.entropy += float(out.entropy.sum()) if n else 0.0
