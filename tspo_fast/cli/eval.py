@@ -12,6 +12,7 @@ inside one is refused.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 from typing import Dict, List, Optional
 
@@ -32,7 +33,11 @@ __all__ = ["main", "checkpoint_weights"]
 def checkpoint_weights(folder: str, model_path: str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     """The policy weights of a training checkpoint folder, with Hugging Face names (a tied LM
     head is the embedding: it is not listed twice)."""
-    state = get_fp32_state_dict_from_zero_checkpoint(folder, tag="ds")
+    ds = os.path.join(folder, "ds")
+    if glob.glob(os.path.join(ds, "zero_pp_rank_*")):          # ZeRO stages 1-3: the fp32 master weights
+        state = get_fp32_state_dict_from_zero_checkpoint(folder, tag="ds")
+    else:                                                      # stage 0: the module as it was saved
+        state = torch.load(os.path.join(ds, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)["module"]
     prefix = "lm."
     out = {k[len(prefix):] if k.startswith(prefix) else k: v.to(dtype) for k, v in state.items()}
     if getattr(AutoConfig.from_pretrained(model_path), "tie_word_embeddings", False):

@@ -17,10 +17,12 @@ with ``O_CREAT | O_EXCL`` and held open until the build or load ends
 is ``TORCH_EXTENSIONS_DIR``, else ``<user cache>/torch_extensions/py<version>_<accelerator>``).  A
 process killed while it holds the file leaves it behind, and every later process waits for it
 forever, silently (``FileBaton.wait`` polls until the file is gone).  Before DeepSpeed starts, each
-lock file there is checked: a lock that no process of this machine holds open (read from
-``/proc/<pid>/fd``, twice, half a second apart) is stale and is removed, with a warning naming it;
-a lock a live process holds is waited for, reported after a few seconds naming the file and the
-process, and after ``wait_s`` an error names both (stop that process if it is stuck).  Only local
+lock file there is checked: a lock that no process of this machine holds open and no process runs
+in the folder of (``/proc/<pid>/fd`` and ``/proc/<pid>/cwd``, read twice, half a second apart; the
+``ninja`` and compilers of a killed build go on in that folder until they finish) is stale and is
+removed, with a warning naming it; a lock a live process holds is waited for, reported after a few
+seconds naming the file and the process, and after ``wait_s`` an error names both (stop that
+process if it is stuck).  Only local
 rank 0 removes locks; the other ranks of the machine wait for it.  The check sees this machine's
 processes only: on a folder several machines share, give each machine its own
 ``TORCH_EXTENSIONS_DIR``.
@@ -175,21 +177,24 @@ def extensions_root() -> str:
 
 
 def _holders(path: str) -> Optional[List[int]]:
-    """Pids of this machine's processes that have ``path`` open, or None when that cannot be told
-    (no ``/proc``, or processes whose open files cannot be read)."""
+    """Pids of this machine's processes that have ``path`` open, or that run in its folder (torch
+    runs ``ninja`` there, and a build's ``ninja`` and compilers outlive a killed Python process);
+    None when that cannot be told (no ``/proc``, or processes that cannot be read)."""
     if not os.path.isdir("/proc/self/fd"):
         return None
     try:
-        target = os.stat(path)
+        target, folder = os.stat(path), os.stat(os.path.dirname(os.path.abspath(path)))
     except FileNotFoundError:
         return []
     found, unreadable = [], False
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        fd_dir = f"/proc/{entry}/fd"
         try:
-            fds = os.listdir(fd_dir)
+            if int(entry) != os.getpid() and os.path.samestat(os.stat(f"/proc/{entry}/cwd"), folder):
+                found.append(int(entry))
+                continue
+            fds = os.listdir(f"/proc/{entry}/fd")
         except FileNotFoundError:        # ended meanwhile
             continue
         except PermissionError:
@@ -197,7 +202,7 @@ def _holders(path: str) -> Optional[List[int]]:
             continue
         for fd in fds:
             try:
-                if os.path.samestat(os.stat(f"{fd_dir}/{fd}"), target):
+                if os.path.samestat(os.stat(f"/proc/{entry}/fd/{fd}"), target):
                     found.append(int(entry))
                     break
             except OSError:

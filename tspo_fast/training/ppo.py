@@ -31,10 +31,13 @@ __all__ = ["ds_config", "gradient_accumulation_steps", "UpdatePlan", "UpdateStat
 def ds_config(cfg: Config, gas: int, *, optimizer: bool = True) -> Dict[str, Any]:
     """DeepSpeed config of the actor (``optimizer=True``) or of the frozen reference."""
     t = cfg.train
+    # stages 1 and 2 partition optimizer states and gradients, which a frozen engine (no optimizer)
+    # does not have: DeepSpeed refuses them there ("zero stage 2 requires an optimizer"); stage 0 is the same
+    stage = t.zero_stage if optimizer or t.zero_stage == 3 else 0
     c: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
-        "zero_optimization": {"stage": t.zero_stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": t.bf16},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
