@@ -26,6 +26,10 @@ from tspo_fast.training.locks import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: the module alone, for the other processes of these tests (it needs torch only, not the package)
+LOAD_LOCKS = ("import importlib.util; spec = importlib.util.spec_from_file_location('locks', "
+              f"{os.path.join(ROOT, 'tspo_fast', 'training', 'locks.py')!r}); locks = importlib.util.module_from_spec(spec); "
+              "spec.loader.exec_module(locks); ")
 
 
 # ----------------------------------------------------------------------------- one run per output_dir
@@ -35,10 +39,9 @@ def test_a_second_run_is_refused_naming_the_folder_and_the_owner(tmp_path):
     owner = json.load(open(os.path.join(folder, LOCK_FILE)))
     assert owner["pid"] == os.getpid() and owner["host"] and owner["started"]
     # another process (its own open file: flock refuses it as it would a second run)
-    code = ("import sys; from tspo_fast.training.locks import RunLock, RunLockError\n"
-            f"try: RunLock.acquire({folder!r})\nexcept RunLockError as e: print(e); sys.exit(3)")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=ROOT))
+    code = LOAD_LOCKS + (f"import sys\ntry: locks.RunLock.acquire({folder!r})\n"
+                         "except locks.RunLockError as e: print(e); sys.exit(3)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert p.returncode == 3, p.stderr[-2000:]
     assert p.stdout.startswith(f"output_dir {folder} is in use by another run (pid {os.getpid()} on host "
                                f"{owner['host']}, started {owner['started']}"), p.stdout
@@ -52,10 +55,9 @@ def test_a_second_run_is_refused_naming_the_folder_and_the_owner(tmp_path):
 
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path):
     folder = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, "-c", f"from tspo_fast.training.locks import RunLock; "
-                                                f"RunLock.acquire({folder!r}); print('locked', flush=True); "
-                                                "import time; time.sleep(600)"],
-                         stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    p = subprocess.Popen([sys.executable, "-c", LOAD_LOCKS + f"locks.RunLock.acquire({folder!r}); "
+                                                          "print('locked', flush=True); import time; time.sleep(600)"],
+                         stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
     with pytest.raises(RunLockError, match=f"pid {p.pid} "):
         RunLock.acquire(folder)

@@ -23,9 +23,9 @@ in the folder of (``/proc/<pid>/fd`` and ``/proc/<pid>/cwd``, read twice, half a
 removed, with a warning naming it; a lock a live process holds is waited for, reported after a few
 seconds naming the file and the process, and after ``wait_s`` an error names both (stop that
 process if it is stuck).  Only local
-rank 0 removes locks; the other ranks of the machine wait for it.  The check sees this machine's
-processes only: on a folder several machines share, give each machine its own
-``TORCH_EXTENSIONS_DIR``.
+rank 0 removes locks; the other ranks of the machine wait for it.  The check sees the processes of
+this machine that this user may inspect (a build in this user's folder is one of them): on a
+folder several machines share, give each machine its own ``TORCH_EXTENSIONS_DIR``.
 """
 from __future__ import annotations
 
@@ -179,14 +179,16 @@ def extensions_root() -> str:
 def _holders(path: str) -> Optional[List[int]]:
     """Pids of this machine's processes that have ``path`` open, or that run in its folder (torch
     runs ``ninja`` there, and a build's ``ninja`` and compilers outlive a killed Python process);
-    None when that cannot be told (no ``/proc``, or processes that cannot be read)."""
+    None where there is no ``/proc`` to tell.  Processes this user may not inspect (other users',
+    or outside this container) are not counted: the build that made a lock in this user's folder
+    is this user's process, which the user can inspect."""
     if not os.path.isdir("/proc/self/fd"):
         return None
     try:
         target, folder = os.stat(path), os.stat(os.path.dirname(os.path.abspath(path)))
     except FileNotFoundError:
         return []
-    found, unreadable = [], False
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -195,10 +197,7 @@ def _holders(path: str) -> Optional[List[int]]:
                 found.append(int(entry))
                 continue
             fds = os.listdir(f"/proc/{entry}/fd")
-        except FileNotFoundError:        # ended meanwhile
-            continue
-        except PermissionError:
-            unreadable = True
+        except OSError:                  # ended meanwhile, or not ours to inspect
             continue
         for fd in fds:
             try:
@@ -207,7 +206,7 @@ def _holders(path: str) -> Optional[List[int]]:
                     break
             except OSError:
                 continue
-    return found if found or not unreadable else None
+    return found
 
 
 def _process(pid: int) -> str:
@@ -252,7 +251,7 @@ def _settle(lock: str, clear: bool, wait_s: float, poll_s: float, say: Callable[
             orphan_since = None
         waited = time.monotonic() - start
         who = ", ".join(_process(p) for p in holders) if holders else (
-            "local rank 0 clears stale locks" if holders == [] else "its holder cannot be seen from here")
+            "local rank 0 clears stale locks" if holders == [] else "no /proc here to see its holder")
         if waited > wait_s:
             raise BuildLockError(f"{lock}: a JIT extension build lock is still held after {wait_s:.0f} s ({who}); "
                                  "if that process is stuck, stop it, or remove the file once no build runs")
