@@ -369,3 +369,31 @@ def test_one_run_per_output_dir_a_stale_lock_and_ctrl_c_during_the_final_save(tr
     # keep_checkpoints 1, yet the unverified checkpoint the run loaded is kept beside the newest
     assert [s for s, _ in list_checkpoints(root)] == [3, 5]
     assert not [d for d in os.listdir(root) if d.startswith(".")] and not os.path.exists(os.path.join(out, "run.lock"))
+
+
+def test_resuming_a_finished_run_says_so_and_eval_names_the_model_it_trained(train_env, good_run, tmp_path):
+    out = _copy(good_run, tmp_path)
+    r = _run(train_env, out, "train.total_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=1",
+             extra=["--resume"])
+    assert ("the run is already finished: it is at step 3 and train.total_steps is 3; nothing to train (to go on, "
+            "raise train.total_steps above 3)") in r.stderr
+    assert _steps(out) == [1, 2, 3] and _latest(out) == "step_000003"
+    with pytest.raises(ConfigError, match=r"its run trained model.path 'bundled:warmstart', the config gives "
+                                          r"'bundled:tiny'; evaluate it with --set model.path=bundled:warmstart"):
+        eval_main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--checkpoint",
+                   os.path.join(out, "checkpoints"), "--out", str(tmp_path / "eval.json"),
+                   "--set", "model.path=bundled:tiny"])
+
+
+def test_pruning_keeps_the_newest_healthy_checkpoint_and_those_protected(tmp_path):
+    from tspo_fast.training.checkpoint import _prune
+
+    root = tmp_path / "checkpoints"
+    for step, healthy in ((1, True), (2, True), (3, True), (4, False), (5, False)):
+        folder = root / f"step_{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "trainer.json").write_text(json.dumps({"step": step, "healthy": healthy}))
+    (root / "latest").write_text("step_000005")
+    _prune(str(root), keep=1, protect=[str(root / "step_000001")])
+    # the newest (and `latest`), the newest healthy one, and the protected one (a checkpoint loaded unverified)
+    assert [s for s, _ in list_checkpoints(str(root))] == [1, 3, 5]

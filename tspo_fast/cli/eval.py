@@ -25,6 +25,7 @@ from ..data import drop_long_prompts, load_split
 from ..models import load_tokenizer, resolve_model_path
 from ..training.builders import build_rollout
 from ..training.checkpoint import find_checkpoint, list_checkpoints, read_state
+from ..training.distributed import stdout_to_stderr
 from ..training.evaluate import evaluate, format_table, write_result
 
 __all__ = ["main", "checkpoint_weights"]
@@ -35,7 +36,8 @@ def checkpoint_weights(folder: str, model_path: str, dtype: torch.dtype) -> Dict
     head is the embedding: it is not listed twice)."""
     ds = os.path.join(folder, "ds")
     if glob.glob(os.path.join(ds, "zero_pp_rank_*")):          # ZeRO stages 1-3: the fp32 master weights
-        state = get_fp32_state_dict_from_zero_checkpoint(folder, tag="ds")
+        with stdout_to_stderr():                               # (DeepSpeed prints its progress)
+            state = get_fp32_state_dict_from_zero_checkpoint(folder, tag="ds")
     else:                                                      # stage 0: the module as it was saved
         state = torch.load(os.path.join(ds, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)["module"]
     prefix = "lm."
