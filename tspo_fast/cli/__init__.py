@@ -34,6 +34,16 @@ def _not_a_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Setting accelerator to CPU")
 
 
+class _Stderr:
+    """A stream that writes to whatever ``sys.stderr`` is at the time of the write."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def third_party_output(debug: bool = False) -> Iterator[None]:
     """Around the import of a command's modules: DeepSpeed's logger, which writes to the stdout it
@@ -42,7 +52,7 @@ def third_party_output(debug: bool = False) -> Iterator[None]:
         yield
         return
     logging.getLogger("DeepSpeed").addFilter(_not_a_notice)
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(_Stderr()):
         yield
 
 

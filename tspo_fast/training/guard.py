@@ -9,9 +9,10 @@ before pruning), on every rank alike (they are collective):
   values beyond ~1e19, whose squares overflow), and is named with its count of non-finite values;
 * **the update's size** (:func:`update_kl`): the step's first micro-batch is run again through the
   updated policy, and the k3 estimate of KL(pi_before || pi_after) per loss token is taken against
-  its log-probs before the update.  A PPO step moves the policy by about 1e-4 to 1e-2 nats per
-  token; an update that wrecked the weights (``train.lr=1e6``) moves it by tens to thousands.  The
-  threshold is ``train.max_update_kl`` (default 1.0 nats per token; 0 turns this check off).
+  its log-probs before the update.  Measured on the embedded default (``configs/tiny.yaml``, 24
+  steps): a median of 5e-4 nats per token and at most 0.03; an update that wrecked the weights
+  (``train.lr=1e6``, their norm 146 -> 4e8): 7.  The threshold is ``train.max_update_kl``
+  (default 1.0 nats per token; 0 turns this check, and its forward pass, off).
 
 A step is *healthy* when every ``loss/*`` metric and ``train/grad_norm`` are finite, DeepSpeed
 applied every optimizer step of it, and both checks pass.  The guard stops the run
