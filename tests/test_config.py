@@ -69,7 +69,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="mapping"):
         load_config(str(bad))
     bad.write_text("rollout: 3\n")
-    with pytest.raises(ConfigError, match="^rollout: expected a mapping"):
+    with pytest.raises(ConfigError, match=f"^{bad}: rollout: expected a mapping"):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["advantage.mode"])
@@ -151,3 +151,74 @@ def test_missing_local_model_path_is_a_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="folder without config.json"):
         resolve_model_path(str(tmp_path / "empty"))
     assert resolve_model_path("Qwen/Qwen2.5-3B") == "Qwen/Qwen2.5-3B"      # a hub id is left to the hub
+
+
+# ----------------------------------------------------------------------------- what the second hostile pass found
+def test_a_key_given_twice_in_a_file_is_refused_naming_both_lines(tmp_path):
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text("rollout:\n  n: 2\ntrain:\n  lr: 1.0e-3\nrollout:\n  max_turns: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(cfg))
+    assert str(e.value) == (f"{cfg}:5:1: duplicate key 'rollout' (first given at line 1); YAML would keep only "
+                            "the last one"), str(e.value)
+    cfg.write_text("rollout:\n  n: 2\n  max_turns: 3\n  n: 4\n")               # inside a section too
+    with pytest.raises(ConfigError, match=rf"^{cfg}:4:3: duplicate key 'n' \(first given at line 2\)"):
+        load_config(str(cfg))
+    with pytest.raises(ConfigError, match="--set data.train_files: .*duplicate key 'a'"):
+        load_config(None, ["data.train_files={a: 1, a: 2}"])
+    cfg.write_text("base: &b {n: 2, max_turns: 3}\n")                            # a merge is not a repeat
+    import yaml
+
+    from tspo_fast.config import _UniqueKeyLoader
+    assert yaml.load("a: &x {n: 1}\nb:\n  <<: *x\n  n: 2\n", Loader=_UniqueKeyLoader) == {"a": {"n": 1}, "b": {"n": 2}}
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n", "\n\n"])
+def test_an_empty_config_file_is_refused(tmp_path, text):
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{cfg}: the config file has no settings"):
+        load_config(str(cfg))
+
+
+def test_yaml_errors_give_line_and_column(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("rollout:\n  n: 2\n  max_turns: [1, 2\ntrain:\n  lr: 1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(cfg))
+    msg = str(e.value)
+    assert msg.startswith(f"{cfg}:4:6: not valid YAML: ") and "flow sequence" in msg and "\n" not in msg, msg
+    cfg.write_text("rollout:\n  n: 2\n    max_turns: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}:3:14: not valid YAML: mapping values are not allowed here"):
+        load_config(str(cfg))
+    cfg.write_bytes(b"rollout:\n  n: \xff\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}: not UTF-8 text"):
+        load_config(str(cfg))
+
+
+def test_a_section_that_is_not_a_mapping_is_blamed_on_the_file_not_on_set(tmp_path):
+    cfg = tmp_path / "t5.yaml"
+    cfg.write_text("train: 5\n")
+    for overrides in ([], ["train.lr=1e-3"]):
+        with pytest.raises(ConfigError) as e:
+            load_config(str(cfg), overrides)
+        assert str(e.value) == f"{cfg}: train: expected a mapping of its fields, got 5", str(e.value)
+    cfg.write_text("model:\n  lora: [8]\n")
+    with pytest.raises(ConfigError, match=rf"^{cfg}: model.lora: expected a mapping of its fields, got \[8\]"):
+        load_config(str(cfg), ["model.lora.rank=4"])
+    with pytest.raises(ConfigError, match=r"^--set seed.x: seed is not a section"):   # an override's own fault
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["seed.x=1"])
+
+
+def test_a_model_path_that_is_a_file_and_a_retrieval_url_that_is_not_one_are_caught_at_load(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 8)
+    with pytest.raises(ConfigError, match=rf"^model.path: {weights} is a file; give the model's folder"):
+        load_config(None, [f"model.path={weights}"])
+    for url in ("notaurl", "ftp://host/retrieve", "http://:8000/retrieve", "http://host:99999/retrieve", "127.0.0.1:8000"):
+        with pytest.raises(ConfigError, match=r"^retrieval.url: .* is not an http\(s\) URL with a host"):
+            load_config(None, [f"retrieval.url={url}"])
+    for url in ("http://127.0.0.1:8000", "https://search.example.org/retrieve", "http://[::1]:8000/retrieve"):
+        assert load_config(None, [f"retrieval.url={url}"]).retrieval.url == url
+    with pytest.raises(ConfigError, match=r"^train.max_update_kl: must be >= 0"):
+        load_config(None, ["train.max_update_kl=-1"])

@@ -144,6 +144,8 @@ def test_missing_file_names_path(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, message", [
+    (lambda r: r.update(extra_info="split=train"), "field 'extra_info' must be an object (a mapping), got str"),
+    (lambda r: r["extra_info"].update(index="x2"), "field 'extra_info.index' must be an integer, got str 'x2'"),
     (lambda r: r["reward_model"]["ground_truth"].update(target=[]), "empty alias list"),
     (lambda r: r.pop("reward_model"), "missing field 'reward_model.ground_truth.target'"),
     (lambda r: r["extra_info"].pop("index"), "missing field 'extra_info.index'"),
@@ -164,6 +166,12 @@ def test_searchr1_errors_name_file_and_row(tmp_path, mutate, message):
     ({"id": "1", "question": "q?", "golden_answers": []}, "'golden_answers' is an empty alias list"),
     ({"id": "1", "question": "q?"}, "missing field 'golden_answers'"),
     ({"id": "1", "golden_answers": ["a"]}, "missing field 'question'"),
+    ({"id": "1", "question": "q?", "golden_answers": ["a"], "metadata": {"index": "seven"}},
+     "field 'metadata.index' must be an integer, got str 'seven'"),
+    ({"id": "1", "question": "q?", "golden_answers": ["a"], "metadata": {"index": 2.5}},
+     "field 'metadata.index' must be an integer, got float 2.5"),
+    ({"id": "1", "question": "q?", "golden_answers": ["a"], "metadata": "hops=2"},
+     "field 'metadata' must be an object (a mapping), got str 'hops=2'"),
 ])
 def test_flashrag_errors_name_file_and_row(tmp_path, row, message):
     path = _write_jsonl(tmp_path / "nq.jsonl",
@@ -307,3 +315,21 @@ def test_over_long_prompts_are_skipped_with_a_count_or_rejected():
         drop_long_prompts(exs, tok, "auto", limit, policy="error")
     with pytest.raises(DataError, match="6 of 6"):
         drop_long_prompts(exs, tok, "auto", 8)
+
+
+def test_integer_indexes_in_other_spellings_still_load(tmp_path):
+    path = _write_jsonl(tmp_path / "nq.jsonl", [
+        {"id": "0", "question": "a?", "golden_answers": ["a"], "metadata": {"index": "12"}},
+        {"id": "1", "question": "b?", "golden_answers": ["b"], "metadata": {"index": 13.0}},
+        {"id": "2", "question": "c?", "golden_answers": ["c"], "metadata": None}])
+    assert [ex.index for ex in load_examples(path)] == [12, 13, 2]
+
+
+@pytest.mark.parametrize("text", ["", "\n\n"])
+def test_an_empty_data_file_in_a_config_is_an_error_naming_it(tmp_path, text):
+    from tspo_fast.data import load_split
+
+    empty = tmp_path / "train.jsonl"
+    empty.write_text(text)
+    with pytest.raises(DataError, match=rf"^{empty}: the data file has no questions"):
+        load_split([str(empty)])

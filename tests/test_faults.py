@@ -5,14 +5,18 @@ asserts that nothing is lost: the newest complete checkpoint survives, matches i
 resumes; nothing broken is saved over something good; errors are one clear line."""
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import pytest
+import torch
 from _world import world_index_dir
 from test_trainer import SMALL
 
@@ -223,20 +227,173 @@ def test_corrupted_latest_checkpoint_is_named_and_the_older_one_taken(train_env,
     assert _tree(out) == snapshot
 
 
-def test_exploding_lr_stops_the_run_and_keeps_the_healthy_checkpoint(train_env, tmp_path):
+@pytest.fixture(scope="module")
+def good_run(train_env, tmp_path_factory):
+    """A healthy 3-step run, a checkpoint every step, the newest one kept: the tests below resume copies of it."""
+    out = str(tmp_path_factory.mktemp("good") / "run")
+    _run(train_env, out, "train.total_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=1")
+    assert [s for s, _ in list_checkpoints(os.path.join(out, "checkpoints"))] == [3]
+    return out
+
+
+def _copy(run, tmp_path):
     out = str(tmp_path / "run")
+    shutil.copytree(run, out)
+    return out
+
+
+def _rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_an_update_that_wrecks_the_weights_is_not_saved_and_the_last_good_checkpoint_stays(train_env, good_run,
+                                                                                          tmp_path):
+    """The issue's case: resuming a good run with train.lr=1e6, keep_checkpoints=1, checkpoint_every=1.
+    The first update wrecks the weights (finite, but the policy jumps by nats per token); the guard
+    judges the update's result before saving: step 4 is not saved, and step 3 is kept byte for byte."""
+    out = _copy(good_run, tmp_path)
+    step3 = os.path.join(out, "checkpoints", "step_000003")
+    manifest = open(os.path.join(step3, "manifest.json")).read()
     r = _run(train_env, out, "train.lr=1e6", "train.total_steps=20", "train.checkpoint_every=1",
-             "train.keep_checkpoints=1", ok=False)
+             "train.keep_checkpoints=1", extra=["--resume"], ok=False)
     assert r.returncode == 1
     line = _error_line(r.stderr)
-    assert "training diverged at step" in line and "train.lr=1e+06" in line, line
-    stopped = int(line.split("training diverged at step ")[1].split(":")[0])
-    assert stopped < 20
-    # the divergence was not saved, and pruning (keep 1) did not delete the last healthy checkpoint
-    found = list_checkpoints(os.path.join(out, "checkpoints"))
-    assert [s for s, _ in found] == [1] and _latest(out) == "step_000001"
-    verify_checkpoint(found[0][1])
-    assert json.load(open(os.path.join(found[0][1], "trainer.json")))["healthy"] is True
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    assert rows[-1]["step"] == stopped and rows[-1]["train/grad_norm"] == float("inf")
+    assert line.startswith("tspo-fast train: error: training diverged at step 4: the update moved the policy by KL "), line
+    assert "nats per token on the step's own batch (train/update_kl; train.max_update_kl is 1)" in line, line
+    assert "the last healthy step was 3" in line and "train.lr=1e+06" in line and f"newest checkpoint is {step3}" in line
+    assert [s for s, _ in list_checkpoints(os.path.join(out, "checkpoints"))] == [3] and _latest(out) == "step_000003"
+    assert open(os.path.join(step3, "manifest.json")).read() == manifest       # untouched ...
+    verify_checkpoint(step3)                                                   # ... and complete
+    last = _rows(out)[-1]
+    assert last["step"] == 4 and last["train/update_kl"] > 1 and last["train/param_norm"] > 10 * _rows(out)[-2][
+        "train/param_norm"]
+
+
+def test_nan_weights_from_an_unverified_corrupted_checkpoint_are_caught_before_saving(train_env, good_run, tmp_path):
+    """The issue's second case: the checkpoint has no manifest.json (loaded unverified) and a corrupted
+    optimizer state (a negative second moment: its update is NaN).  The first update leaves 16,384 NaN
+    weights; the guard names them, nothing is saved, the loaded checkpoint stays."""
+    out = _copy(good_run, tmp_path)
+    step3 = os.path.join(out, "checkpoints", "step_000003")
+    os.remove(os.path.join(step3, "manifest.json"))
+    optim = os.path.join(step3, "ds", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    state = torch.load(optim, weights_only=False, map_location="cpu")
+    state["optimizer_state_dict"]["optimizer_state_dict"]["state"][0]["exp_avg_sq"][:16384] = -1.0
+    torch.save(state, optim)
+    r = _run(train_env, out, "train.total_steps=20", "train.checkpoint_every=1", "train.keep_checkpoints=1",
+             extra=["--resume"], ok=False)
+    assert r.returncode == 1
+    assert "has no manifest.json" in r.stderr and "loading it unverified" in r.stderr
+    line = _error_line(r.stderr)
+    assert "training diverged at step 4: the update left non-finite weights: lm." in line, line
+    counts = [int(n.replace(",", "")) for n in re.findall(r"\(([\d,]+) NaN/inf value\(s\)\)", line)]
+    assert counts and sum(counts) <= 16384 and f"newest checkpoint is {step3}" in line, line
+    assert [s for s, _ in list_checkpoints(os.path.join(out, "checkpoints"))] == [3] and _latest(out) == "step_000003"
+
+
+class _Lines:
+    """The stderr lines of a running process, read on a thread (so the test can wait for one)."""
+
+    def __init__(self, p):
+        self.lines, self._p = [], p
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        for line in self._p.stderr:
+            self.lines.append(line)
+
+    def wait_for(self, text, timeout=120):
+        """Until a line holds ``text`` (or the process ended)."""
+        deadline = time.time() + timeout
+        while not any(text in line for line in self.lines) and self._p.poll() is None:
+            assert time.time() < deadline, "".join(self.lines)[-3000:]
+            time.sleep(0.01)
+
+    def text(self):
+        self._thread.join(60)
+        return "".join(self.lines)
+
+
+def test_one_run_per_output_dir_a_stale_lock_and_ctrl_c_during_the_final_save(train_env, good_run, tmp_path):
+    """A second run into a folder in use is refused, naming the folder and the run; once that run is
+    killed (-9), the next one takes its lock over with a warning.  That next run resumes an unverified
+    checkpoint (no manifest.json), which its pruning keeps; Ctrl-C twice during its final save: the save
+    finishes, `latest` names it, nothing half-written is left."""
+    out = _copy(good_run, tmp_path)
+    root = os.path.join(out, "checkpoints")
+    first = _popen(train_env, out, "train.total_steps=40", "train.checkpoint_every=0", extra=["--resume"])
+    try:
+        _wait_for_steps(first, out, 4)                       # training: the folder is locked
+        owner = json.load(open(os.path.join(out, "run.lock")))
+        assert owner["pid"] == first.pid and owner["host"] == socket.gethostname()
+        r = _run(train_env, out, "train.total_steps=40", extra=["--resume"], ok=False)
+        assert r.returncode == 1
+        line = _error_line(r.stderr)
+        assert line.startswith(f"tspo-fast train: error: output_dir {out} is in use by another run (pid {first.pid} "
+                               f"on host {owner['host']}, started "), line
+        assert "one run per output_dir" in line
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    assert os.path.exists(os.path.join(out, "run.lock"))       # left behind by kill -9
+    assert [s for s, _ in list_checkpoints(root)] == [3]      # the killed run saved nothing (checkpoint_every 0)
+
+    os.remove(os.path.join(root, "step_000003", "manifest.json"))
+    p = _popen(train_env, out, "train.total_steps=40", "train.checkpoint_every=0", "train.keep_checkpoints=1",
+               extra=["--resume", "--max-steps", "2"])
+    err = _Lines(p)
+    tmp = os.path.join(root, ".tmp-step_000005")
+    deadline = time.time() + 300
+    while not os.path.isdir(tmp):                              # the final save has begun
+        assert p.poll() is None and time.time() < deadline, err.text()[-3000:]
+        time.sleep(0.002)
+    os.kill(p.pid, signal.SIGSTOP)
+    assert os.path.isdir(tmp)
+    os.kill(p.pid, signal.SIGINT)
+    os.kill(p.pid, signal.SIGCONT)
+    err.wait_for("a checkpoint is being written; it finishes first")
+    os.kill(p.pid, signal.SIGSTOP)
+    second_during_save = os.path.isdir(tmp)
+    os.kill(p.pid, signal.SIGINT)                             # Ctrl-C again
+    os.kill(p.pid, signal.SIGCONT)
+    p.wait(timeout=300)
+    stderr = err.text()
+    assert second_during_save, "the save ended before the second Ctrl-C: nothing was tested"
+    assert p.returncode == 0, stderr[-3000:]
+    assert f"warning: output_dir {out}: taking over the lock of a run that is gone (pid {first.pid} " in stderr
+    assert stderr.count("a checkpoint is being written; it finishes first, then the run stops") == 2
+    assert _latest(out) == "step_000005"
+    verify_checkpoint(os.path.join(root, "step_000005"))
+    # keep_checkpoints 1, yet the unverified checkpoint the run loaded is kept beside the newest
+    assert [s for s, _ in list_checkpoints(root)] == [3, 5]
+    assert not [d for d in os.listdir(root) if d.startswith(".")] and not os.path.exists(os.path.join(out, "run.lock"))
+
+
+def test_resuming_a_finished_run_says_so_and_eval_names_the_model_it_trained(train_env, good_run, tmp_path):
+    out = _copy(good_run, tmp_path)
+    r = _run(train_env, out, "train.total_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=1",
+             extra=["--resume"])
+    assert ("the run is already finished: it is at step 3 and train.total_steps is 3; nothing to train (to go on, "
+            "raise train.total_steps above 3)") in r.stderr
+    assert _steps(out) == [1, 2, 3] and _latest(out) == "step_000003"
+    with pytest.raises(ConfigError, match=r"its run trained model.path 'bundled:warmstart', the config gives "
+                                          r"'bundled:tiny'; evaluate it with --set model.path=bundled:warmstart"):
+        eval_main(["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--checkpoint",
+                   os.path.join(out, "checkpoints"), "--out", str(tmp_path / "eval.json"),
+                   "--set", "model.path=bundled:tiny"])
+
+
+def test_pruning_keeps_the_newest_healthy_checkpoint_and_those_protected(tmp_path):
+    from tspo_fast.training.checkpoint import _prune
+
+    root = tmp_path / "checkpoints"
+    for step, healthy in ((1, True), (2, True), (3, True), (4, False), (5, False)):
+        folder = root / f"step_{step:06d}"
+        folder.mkdir(parents=True)
+        (folder / "trainer.json").write_text(json.dumps({"step": step, "healthy": healthy}))
+    (root / "latest").write_text("step_000005")
+    _prune(str(root), keep=1, protect=[str(root / "step_000001")])
+    # the newest (and `latest`), the newest healthy one, and the protected one (a checkpoint loaded unverified)
+    assert [s for s, _ in list_checkpoints(str(root))] == [1, 3, 5]

@@ -123,7 +123,7 @@ def test_dense_finds_gold_for_one_hop_questions(dense, one_hop):
 
 def test_result_shape_and_order(bm25, dense):
     for r in (bm25, dense):
-        res = r.retrieve(["Which river flows through Zoburg?", "zzzz unknown words"], 5)
+        res = r.retrieve(["Which river flows through Zoburg?", "river city mountain"], 5)
         assert len(res) == 2 and all(len(hits) == 5 for hits in res)
         for hits in res:
             scores = [h["score"] for h in hits]
@@ -132,7 +132,13 @@ def test_result_shape_and_order(bm25, dense):
                 assert set(h) == {"document", "score"} and set(h["document"]) == {"id", "contents"}
                 assert isinstance(h["document"]["id"], str) and isinstance(h["score"], float)
         n = r.index.meta.corpus_size
-        assert len(r.retrieve(["x"], n + 50)[0]) == n  # topk beyond the corpus: all of it
+        # topk beyond the corpus: all of it (dense), every passage sharing a word with the query (BM25)
+        everything = r.retrieve(["river"], n + 50)[0]
+        if r is dense:
+            assert len(everything) == n
+        else:
+            assert 0 < len(everything) < n and all(h["score"] > 0 for h in everything)
+            assert all("river" in h["document"]["contents"].lower() for h in everything)
         assert r.retrieve([], 3) == []
         with pytest.raises(ValueError, match="queries\\[0\\] must be a string"):
             r.retrieve([3], 3)
@@ -343,3 +349,26 @@ def test_retriever_serve_defaults_to_the_cpu():
     assert parser.parse_args(["retriever", "serve", "--index", "x", "--device", "all"]).device == "all"
     with pytest.raises(SystemExit):
         parser.parse_args(["retriever", "serve", "--index", "x", "--device", "gpu0"])
+
+
+def test_bm25_gives_no_passage_when_no_query_word_is_in_its_vocabulary(bm25):
+    """Stopwords only, punctuation only, unknown words: no passage (BM25 scores them all 0, and
+    the top-k of ties used to be arbitrary passages); a query with one known word gets only the
+    passages holding it."""
+    res = bm25.retrieve(["what is the of and", "?!? ... ,,", "zzqxv blorfing", "Zoburg zzqxv"], 3)
+    assert res[0] == res[1] == res[2] == [], res[:3]
+    assert res[3] and all(h["score"] > 0 and "Zoburg" in h["document"]["contents"] for h in res[3])
+    assert res[3] == bm25.retrieve(["Zoburg"], 3)[0]
+
+
+def test_index_build_refuses_duplicate_passage_ids(tmp_path, capsys):
+    from tspo_fast.cli import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": i, "contents": f'"T{n}"\ntext {n}'}) + "\n"
+                              for n, i in enumerate(["a", "b", "c", "b"])))
+    with pytest.raises(CorpusError, match=rf"^{corpus}: row 3: duplicate id 'b' \(also row 1\); passage ids must be unique"):
+        build_index(corpus, "bm25", tmp_path / "idx", progress=False)
+    assert main(["index", "build", "--corpus", str(corpus), "--kind", "bm25", "--out", str(tmp_path / "idx2")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"tspo-fast index: error: {corpus}: row 3: duplicate id 'b' (also row 1); passage ids must be unique"

@@ -296,3 +296,39 @@ def test_retriever_query_prints_what_a_rollout_appends(served, questions):
     with HTTPRetriever(url, timeout_s=30, retries=0) as client:
         hits = client.retrieve([questions[0]], 3)[0]
     assert out == f"# {questions[0]}\n" + search_observation(hits)
+    retriever, _ = served
+    if retriever.kind == "bm25":                  # no word in the vocabulary: no passage, and it says so
+        out = subprocess.run([sys.executable, "-m", "tspo_fast.cli", "retriever", "query", "--url", url, "what is the"],
+                             check=True, env=env, timeout=120, capture_output=True, text=True).stdout
+        assert out == "# what is the\n# no passage matches this query\n" + search_observation([])
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--topk", "0"], "--topk: must be an integer >= 1, got 0"),
+    (["--max-topk", "-5"], "--max-topk: must be an integer >= 1, got -5"),
+    (["--topk", "5", "--max-topk", "3"], "--topk: 5 is over max_topk 3: every request without a topk would be refused"),
+    (["--max-queries", "0"], "--max-queries: must be an integer >= 1, got 0"),
+    (["--max-body-bytes", "-1"], "--max-body-bytes: must be an integer >= 1, got -1"),
+    (["--port", "70000"], "--port: must be in [1, 65535], got 70000"),
+])
+def test_serve_options_are_checked_before_anything_starts(tmp_path, capsys, options, message):
+    from tspo_fast.cli import main
+
+    # the index does not exist: an option that passed would end in an error about the index instead
+    assert main(["retriever", "serve", "--index", str(tmp_path / "no-index"), *options]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"tspo-fast retriever: error: {message}"
+
+
+def test_a_port_in_use_is_the_last_line_naming_the_option(tmp_path, capsys):
+    from tspo_fast.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["retriever", "serve", "--index", str(tmp_path / "no-index"), "--port", str(port)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"tspo-fast retriever: error: --port {port}: cannot listen on 127.0.0.1:{port}: the address is already in "
+        "use (another server listens there; stop it or pick another --port)")
+    with pytest.raises(ValueError, match="max_topk: must be an integer >= 1, got 0"):      # the library's check
+        ServerLimits(max_topk=0)

@@ -71,8 +71,10 @@ def test_tiny_run_vllm_engine_syncs_every_step(train_env, tmp_path):
 
 def test_resume_reaches_the_same_weights(train_env, tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    # a random policy never answers right: the entropy bonus makes sure every step moves the weights
-    common = ["train.total_steps=3", "rollout.engine=hf", "train.eval_every=0", "train.lr=0.01", "loss.entropy_coef=0.01"]
+    # a random policy never answers right: the entropy bonus makes sure every step moves the weights (lr 0.01
+    # moves them hard on purpose: the guard's update-size check, train.max_update_kl, is off)
+    common = ["train.total_steps=3", "rollout.engine=hf", "train.eval_every=0", "train.lr=0.01", "loss.entropy_coef=0.01",
+              "train.max_update_kl=0"]
     _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml",
           *[x for s in SMALL + common + [f"output_dir={a}"] for x in ("--set", s)], "--export", f"{a}/hf", "--no-plot"],
          train_env)
@@ -152,3 +154,24 @@ def test_sigterm_finishes_the_step_and_checkpoints(train_env, tmp_path):
     latest = open(os.path.join(out, "checkpoints", "latest")).read().strip()
     steps = [r["step"] for r in _metrics(out)]
     assert latest == f"step_{steps[-1]:06d}" and steps[-1] < 50
+
+
+def test_zero_stages_1_and_2_train_and_resume(train_env, tmp_path):
+    """ZeRO stages 1 and 2 partition optimizer states (and gradients): the frozen reference, which has
+    neither, runs at stage 0 (DeepSpeed refused it: "zero stage 2 requires an optimizer")."""
+    from tspo_fast.config import load_config
+    from tspo_fast.training.ppo import ds_config
+
+    for stage, ref_stage in ((0, 0), (1, 0), (2, 0), (3, 3)):
+        cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [f"train.zero_stage={stage}"])
+        assert ds_config(cfg, 1)["zero_optimization"]["stage"] == stage
+        assert ds_config(cfg, 1, optimizer=False)["zero_optimization"]["stage"] == ref_stage
+    common = ["rollout.engine=hf", "train.eval_every=0", "train.eval_at_start=false", "train.total_steps=2"]
+    for stage in (1, 2):
+        out = str(tmp_path / f"stage{stage}")
+        _train(train_env, out, *common, f"train.zero_stage={stage}", steps=1)
+        if stage == 2:
+            sets = [a for s in SMALL + common + [f"output_dir={out}", "train.zero_stage=2"] for a in ("--set", s)]
+            _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets, "--resume",
+                  "--no-plot"], train_env)
+        assert open(os.path.join(out, "checkpoints", "latest")).read().strip() == f"step_{1 + (stage == 2):06d}"

@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -197,6 +198,11 @@ class TrainConfig:
     eval_at_start: bool = True         # evaluate the initial policy (logged as step 0)
     keep_checkpoints: int = 2           # newest checkpoints kept (0: all); `latest` and the newest healthy are kept too
     max_skipped_steps: int = 3          # divergence guard: stop after this many steps in a row with a skipped optimizer step
+    max_update_kl: float = 1.0          # health check after each update: the largest KL(pi_before || pi_after), nats per
+                                        # token, on the step's first micro-batch run again after the update; a step over
+                                        # it (or with non-finite weights) is not saved and stops the run (0: check off).
+                                        # Measured: configs/tiny.yaml's steps at most 0.03; an update that wrecks the
+                                        # weights (train.lr=1e6) 7
 
 
 #: logging.backends values: metrics.jsonl, TensorBoard under <output_dir>/tensorboard, Weights & Biases
@@ -300,6 +306,52 @@ def _build(cls, data: Dict[str, Any], where: str = ""):
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML itself keeps the last
+    one and silently drops the first: a second ``rollout:`` section would replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: Dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":     # "<<: *anchor" merges are not repeats
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:                                 # an unhashable key: YAML's own error
+                    continue
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first given at line {first.line + 1}); YAML would keep "
+                                    "only the last one", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(where: str, e: yaml.YAMLError) -> ConfigError:
+    """A YAML error as one line: ``where:line:column: problem (context)``."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        problem = getattr(e, "problem", None) or ""
+        if not problem.startswith("duplicate key"):
+            problem = "not valid YAML" + (f": {problem}" if problem else "")
+        context = getattr(e, "context", None)
+        return ConfigError(f"{where}:{mark.line + 1}:{mark.column + 1}: {problem}" + (f" ({context})" if context else ""))
+    return ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}")
+
+
+def _check_sections(tree: Dict[str, Any], cls, path: str, where: str = "") -> None:
+    """Each section ``tree`` (a file's contents) gives for a settings group of ``cls`` is a mapping:
+    the error names the file (an override touching the section is not to blame)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in tree and dataclasses.is_dataclass(hints[f.name]):
+            value = tree[f.name]
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: {where}{f.name}: expected a mapping of its fields, got {value!r}")
+            _check_sections(value, hints[f.name], path, f"{where}{f.name}.")
+
+
 def _set_path(tree: Dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -319,9 +371,9 @@ def parse_override(text: str):
     if not key:
         raise ConfigError(f"--set {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {' '.join(str(e).split())}") from None
     return key, value
 
 
@@ -331,13 +383,21 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     if path is not None:
         if not os.path.exists(path):
             raise ConfigError(f"config file not found: {path}")
+        if os.path.isdir(path):
+            raise ConfigError(f"config file {path} is a folder; give a YAML file")
         with open(path, encoding="utf-8") as f:
             try:
-                tree = yaml.safe_load(f) or {}
+                tree = yaml.load(f, Loader=_UniqueKeyLoader)
             except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+                raise _yaml_error(path, e) from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        if tree is None or tree == {}:
+            raise ConfigError(f"{path}: the config file has no settings (it is empty, or comments only); a run "
+                              "would train the defaults of every field: give the fields (configs/tiny.yaml is an example)")
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        _check_sections(tree, Config, path)
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key, value)
@@ -401,6 +461,9 @@ def validate(cfg: Config) -> Config:
     _check(bool(cfg.model.path), "model.path", "must name a model folder or hub id")
     _check(cfg.model.gguf_file is None or cfg.model.gguf_file.lower().endswith(".gguf"), "model.gguf_file",
            f"must name a .gguf file inside the model.path folder, got {cfg.model.gguf_file!r}")
+    _check(not os.path.isfile(os.path.expanduser(cfg.model.path)) or cfg.model.path.lower().endswith(".gguf"),
+           "model.path",
+           f"{cfg.model.path} is a file; give the model's folder (the one holding config.json), a .gguf file or a hub id")
     lora = cfg.model.lora
     _check(lora.rank >= 0, "model.lora.rank", f"must be >= 0 (0 = no LoRA), got {lora.rank}")
     _check(lora.alpha > 0, "model.lora.alpha", f"must be > 0, got {lora.alpha}")
@@ -421,6 +484,8 @@ def validate(cfg: Config) -> Config:
             _check(not same, f"data.{name}[{i}]", f"{f!r} is the same file as data.{name}[{same[0] if same else 0}]: "
                                                    "listing a file twice doubles its questions")
     _extension(RETRIEVERS, cfg.retrieval.kind, cfg.retrieval.options)
+    _check(_is_http_url(cfg.retrieval.url), "retrieval.url",
+           f"{cfg.retrieval.url!r} is not an http(s) URL with a host (e.g. http://127.0.0.1:8000/retrieve)")
     _check(1 <= cfg.retrieval.topk <= 100, "retrieval.topk", f"must be in [1, 100], got {cfg.retrieval.topk}")
     _check(cfg.retrieval.timeout_s > 0, "retrieval.timeout_s", f"must be > 0, got {cfg.retrieval.timeout_s}")
     _check(cfg.retrieval.retries >= 0, "retrieval.retries", f"must be >= 0, got {cfg.retrieval.retries}")
@@ -462,6 +527,7 @@ def validate(cfg: Config) -> Config:
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _check(t.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0 (0 = keep all), got {t.keep_checkpoints}")
     _check(t.max_skipped_steps >= 1, "train.max_skipped_steps", f"must be >= 1, got {t.max_skipped_steps}")
+    _check(t.max_update_kl >= 0, "train.max_update_kl", f"must be >= 0 (0 = check off), got {t.max_update_kl}")
     _check(0 <= cfg.seed < 2 ** 31, "seed", f"must be in [0, 2**31), got {cfg.seed}")
     lg = cfg.logging
     for i, backend in enumerate(lg.backends):
@@ -470,6 +536,15 @@ def validate(cfg: Config) -> Config:
     _check(bool(lg.project.strip()), "logging.project", "must name a wandb project")
     _check(lg.run_name is None or bool(lg.run_name.strip()), "logging.run_name", "must be a name or null")
     return cfg
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port                                 # raises on a port that is not a number in range
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and port != 0
 
 
 def _same_file(a: str, b: str) -> bool:

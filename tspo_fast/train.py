@@ -12,7 +12,10 @@ if __package__ in (None, ""):  # run as a script by the deepspeed launcher or to
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     sys.path.insert(0, os.path.dirname(here))
 
-from tspo_fast.cli.train import main
+from tspo_fast.cli import third_party_output
+
+with third_party_output(debug="--debug" in sys.argv):       # DeepSpeed's log on stderr (see tspo_fast.cli)
+    from tspo_fast.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="train.py"))

@@ -3,13 +3,17 @@
 
 An error ends the command with one line on stderr, ``tspo-fast <command>: error: <message>``
 (the message names the field, file or row), and exit status 1; ``--debug`` anywhere on the
-command line shows the traceback instead."""
+command line shows the traceback instead.  Stdout carries the command's own output: third-party
+output goes to stderr (DeepSpeed's log, its op builds), and DeepSpeed's notice that it found no GPU
+is dropped, unless ``--debug``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 #: subcommand -> (module, help)
 COMMANDS = {
@@ -25,6 +29,33 @@ COMMANDS = {
 }
 
 
+def _not_a_notice(record: logging.LogRecord) -> bool:
+    """DeepSpeed's "Setting accelerator to CPU" notice (every command, every machine without a GPU): dropped."""
+    return not record.getMessage().startswith("Setting accelerator to CPU")
+
+
+class _Stderr:
+    """A stream that writes to whatever ``sys.stderr`` is at the time of the write."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def third_party_output(debug: bool = False) -> Iterator[None]:
+    """Around the import of a command's modules: DeepSpeed's logger, which writes to the stdout it
+    finds when it is imported, gets stderr, without its no-GPU notice; ``debug``: left as it is."""
+    if debug:
+        yield
+        return
+    logging.getLogger("DeepSpeed").addFilter(_not_a_notice)
+    with contextlib.redirect_stdout(_Stderr()):
+        yield
+
+
 def one_line(e: BaseException) -> str:
     """An exception as the one line the CLI prints: its message (first line, plus a count of the
     lines left out), prefixed by its type when the message does not name a field, file or row."""
@@ -32,7 +63,8 @@ def one_line(e: BaseException) -> str:
     lines = text.splitlines()
     head = lines[0] + (f" (+{len(lines) - 1} more line(s); --debug shows all)" if len(lines) > 1 else "")
     known = ("ConfigError", "DataError", "CheckpointError", "DivergenceError", "FileNotFoundError",
-             "IndexMismatchError", "RetrievalError")
+             "IndexMismatchError", "RetrievalError", "RunLockError", "BuildLockError", "CorpusError", "RetrievalIndexError",
+             "PlotError")
     return head if type(e).__name__ in known else f"{type(e).__name__}: {head}"
 
 
@@ -41,9 +73,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if debug or not argv or argv[0].startswith("-"):
-        return _dispatch(argv)
+        return _dispatch(argv, debug)
     try:
-        return _dispatch(argv)
+        return _dispatch(argv, debug)
     except KeyboardInterrupt:
         print(f"tspo-fast {argv[0]}: interrupted", file=sys.stderr)
         return 130
@@ -52,14 +84,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
 
-def _dispatch(argv: List[str]) -> int:
+def _dispatch(argv: List[str], debug: bool = False) -> int:
     parser = argparse.ArgumentParser(prog="tspo-fast",
                                      description="TSPO training, retrieval and kernels for search-augmented RL")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, text) in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)
     args, rest = parser.parse_known_args(argv[:1])
-    module = importlib.import_module(COMMANDS[args.command][0])
+    with third_party_output(debug):
+        module = importlib.import_module(COMMANDS[args.command][0])
     if args.command in ("index", "retriever"):      # one module, two command groups
         return module.main(argv) or 0
     return module.main(argv[1:]) or 0

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional, Sequence
 from scipy import stats as scipy_stats
 from tqdm import tqdm
 
-from ..config import load_config
+from ..config import ConfigError, load_config
 from ..training.metrics import read_metrics
 from ..training.plots import plt, save_panels
 
@@ -202,6 +202,10 @@ def plot(out: str, configs: Sequence[str], seeds: Sequence[int], png: str, smoot
 
 def compare(configs: Sequence[str], seeds: Sequence[int], out: str, overrides: Sequence[str] = (),
             baseline: Optional[str] = None, eval_limit: Optional[int] = None, jobs: int = 1) -> Dict[str, dict]:
+    twice = sorted({s for s in seeds if list(seeds).count(s) > 1})
+    if twice:
+        raise ConfigError(f"--seeds: seed {twice[0]} is listed more than once ({' '.join(map(str, seeds))}); each "
+                          "seed is one run, and a repeated one would be counted twice in the means and intervals")
     names = [_name(c) for c in configs]
     if len(set(names)) != len(names):
         raise ValueError(f"compare: config file names must differ (got {names})")

@@ -7,15 +7,17 @@ raw hits.  Each sub-command sets ``func`` on the parsed arguments: call ``args.f
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from typing import Any
 
+from ..config import ConfigError
 from ..protocol import search_observation
 from ..retrieval.http import HTTPRetriever
 from ..retrieval.index import build_index, check_faiss_device
 from ..retrieval.inprocess import InProcessRetriever
-from ..retrieval.server import ServerLimits, serve
+from ..retrieval.server import ServerLimitError, ServerLimits, listen, serve
 from ..world import corpus_path
 
 __all__ = ["add_subcommands", "main"]
@@ -42,15 +44,37 @@ def _index_build(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ServerLimits fields and the ``retriever serve`` options that set them
+_LIMIT_OPTIONS = {"max_queries": "--max-queries", "max_topk": "--max-topk", "max_body_bytes": "--max-body-bytes",
+                  "default_topk": "--topk"}
+
+
 def _retriever_serve(args: argparse.Namespace) -> int:
-    retriever = InProcessRetriever.from_dir(args.index, args.corpus, encoder=args.encoder, device=args.device)
-    limits = ServerLimits(max_queries=args.max_queries, max_topk=args.max_topk,
-                          max_body_bytes=args.max_body_bytes, default_topk=args.topk)
+    """Options are checked and the port bound before the index loads: a server that would refuse
+    every request, or could not listen, stops at once with one line naming the option."""
+    try:
+        limits = ServerLimits(max_queries=args.max_queries, max_topk=args.max_topk,
+                              max_body_bytes=args.max_body_bytes, default_topk=args.topk)
+    except ServerLimitError as e:
+        raise ConfigError(f"{_LIMIT_OPTIONS.get(e.field, e.field)}: {e.message}") from None
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port: must be in [1, 65535], got {args.port}")
+    try:
+        sock = listen(args.host, args.port)
+    except OSError as e:
+        why = ("the address is already in use (another server listens there; stop it or pick another --port)"
+               if e.errno == errno.EADDRINUSE else f"{e.strerror or e}")
+        raise ConfigError(f"--port {args.port}: cannot listen on {args.host}:{args.port}: {why}") from None
+    try:
+        retriever = InProcessRetriever.from_dir(args.index, args.corpus, encoder=args.encoder, device=args.device)
+    except BaseException:
+        sock.close()
+        raise
     info = retriever.info()
     where = f", searched on {args.device}" if info["kind"] == "dense" else ""
     print(f"serving {info['kind']} index ({info['corpus_size']} passages{where}) on "
           f"http://{args.host}:{args.port}/retrieve", flush=True)
-    serve(retriever, args.host, args.port, limits, log_level=args.log_level)
+    serve(retriever, args.host, args.port, limits, log_level=args.log_level, sock=sock)
     return 0
 
 
@@ -62,6 +86,8 @@ def _retriever_query(args: argparse.Namespace) -> int:
     else:
         for q, hits in zip(args.queries, results):
             print(f"# {q}")
+            if not hits:            # BM25: no word of the query is in the index (stopwords and punctuation do not count)
+                print("# no passage matches this query")
             sys.stdout.write(search_observation(hits))
     return 0
 

@@ -5,7 +5,7 @@ import argparse
 import os
 from typing import List, Optional
 
-from ..config import load_config
+from ..config import ConfigError, load_config
 from ..training.plots import plot_runs
 from ..training.trainer import Trainer
 
@@ -26,7 +26,8 @@ def build_parser(prog: str = "tspo-fast train") -> argparse.ArgumentParser:
                          "'latest' names, which must pass its manifest check; 'auto' the newest valid one (bad ones "
                          "are reported and skipped; no checkpoint: start fresh); or a checkpoint folder or name")
     ap.add_argument("--debug", action="store_true", help="on an error, show the whole traceback")
-    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (this run)")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="stop after this many steps (this run; 0: none, e.g. to --export a checkpoint)")
     ap.add_argument("--export", default=None, help="write the final policy in Hugging Face format here")
     ap.add_argument("--export-format", choices=["merged", "adapter"], default="merged",
                     help="LoRA runs: export the merged model (default) or the adapter alone")
@@ -37,6 +38,8 @@ def build_parser(prog: str = "tspo-fast train") -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None, prog: str = "tspo-fast train") -> int:
     args = build_parser(prog).parse_args(argv)
+    if args.max_steps is not None and args.max_steps < 0:
+        raise ConfigError(f"--max-steps: must be >= 0, got {args.max_steps}")
     cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
     trainer = Trainer(cfg, resume=args.resume)
     last = trainer.fit(max_steps=args.max_steps)
@@ -44,8 +47,8 @@ def main(argv: Optional[List[str]] = None, prog: str = "tspo-fast train") -> int
         print("final step", trainer.step, {k: round(v, 4) for k, v in last.items() if isinstance(v, float)})
     if args.export:
         trainer.export(args.export, args.export_format)
-    if trainer.rank == 0 and not args.no_plot and "jsonl" in cfg.logging.backends:   # drawn from metrics.jsonl
-        curves = plot_runs([cfg.output_dir], os.path.join(cfg.output_dir, "curves.png"))
+    if trainer.rank == 0 and not args.no_plot and "jsonl" in cfg.logging.backends and trainer.step > 0:
+        curves = plot_runs([cfg.output_dir], os.path.join(cfg.output_dir, "curves.png"))     # from metrics.jsonl
         print("curves:", curves)
         trainer.logger.log_image("curves", curves, step=trainer.step)                # TensorBoard, wandb
     trainer.close()

@@ -48,6 +48,8 @@ def load_split(files: Sequence[str]) -> List[QAExample]:
                             "its questions would be drawn twice as often")
         by_digest[digest] = path
         examples = load_examples(path)
+        if not examples:
+            raise DataError(f"{path}: the data file has no questions (no rows)")
         for i, ex in enumerate(examples):
             if ex.uid in by_uid:
                 raise DataError(f"{path}: row {i}: duplicate uid {ex.uid!r} (also in {by_uid[ex.uid]})")

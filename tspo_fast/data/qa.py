@@ -217,6 +217,33 @@ def _text_field(row: dict[str, Any], key: str, path: Any, i: int) -> Any:
     return value
 
 
+def _mapping(row: dict[str, Any], key: str, path: Any, i: int) -> dict[str, Any]:
+    """The non-null entries of ``row[key]``, an object (or absent / null: empty)."""
+    value = row.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DataError(f"{_where(path, i)}: field '{key}' must be an object (a mapping), got "
+                        f"{type(value).__name__} {_short(value)}")
+    return {k: v for k, v in value.items() if v is not None}
+
+
+def _index(value: Any, path: Any, i: int, field_name: str) -> int:
+    """An integer index: an int, a float with no fraction, or a string of digits; else an error."""
+    if isinstance(value, bool):
+        ok = False
+    elif isinstance(value, int):
+        return value
+    elif isinstance(value, float):
+        ok = value.is_integer()
+    else:
+        ok = isinstance(value, str) and value.strip().lstrip("-").isdigit()
+    if not ok:
+        raise DataError(f"{_where(path, i)}: field '{field_name}' must be an integer, got "
+                        f"{type(value).__name__} {_short(value)}")
+    return int(value)
+
+
 def _searchr1_example(row: dict[str, Any], path: Any, i: int, default_source: str) -> QAExample:
     rm = row.get("reward_model")
     gt = rm.get("ground_truth") if isinstance(rm, dict) else None
@@ -247,13 +274,10 @@ def _searchr1_example(row: dict[str, Any], path: Any, i: int, default_source: st
     data_source = _text_field(row, "data_source", path, i) or default_source
     if not data_source:
         raise DataError(f"{_where(path, i)}: missing field 'data_source'")
-    extra = {k: v for k, v in (row.get("extra_info") or {}).items() if v is not None}
+    extra = _mapping(row, "extra_info", path, i)
     if extra.get("index") is None:
         raise DataError(f"{_where(path, i)}: missing field 'extra_info.index'")
-    try:
-        index = int(extra.pop("index"))
-    except (TypeError, ValueError):
-        raise DataError(f"{_where(path, i)}: field 'extra_info.index' must be an integer") from None
+    index = _index(extra.pop("index"), path, i, "extra_info.index")
     split = str(extra.pop("split", "") or "")
     rid = _text_field(row, "id", path, i)
     rid = str(rid) if rid is not None else str(index)
@@ -272,9 +296,8 @@ def _flashrag_example(row: dict[str, Any], path: Any, i: int, default_source: st
         raise DataError(f"{_where(path, i)}: no data_source (pass data_source=...)")
     rid = _text_field(row, "id", path, i)
     rid = str(rid) if rid is not None else str(i)
-    meta = row.get("metadata")
-    extra = {k: v for k, v in meta.items() if v is not None} if isinstance(meta, dict) else {}
-    index = int(extra.pop("index", i))
+    extra = _mapping(row, "metadata", path, i)
+    index = _index(extra.pop("index"), path, i, "metadata.index") if extra.get("index") is not None else i
     return QAExample(uid=f"{data_source}/{rid}", question=question,
                      aliases=aliases, data_source=str(data_source), index=index,
                      split=str(row.get("split") or ""), id=rid, extra=extra)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pj
 
 __all__ = ["Corpus", "CorpusError", "split_title"]
@@ -75,6 +76,17 @@ class Corpus:
         """An in-memory corpus from ``[{"id", "contents"}, ...]`` (tests, small tools)."""
         return cls(ids=pa.chunked_array([pa.array([str(d["id"]) for d in docs], pa.string())]),
                    contents=pa.chunked_array([pa.array([d["contents"] for d in docs], pa.string())]))
+
+    def check_unique_ids(self) -> None:
+        """Raise :class:`CorpusError` naming the first id given to two rows (hits name passages by id)."""
+        if pc.count_distinct(self.ids, mode="all").as_py() == len(self):
+            return
+        first: dict = {}
+        for row, pid in enumerate(self.ids.to_pylist()):
+            if pid in first:
+                raise CorpusError(f"{self.path or '<memory>'}: row {row}: duplicate id {pid!r} (also row {first[pid]}); "
+                                  "passage ids must be unique")
+            first[pid] = row
 
     def texts(self, start: int = 0, stop: int | None = None) -> list[str]:
         """``contents`` of rows ``start:stop`` as Python strings."""

@@ -201,14 +201,18 @@ class BM25Index:
         return cls(bm25s.BM25.load(str(d), show_progress=False), meta)
 
     def search(self, queries: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows), each (len(queries), min(topk, corpus size)), best first."""
+        """(scores, rows), each (len(queries), min(topk, corpus size)), best first.  Only passages
+        sharing a term with the query are hits (as Lucene's BM25 returns them); the other slots
+        have row -1: a query with no term in the index's vocabulary (stopwords only, punctuation,
+        unknown words) gets no passage, never arbitrary ones at score 0."""
         k = min(topk, self.meta.corpus_size)
         if not queries or k <= 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         tokens = bm25s.tokenize(list(queries), stopwords=self.meta.params.get("stopwords", "en"),
                                 return_ids=False, show_progress=False)
         rows, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=0)
-        return np.asarray(scores, np.float32), np.asarray(rows, np.int64)
+        scores, rows = np.asarray(scores, np.float32), np.asarray(rows, np.int64)
+        return scores, np.where(scores > 0, rows, -1)      # BM25 scores a shared term above 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,6 +424,7 @@ def build_index(corpus: str | os.PathLike | Corpus, kind: str, out_dir: str | os
     corp = corpus if isinstance(corpus, Corpus) else Corpus.load(corpus)
     if len(corp) == 0:
         raise RetrievalIndexError(f"corpus {corp.path or '<memory>'} is empty")
+    corp.check_unique_ids()
     if kind == "bm25":
         idx: BM25Index | DenseIndex = BM25Index.build(corp.texts(), progress=progress, **kwargs)
     elif kind == "dense":

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import uvicorn
 from fastapi import FastAPI, Request  # module level: FastAPI resolves the endpoint's annotations here
@@ -26,22 +26,40 @@ from starlette.concurrency import run_in_threadpool
 from .base import check_request
 from .inprocess import InProcessRetriever
 
-__all__ = ["ServerLimits", "create_app", "serve", "BackgroundServer"]
+__all__ = ["ServerLimits", "ServerLimitError", "create_app", "listen", "serve", "BackgroundServer"]
 
 #: idle keep-alive connections are kept this long (longer than clients keep theirs, so a
 #: client never reuses a connection the server is closing at that moment)
 KEEP_ALIVE_S = 60
 
 
+class ServerLimitError(ValueError):
+    """A :class:`ServerLimits` field out of range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 @dataclass(frozen=True)
 class ServerLimits:
-    """Request limits; anything beyond gets a 4xx."""
+    """Request limits; anything beyond gets a 4xx.  Checked when made (:class:`ServerLimitError`):
+    a server whose limits refuse every request never starts."""
 
     max_queries: int = 1024
     max_topk: int = 100
     max_body_bytes: int = 4 << 20
     max_query_chars: int = 8192
     default_topk: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("max_queries", "max_topk", "max_body_bytes", "max_query_chars", "default_topk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ServerLimitError(name, f"must be an integer >= 1, got {value!r}")
+        if self.default_topk > self.max_topk:
+            raise ServerLimitError("default_topk", f"{self.default_topk} is over max_topk {self.max_topk}: every "
+                                                   "request without a topk would be refused")
 
 
 def _error(status: int, message: str):
@@ -113,11 +131,29 @@ def create_app(retriever: InProcessRetriever, limits: ServerLimits = ServerLimit
     return app
 
 
+def listen(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
+    """A socket bound to ``host:port`` (``SO_REUSEADDR``, as uvicorn binds): an address in use
+    fails here, with ``OSError`` (``EADDRINUSE``), before anything else starts."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve(retriever: InProcessRetriever, host: str = "127.0.0.1", port: int = 8000,
-          limits: ServerLimits = ServerLimits(), log_level: str = "info") -> None:
-    """Serve ``retriever`` with uvicorn until interrupted."""
-    uvicorn.run(create_app(retriever, limits), host=host, port=port, log_level=log_level,
-                access_log=False, backlog=2048, timeout_keep_alive=KEEP_ALIVE_S)
+          limits: ServerLimits = ServerLimits(), log_level: str = "info",
+          sock: Optional[socket.socket] = None) -> None:
+    """Serve ``retriever`` with uvicorn until interrupted, on ``sock`` (from :func:`listen`;
+    default: ``listen(host, port)``)."""
+    sock = sock if sock is not None else listen(host, port)
+    config = uvicorn.Config(create_app(retriever, limits), host=host, port=sock.getsockname()[1],
+                            log_level=log_level, access_log=False, backlog=2048, timeout_keep_alive=KEEP_ALIVE_S)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 class BackgroundServer:

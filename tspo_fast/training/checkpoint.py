@@ -17,8 +17,10 @@ copy aside, renames the new one in, and only then deletes the old one (:func:`re
 
 Reading: :func:`find_checkpoint` verifies the manifest (sizes and checksums; each rank checks its
 share) and names the first bad file; with ``mode="auto"`` it falls back to the newest valid older
-checkpoint.  Pruning keeps the newest ``keep`` checkpoints, the one ``latest`` names, and the newest
-one whose step was healthy (``trainer.json: "healthy"``).
+checkpoint.  Pruning keeps the newest ``keep`` checkpoints, the one ``latest`` names, the newest
+one whose step was healthy (``trainer.json: "healthy"``: it passed the guard's checks of the update,
+:mod:`tspo_fast.training.guard`), and those the caller protects (a checkpoint the run loaded
+without a manifest, so that what grew from unchecked files is never all that is kept).
 """
 from __future__ import annotations
 
@@ -158,11 +160,11 @@ def _hash_files(folder: str, rels: Sequence[str], fsync: bool) -> Dict[str, Dict
 
 # ----------------------------------------------------------------------------- save
 def save_checkpoint(engine, ckpt_root: str, step: int, state: Dict[str, Any], keep: int = 2,
-                    exclude_frozen: bool = False) -> str:
+                    exclude_frozen: bool = False, protect: Sequence[str] = ()) -> str:
     """Collective: every rank calls it.  Returns the checkpoint folder.  ``state`` goes to
     ``trainer.json`` (its ``"healthy"`` flag protects the folder from pruning while it is the newest
     healthy one).  ``exclude_frozen``: keep only trainable parameters (LoRA: the adapters; the base
-    comes from ``model.path``)."""
+    comes from ``model.path``).  ``protect``: checkpoint folders pruning must keep as well."""
     name = f"step_{step:06d}"
     final = os.path.join(ckpt_root, name)
     tmp = os.path.join(ckpt_root, TMP_PREFIX + name)
@@ -193,7 +195,7 @@ def save_checkpoint(engine, ckpt_root: str, step: int, state: Dict[str, Any], ke
                 _fsync_dir(os.path.join(root, d))
         replace_folder(tmp, final)
         write_atomic(os.path.join(ckpt_root, LATEST), name)
-        _prune(ckpt_root, keep)
+        _prune(ckpt_root, keep, protect)
     _barrier()
     return final
 
@@ -214,18 +216,18 @@ def _latest_name(ckpt_root: str) -> Optional[str]:
         return None
 
 
-def _prune(ckpt_root: str, keep: int) -> None:
+def _prune(ckpt_root: str, keep: int, protect: Sequence[str] = ()) -> None:
     """Delete all but the newest ``keep`` checkpoints (0: keep all), never the one ``latest``
-    names nor the newest one whose step was healthy."""
+    names, the newest one whose step was healthy, nor those of ``protect``."""
     if keep <= 0:
         return
     found = list_checkpoints(ckpt_root)
-    protect = {os.path.join(ckpt_root, _latest_name(ckpt_root) or "")}
+    kept = {os.path.abspath(p) for p in protect} | {os.path.abspath(os.path.join(ckpt_root, _latest_name(ckpt_root) or ""))}
     healthy = [folder for _, folder in found if _healthy(folder)]
     if healthy:
-        protect.add(healthy[-1])
+        kept.add(os.path.abspath(healthy[-1]))
     for _, folder in found[:-keep]:
-        if folder not in protect:
+        if os.path.abspath(folder) not in kept:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -5,17 +5,21 @@ environment; a plain ``python`` process becomes a world of one on a free local p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
+import sys
 
 import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["init_distributed", "shutdown", "rank", "world_size", "local_device", "seed_everything", "global_sum",
-           "global_max", "barrier", "all_gather_objects"]
+from .locks import clear_stale_build_locks
+
+__all__ = ["init_distributed", "stdout_to_stderr", "shutdown", "rank", "world_size", "local_device", "seed_everything",
+           "global_sum", "global_max", "barrier", "all_gather_objects"]
 
 
 def local_device() -> torch.device:
@@ -32,11 +36,36 @@ def local_device() -> torch.device:
     return torch.device("cuda", local)
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Everything written to stdout inside (Python's ``sys.stdout`` and file descriptor 1, so also
+    compilers a build starts) goes to stderr: a command's stdout keeps its own output only."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:                      # no file descriptor 1 (a closed stdout): Python-level only
+        saved = None
+    try:
+        if saved is not None:
+            os.dup2(2, 1)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 def init_distributed() -> None:
     """Initialise torch.distributed (env from deepspeed/torchrun, or a single local process); on
     CUDA the rank's own GPU (:func:`local_device`) becomes the current device first, so that
     everything allocated before DeepSpeed's engine (the memory check, NCCL's communicator) lands
-    there and not on GPU 0."""
+    there and not on GPU 0.
+
+    DeepSpeed builds or loads its shared-memory op here, under a lock file a killed build leaves
+    behind: stale locks are cleared first (:func:`~tspo_fast.training.locks.clear_stale_build_locks`),
+    and the build's output goes to stderr."""
     if dist.is_initialized():
         return
     os.environ.setdefault("RANK", "0")
@@ -49,7 +78,9 @@ def init_distributed() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_device())
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    clear_stale_build_locks()
+    with stdout_to_stderr():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def shutdown() -> None:

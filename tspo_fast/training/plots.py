@@ -12,7 +12,12 @@ import matplotlib.pyplot as plt
 
 from .metrics import read_metrics
 
-__all__ = ["PANELS", "plot_runs", "save_panels"]
+__all__ = ["PANELS", "PlotError", "plot_runs", "save_panels"]
+
+
+class PlotError(ValueError):
+    """Nothing to draw from a run (an empty metrics log), or labels that do not match the runs."""
+
 
 #: (metric, title) of each panel: what a run is trained on, what FOLR sees, how the policy searches, and
 #: the test score (``reward/em`` is not drawn: with ``reward.outcome: em`` it is ``reward/mean``)
@@ -21,12 +26,22 @@ PANELS = [("reward/mean", "train reward (outcome)"), ("reward/folr_hit", "FOLR h
 
 
 def plot_runs(run_dirs: Sequence[str], out_png: str, labels: Optional[Sequence[str]] = None) -> str:
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
-    for i, run in enumerate(run_dirs):
+    """The panels of ``run_dirs`` (run folders or metrics JSONL files), one line per run, to ``out_png``.
+    A run whose log has no values to draw, or ``labels`` not one per run, raise :class:`PlotError`."""
+    if labels and len(labels) != len(run_dirs):
+        raise PlotError(f"--labels: {len(labels)} label(s) for {len(run_dirs)} run(s); give one label per run")
+    runs = []
+    for run in run_dirs:
         path = run if run.endswith(".jsonl") else os.path.join(run, "metrics.jsonl")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no metrics log at {path}")
         rows = read_metrics(path)
+        if not any(key in r for r in rows for key, _ in PANELS):
+            raise PlotError(f"{path}: the metrics log has no {', '.join(key for key, _ in PANELS)} values "
+                            f"({len(rows)} row(s)): nothing to plot")
+        runs.append((run, rows))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4.2 * len(PANELS), 3.4))
+    for i, (run, rows) in enumerate(runs):
         label = labels[i] if labels else os.path.basename(os.path.normpath(run))
         for ax, (key, _title) in zip(axes, PANELS):
             pts = [(r["step"], r[key]) for r in rows if key in r]

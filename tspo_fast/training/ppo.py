@@ -55,10 +55,13 @@ def ds_config(cfg: Config, gas: int, *, optimizer: bool = True) -> Dict[str, Any
     installed DeepSpeed against :data:`MIN_DEEPSPEED` first)."""
     check_deepspeed_version()
     t = cfg.train
+    # stages 1 and 2 partition optimizer states and gradients, which a frozen engine (no optimizer)
+    # does not have: DeepSpeed refuses them there ("zero stage 2 requires an optimizer"); stage 0 is the same
+    stage = t.zero_stage if optimizer or t.zero_stage == 3 else 0
     c: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
-        "zero_optimization": {"stage": t.zero_stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": t.bf16},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
@@ -104,6 +107,9 @@ class UpdateStats:
     grad_norm: float = 0.0
     tokens: int = 0
     mismatch: Dict[str, float] = field(default_factory=dict)
+    #: the first micro-batch's loss-token log-probs under the weights before the update (the
+    #: reference of the guard's post-update check, :func:`tspo_fast.training.guard.update_kl`)
+    before_logp: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -235,6 +241,8 @@ def ppo_update(engine, plan: UpdatePlan, cfg: Config) -> UpdateStats:
                     sel = mb.loss_mask[:, 1:].bool()
                     trainer_logp = out.logp if plan.on_policy else mb.old_logp[:, 1:][sel]
                     pairs.append((trainer_logp.detach(), mb.rollout_logp[:, 1:][sel]))
+                    if stats.before_logp is None:
+                        stats.before_logp = pairs[0][0]
                 stats.loss += float(out.loss.detach())
                 stats.kl += float(out.kl.sum()) if n else 0.0
                 stats.entropy += float(out.entropy.sum()) if n else 0.0

@@ -30,6 +30,8 @@ from ..engines.sync import release_for_update, sync_weights
 from ..models import load_policy, resolve_model_path
 from .builders import build_actor, build_agent, build_engine, build_reference, build_retriever, load_data
 from .checkpoint import (
+    MANIFEST,
+    CheckpointError,
     apply_optimizer_settings,
     consolidated_state,
     export_hf,
@@ -51,7 +53,8 @@ from .distributed import (
     world_size,
 )
 from .evaluate import evaluate
-from .guard import DivergenceError, DivergenceGuard
+from .guard import DivergenceError, DivergenceGuard, describe_nonfinite, parameter_health, update_kl
+from .locks import lock_output_dir
 from .lora import disabled_adapters, export_lora, is_lora, merged_weight_entries
 from .metrics import MetricsLogger, step_metrics
 from .plan import GIB, plan_memory
@@ -87,6 +90,16 @@ class Trainer:
         self.quiet = quiet
         init_distributed()
         self.rank, self.world = rank(), world_size()
+        self._run_lock = lock_output_dir(cfg.output_dir, say=self._say)    # one run per output_dir (collective)
+        try:
+            self._build(resume)
+        except BaseException:
+            self._release_run_lock()
+            raise
+
+    def _build(self, resume) -> None:
+        """Every part of the run, once its output_dir is locked."""
+        cfg = self.cfg
         seed_everything(cfg.seed + self.rank)
         self.gas = gradient_accumulation_steps(cfg, self.world)
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -109,6 +122,8 @@ class Trainer:
                 if report:
                     self._say(f"data: {report}")
         self.step = 0
+        self._nonfinite: Dict[str, int] = {}       # trained parameters left non-finite by the last update
+        self._keep: List[str] = []                 # checkpoint folders pruning must keep (an unverified load)
         resumed = self._resume(resume) if resume else False
         if self.rank == 0:               # after the resume check: a config it refuses is not recorded
             dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -118,6 +133,7 @@ class Trainer:
         self._stop = False
         self._stop_signal: Optional[str] = None
         self._in_step = False
+        self._saving = False
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
@@ -133,22 +149,41 @@ class Trainer:
         for line in resume_changes(read_state(folder), self.cfg, self.world):
             self._say(f"resume: {line}")
         self.step = int(load_checkpoint(self.actor, folder, exclude_frozen=bool(self.cfg.model.lora.rank))["step"])
+        _, bad = parameter_health(self.actor.module)      # collective: every rank gets the same answer
+        if bad:
+            raise CheckpointError(f"{folder}: the checkpoint holds non-finite weights: {describe_nonfinite(bad)}; "
+                                  "resume from an older checkpoint (--resume CHECKPOINT)")
+        if not os.path.isfile(os.path.join(folder, MANIFEST)):
+            self._keep.append(folder)     # loaded unverified: this run never prunes it, so checkpoints grown from
+                                          # unchecked files are never the only ones kept
         apply_optimizer_settings(self.actor, self.cfg)      # DeepSpeed restored the checkpoint's lr
         self._say(f"resume: continuing from {folder} (step {self.step})")
         self.sync()
         return True
 
     # -- helpers
+    def _release_run_lock(self) -> None:
+        if self._run_lock is not None:
+            self._run_lock.release()
+
     def _say(self, msg: str) -> None:
         if self.rank == 0:
             tqdm.write(msg, file=sys.stderr)
 
     def _on_signal(self, signum, frame) -> None:
-        """SIGTERM / SIGINT: finish the step, save, stop.  A second SIGINT stops at once."""
+        """SIGTERM / SIGINT: finish the step, save, stop.  A second SIGINT stops at once, except
+        while a checkpoint is being written: that write always finishes first (an interrupted one
+        would leave no checkpoint where it is the first), then the run stops."""
+        name = signal.Signals(signum).name
+        if self._saving:
+            self._stop = True
+            self._stop_signal = self._stop_signal or name
+            self._say(f"{name}: a checkpoint is being written; it finishes first, then the run stops")
+            return
         if self._stop and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._stop = True
-        self._stop_signal = signal.Signals(signum).name
+        self._stop_signal = name
         self._say(f"{self._stop_signal}: finishing the current step, then writing a checkpoint"
                   + (" (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""))
 
@@ -210,21 +245,36 @@ class Trainer:
         upd = ppo_update(self.actor, plan, cfg)
         times["time/update"] = time.perf_counter() - t3
 
+        t_health = time.perf_counter()                  # the result of the update, judged by the guard
+        param_norm, self._nonfinite = parameter_health(self.actor.module)
+        kl = (update_kl(self.actor, plan.micro()[0], upd.before_logp)
+              if cfg.train.max_update_kl > 0 and not self._nonfinite else None)
+        times["time/health"] = time.perf_counter() - t_health
+
         t4 = time.perf_counter()
         self.sync()
         times["time/sync"] = time.perf_counter() - t4
         self.step += 1
         times["time/step"] = time.perf_counter() - t0
-        return step_metrics(batch, outcome, first_turn, token_adv, turn_adv, upd, times,
-                            outcome_kind=cfg.reward.outcome, plan=plan)
+        m = step_metrics(batch, outcome, first_turn, token_adv, turn_adv, upd, times,
+                         outcome_kind=cfg.reward.outcome, plan=plan)
+        m["train/param_norm"] = param_norm
+        if kl is not None:
+            m["train/update_kl"] = kl
+        return m
 
     def save(self, *, healthy: bool = True) -> str:
         """Checkpoint the state after ``self.step`` (collective), with this run's config and world
         size (compared on resume) and the step's health (pruning keeps the newest healthy one)."""
         state = {"step": self.step, "data_position": self.step * self.cfg.train.prompts_per_step,
                  "seed": self.cfg.seed, "healthy": healthy, "world_size": self.world, "config": self.cfg.to_dict()}
-        folder = save_checkpoint(self.actor, self.ckpt_root, self.step, state, keep=self.cfg.train.keep_checkpoints,
-                                 exclude_frozen=bool(self.cfg.model.lora.rank))
+        self._saving = True              # SIGINT / SIGTERM now wait for the checkpoint (_on_signal)
+        try:
+            folder = save_checkpoint(self.actor, self.ckpt_root, self.step, state,
+                                     keep=self.cfg.train.keep_checkpoints, exclude_frozen=bool(self.cfg.model.lora.rank),
+                                     protect=self._keep)
+        finally:
+            self._saving = False
         self._saved_step = self.step
         return folder
 
@@ -263,6 +313,9 @@ class Trainer:
         cfg = self.cfg
         end = cfg.train.total_steps if max_steps is None else min(cfg.train.total_steps, self.step + max_steps)
         last: Dict[str, float] = {}
+        if self.step >= cfg.train.total_steps:
+            self._say(f"the run is already finished: it is at step {self.step} and train.total_steps is "
+                      f"{cfg.train.total_steps}; nothing to train (to go on, raise train.total_steps above {self.step})")
         if self.step == 0 and cfg.train.eval_at_start and cfg.train.eval_every and self.test_examples and end > 0:
             ev = self.evaluate()
             self.logger.log(0, {f"eval/{k}": v for k, v in ev["overall"].items()})
@@ -276,7 +329,8 @@ class Trainer:
                 last = self.train_step()
                 self._in_step = False
                 try:
-                    healthy = self.guard.check(self.step, last, skipped=self.actor.skipped_steps - skipped)
+                    healthy = self.guard.check(self.step, last, skipped=self.actor.skipped_steps - skipped,
+                                               nonfinite=self._nonfinite)
                 except DivergenceError as e:
                     self.logger.log(self.step, last)
                     raise DivergenceError(f"{e}; {self._kept('no checkpoint was written for the diverged steps')}") \
@@ -304,7 +358,7 @@ class Trainer:
         bar.close()
         if healthy and self.step > 0 and self._saved_step != self.step:
             self.save()
-        if self._stop:
+        if self._stop and self.step < end:        # (a signal during the final save: the run is complete)
             self._say(f"stopped by {self._stop_signal} after step {self.step}; {self._kept('')}; continue with --resume")
         return last
 
@@ -350,3 +404,4 @@ class Trainer:
         if close_engine is not None:
             close_engine()
         shutdown()
+        self._release_run_lock()
