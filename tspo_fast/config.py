@@ -134,7 +134,8 @@ class RewardConfig:
     """Outcome and FOLR rewards (docs/algorithm.md §2)."""
 
     outcome: str = "em"                 # em | f1 (tspo_fast.algo.rewards.OUTCOMES)
-    folr_alpha: float = 0.5             # alpha: reward of the turn where the answer first appears (>= 0; 0: no FOLR)
+    folr_alpha: float = 0.25            # alpha: reward of the turn where the answer first appears (>= 0; 0: no FOLR);
+                                        # 0.25 chosen with advantage.norm on the embedded world (bench/tspo_selection)
     folr_source: str = "observation"    # where FOLR looks for the answer: observation | action | any
 
 
@@ -144,8 +145,8 @@ class AdvantageConfig:
 
     # tspo | grpo | tspo_stage | tspo_placebo (K2, tspo_fast.algo.advantages), or a plugin estimator:
     # "package.module:function" (docs/extending.md)
-    mode: str = "tspo"
-    norm: str = "group"                 # tspo baselines: group (trajectory returns) | turn (per turn position)
+    mode: str = "tspo"                  # what the shipped configs use (docs/algorithm.md §3 "What ships")
+    norm: str = "turn"                  # tspo baselines: turn (per turn position) | group (trajectory returns)
     gamma: float = 1.0                  # discount of the turn returns, in [0, 1]
     eps: float = 1e-6                   # added to the standard deviation before dividing (> 0)
     # handed to the estimator in AdvantageSettings.options (a plugin's own settings); the built-ins take none
