@@ -42,9 +42,6 @@ from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from typing import Dict, List, Optional
 
-# compiled code, not the interpreter; set before any kernel module is imported
-os.environ.pop("TRITON_INTERPRET", None)
-
 # ----------------------------------------------------------------------------- the SM (sm_90: H100, H200)
 REGS_PER_SM = 65536
 REG_ALLOC_UNIT = 256            # registers, allocated per warp
@@ -396,6 +393,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile in this many processes")
     ap.add_argument("--only", default="", help="only configurations whose kernel or label contains this")
     a = ap.parse_args(argv)
+    # compiled code, not the interpreter: before any kernel module is imported (and only when run,
+    # never on import: tests import this module's helpers in a process that runs interpreted kernels)
+    os.environ.pop("TRITON_INTERPRET", None)
     import triton
 
     configs = [c for c in configurations() if a.only in c.kernel or a.only in c.label]
