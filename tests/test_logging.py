@@ -14,7 +14,7 @@ import torch
 
 from tspo_fast.config import ConfigError, load_config
 from tspo_fast.env.batch import Trajectory, collate
-from tspo_fast.training.metrics import MetricsLogger, read_metrics, search_r1_metrics, step_metrics
+from tspo_fast.training.metrics import MetricsLogger, phase, read_metrics, search_r1_metrics, step_metrics
 from tspo_fast.training.plots import PANELS, plot_runs
 from tspo_fast.training.ppo import UpdateStats
 
@@ -246,6 +246,21 @@ def test_curves_panels_are_distinct_metrics_the_trainer_logs():
                           outcome_kind="em")
     assert "reward/em" not in keys and logged["reward/em"] == logged["reward/mean"]
     assert all(k in logged for k in keys if not k.startswith("eval/"))
+
+
+def test_phase_records_each_timed_block_under_its_metric_name():
+    times = {}
+    with phase(times, "time/step"):
+        with phase(times, "time/sync"):
+            time.sleep(0.001)
+        with phase(times, "time/sync"):             # a phase run twice in a step: the seconds add up
+            pass
+    assert list(times) == ["time/sync", "time/step"]
+    assert 0 < times["time/sync"] <= times["time/step"]
+    with pytest.raises(ValueError):
+        with phase(times, "time/update"):
+            raise ValueError("boom")
+    assert "time/update" not in times               # a failed phase is not reported as a duration
 
 
 # ----------------------------------------------------------------------------- the trainer and `tspo-fast train`

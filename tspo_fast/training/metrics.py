@@ -9,9 +9,11 @@ computes them from its generation loop's counters.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import matplotlib.image
 import torch
@@ -20,7 +22,16 @@ from torch.utils.tensorboard import SummaryWriter
 from ..config import LOG_BACKENDS
 from ..protocol import parse_action
 
-__all__ = ["MetricsLogger", "read_metrics", "step_metrics", "all_fail_fraction", "search_r1_metrics"]
+__all__ = ["MetricsLogger", "read_metrics", "step_metrics", "phase", "all_fail_fraction", "search_r1_metrics"]
+
+
+@contextlib.contextmanager
+def phase(times: Dict[str, float], key: str) -> Iterator[None]:
+    """Time the block: its wall-clock seconds are added to ``times[key]``, a ``time/*`` metric of
+    docs/metrics.md (``with phase(times, "time/update"): ...``).  A block that raises records nothing."""
+    start = time.perf_counter()
+    yield
+    times[key] = times.get(key, 0.0) + time.perf_counter() - start
 
 
 def all_fail_fraction(outcome: torch.Tensor, group_id: torch.Tensor) -> float:

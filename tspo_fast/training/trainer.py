@@ -14,7 +14,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -56,7 +55,7 @@ from .evaluate import evaluate
 from .guard import DivergenceError, DivergenceGuard, describe_nonfinite, parameter_health, update_kl
 from .locks import lock_output_dir
 from .lora import disabled_adapters, export_lora, is_lora, merged_weight_entries
-from .metrics import MetricsLogger, step_metrics
+from .metrics import MetricsLogger, phase, step_metrics
 from .plan import GIB, plan_memory
 from .ppo import compute_logprobs, gradient_accumulation_steps, plan_update, ppo_update
 
@@ -214,48 +213,43 @@ class Trainer:
     def train_step(self) -> Dict[str, float]:
         cfg = self.cfg
         times: Dict[str, float] = {}
-        t0 = time.perf_counter()
-        items = prompt_items(self.prompts_for_step(self.step), self.tokenizer, cfg.data.chat_template)
-        batch = self.agent.rollout(items, seed=self.rollout_seed(self.step))
-        release_for_update(self.engine)            # the engine sleeps (CUDA) while the update runs
-        times["time/rollout"] = time.perf_counter() - t0
-        times["time/rollout_generate"] = batch.stats.gen_seconds
-        times["time/rollout_retrieval_wait"] = batch.stats.retrieval_wait_seconds
-        times["time/rollout_critical_path"] = batch.stats.critical_path_seconds
+        with phase(times, "time/step"):
+            with phase(times, "time/rollout"):
+                items = prompt_items(self.prompts_for_step(self.step), self.tokenizer, cfg.data.chat_template)
+                batch = self.agent.rollout(items, seed=self.rollout_seed(self.step))
+                release_for_update(self.engine)            # the engine sleeps (CUDA) while the update runs
+            times["time/rollout_generate"] = batch.stats.gen_seconds
+            times["time/rollout_retrieval_wait"] = batch.stats.retrieval_wait_seconds
+            times["time/rollout_critical_path"] = batch.stats.critical_path_seconds
 
-        t1 = time.perf_counter()
-        outcome, first_turn = score_batch(batch, self.tokenizer, outcome=cfg.reward.outcome,
-                                          source=cfg.reward.folr_source)
-        token_adv, turn_adv = batch_advantages(
-            batch, outcome, first_turn, AdvantageSettings.from_config(cfg, seed=mix_seed(cfg.seed, self.step, 0)))
-        times["time/reward_advantage"] = time.perf_counter() - t1
+            with phase(times, "time/reward_advantage"):
+                outcome, first_turn = score_batch(batch, self.tokenizer, outcome=cfg.reward.outcome,
+                                                  source=cfg.reward.folr_source)
+                token_adv, turn_adv = batch_advantages(
+                    batch, outcome, first_turn,
+                    AdvantageSettings.from_config(cfg, seed=mix_seed(cfg.seed, self.step, 0)))
 
-        t2 = time.perf_counter()
-        plan = plan_update(batch, token_adv, cfg, self.actor.device)   # micro-batches on the device, once
-        if not plan.on_policy:                                          # pi_old = pi when exactly on-policy
-            compute_logprobs(self.actor, plan, "old_logp")
-        if self.ref is not None:                                        # kl_coef > 0
-            compute_logprobs(self.ref, plan, "ref_logp")
-        elif cfg.loss.kl_coef > 0 and cfg.model.lora.rank:             # LoRA: the frozen base is pi_ref
-            with disabled_adapters(self.actor.module.lm):
-                compute_logprobs(self.actor, plan, "ref_logp")
-        times["time/logprobs"] = time.perf_counter() - t2
+            with phase(times, "time/logprobs"):
+                plan = plan_update(batch, token_adv, cfg, self.actor.device)   # micro-batches on the device, once
+                if not plan.on_policy:                                          # pi_old = pi when exactly on-policy
+                    compute_logprobs(self.actor, plan, "old_logp")
+                if self.ref is not None:                                        # kl_coef > 0
+                    compute_logprobs(self.ref, plan, "ref_logp")
+                elif cfg.loss.kl_coef > 0 and cfg.model.lora.rank:             # LoRA: the frozen base is pi_ref
+                    with disabled_adapters(self.actor.module.lm):
+                        compute_logprobs(self.actor, plan, "ref_logp")
 
-        t3 = time.perf_counter()
-        upd = ppo_update(self.actor, plan, cfg)
-        times["time/update"] = time.perf_counter() - t3
+            with phase(times, "time/update"):
+                upd = ppo_update(self.actor, plan, cfg)
 
-        t_health = time.perf_counter()                  # the result of the update, judged by the guard
-        param_norm, self._nonfinite = parameter_health(self.actor.module)
-        kl = (update_kl(self.actor, plan.micro()[0], upd.before_logp)
-              if cfg.train.max_update_kl > 0 and not self._nonfinite else None)
-        times["time/health"] = time.perf_counter() - t_health
+            with phase(times, "time/health"):              # the result of the update, judged by the guard
+                param_norm, self._nonfinite = parameter_health(self.actor.module)
+                kl = (update_kl(self.actor, plan.micro()[0], upd.before_logp)
+                      if cfg.train.max_update_kl > 0 and not self._nonfinite else None)
 
-        t4 = time.perf_counter()
-        self.sync()
-        times["time/sync"] = time.perf_counter() - t4
-        self.step += 1
-        times["time/step"] = time.perf_counter() - t0
+            with phase(times, "time/sync"):
+                self.sync()
+            self.step += 1
         m = step_metrics(batch, outcome, first_turn, token_adv, turn_adv, upd, times,
                          outcome_kind=cfg.reward.outcome, plan=plan)
         m["train/param_norm"] = param_norm
