@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, OnResume, resume_rules
 from .distributed import barrier as _barrier
 from .distributed import rank as _rank
 from .distributed import world_size as _world_size
@@ -405,23 +405,6 @@ def load_checkpoint(engine, folder: str, exclude_frozen: bool = False) -> Dict[s
 
 
 # ----------------------------------------------------------------------------- config on resume
-#: fields a checkpoint cannot be loaded under when they change (with the reason)
-_FIXED = {
-    "model.path": "the weights in the checkpoint belong to that model",
-    "model.gguf_file": "the weights in the checkpoint belong to that model",
-    "model.dtype": "the checkpoint's parameters and optimizer states have that dtype",
-    "model.lora": "the checkpoint holds the parameters of that adapter layout",
-    "train.zero_stage": "the DeepSpeed state is partitioned for that stage",
-    "train.bf16": "the optimizer state (master weights) is laid out for that precision",
-    "train.offload_optimizer": "the optimizer (and its state) differs with CPU offload",
-    "train.offload_param": "the parameter partitions differ with CPU offload",
-}
-#: applied to the restored optimizer / schedule by :func:`apply_optimizer_settings`
-_OPTIMIZER = {"train.lr", "train.weight_decay", "train.warmup_steps"}
-#: applied, but they change which questions the following steps draw
-_DATA_ORDER = {"seed", "train.prompts_per_step", "data.shuffle", "data.train_files"}
-
-
 def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for k, v in tree.items():
@@ -433,10 +416,21 @@ def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _rule(rules: Dict[str, OnResume], key: str) -> Optional[OnResume]:
+    """The rule of ``key`` or of the nearest section above it that has one (None: none)."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        rule = rules.get(".".join(parts[:i]))
+        if rule is not None:
+            return rule
+    return None
+
+
 def resume_changes(state: Dict[str, Any], cfg: Config, world: int) -> List[str]:
-    """Compare the run's config with the one a checkpoint's ``state`` recorded.  Changes the
-    checkpoint cannot be loaded under raise :class:`ConfigError` (all of them, one line each); the
-    others are returned, one line each saying how they are applied."""
+    """Compare the run's config with the one a checkpoint's ``state`` recorded, field by field,
+    under each field's :class:`~tspo_fast.config.OnResume` rule.  Changes the checkpoint cannot be
+    loaded under raise :class:`ConfigError` (all of them, one line each); the others are
+    returned, one line each saying how they are applied."""
     saved_world = state.get("world_size")
     refused = []
     if saved_world is not None and int(saved_world) != world:
@@ -448,20 +442,24 @@ def resume_changes(state: Dict[str, Any], cfg: Config, world: int) -> List[str]:
             raise ConfigError("--resume: " + "; ".join(refused))
         return ["the checkpoint records no config (written by an older version): the config was not compared"]
     old, new = _flat(saved), _flat(cfg.to_dict())
+    rules = resume_rules()         # declared beside each field in tspo_fast/config.py
     applied = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if a == b or key == "output_dir" or (a in (None, "<unset>") and b in (None, "<unset>")):
+        if a == b or (a in (None, "<unset>") and b in (None, "<unset>")):
             continue            # (a field added since the checkpoint was written, at its null default: no change)
-        fixed = next((f for f in _FIXED if key == f or key.startswith(f + ".")), None)
-        if fixed is not None:
-            refused.append(f"{key}: {a!r} -> {b!r} cannot apply to this checkpoint ({_FIXED[fixed]})")
-        elif key == "train.warmup_steps" and (a == 0) != (b == 0):
+        rule = _rule(rules, key)
+        applies = rule.applies if rule is not None else "next step"
+        if applies == "ignored":
+            continue
+        if applies == "never":
+            refused.append(f"{key}: {a!r} -> {b!r} cannot apply to this checkpoint ({rule.why})")
+        elif rule is not None and rule.on_off and (a == 0) != (b == 0):
             refused.append(f"{key}: {a!r} -> {b!r} cannot apply: the checkpoint {'has no' if a == 0 else 'has a'} "
-                           "learning-rate schedule state (keep warm-up on or off as it was)")
-        elif key in _OPTIMIZER:
+                           f"{rule.on_off}")
+        elif applies == "optimizer":
             applied.append(f"{key}: {a!r} -> {b!r} (applied to the restored optimizer and schedule)")
-        elif key in _DATA_ORDER:
+        elif applies == "data order":
             applied.append(f"{key}: {a!r} -> {b!r} (applied: the questions of the next steps differ from the "
                            "original run's)")
         else:
