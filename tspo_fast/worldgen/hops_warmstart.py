@@ -41,7 +41,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -53,7 +53,7 @@ from ..protocol import build_prompt, search_observation
 from ..retrieval import InProcessRetriever
 from ..retrieval.bundled import bundled_index
 from . import hops
-from .warmstart import search_first_prob, sft
+from .warmstart import WARM_MODEL, search_first_prob, sft, warm_model
 
 #: how a thought states the link ``attr`` from ``x`` to ``y``
 FACT = {"builder": "{x} was built by {y}", "designer": "{x} was designed by {y}", "city": "{x} is in {y}",
@@ -63,13 +63,8 @@ FACT = {"builder": "{x} was built by {y}", "designer": "{x} was designed by {y}"
 
 @dataclass(frozen=True)
 class HopsWarmStartSpec:
-    seed: int = 0
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    vocab_target: int = 4096
+    seed: int = 0                   # every random choice, the model's initialisation included
+    model: TinyModelSpec = WARM_MODEL  # tokenizer vocabulary and model shape (its own seed is replaced by ``seed``)
     copy_examples: int = 16000       # first searches for a random entity of the question's kind
     copy_batch_size: int = 32
     copy_first_batches: int = 300    # copy batches alone before the rest join in
@@ -235,11 +230,9 @@ def build_hops_warm_start(out_dir: str, spec: HopsWarmStartSpec = HopsWarmStartS
     retriever = InProcessRetriever.from_dir(bundled_index("bm25", hops.WORLD))
     demo = Demonstrator(world, retriever, spec, random.Random(spec.seed))
     sample = [a for ex in examples[:3000] for a, _, _ in demo.turns(ex)]       # the thoughts' wording
+    spec = replace(spec, model=warm_model(spec.model, spec.seed))       # as built (and recorded)
     tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-    build_tiny_model(tmp, world_texts(world=hops.WORLD) + sample, TinyModelSpec(
-        hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads, intermediate_size=spec.intermediate_size, max_position_embeddings=2048,
-        vocab_target=spec.vocab_target, seed=spec.seed))
+    build_tiny_model(tmp, world_texts(world=hops.WORLD) + sample, spec.model)
     tok = load_tokenizer(tmp)
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     rng = random.Random(spec.seed + 1)
@@ -261,6 +254,15 @@ def build_hops_warm_start(out_dir: str, spec: HopsWarmStartSpec = HopsWarmStartS
     return out_dir
 
 
+def _parse(tp: type, text: str):
+    """A ``--set`` value as the field's type (``true`` / ``false`` for a flag)."""
+    if tp is bool:
+        if text.lower() not in ("true", "false"):
+            raise SystemExit(f"--set: expected true or false, got {text!r}")
+        return text.lower() == "true"
+    return tp(text)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -268,15 +270,22 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=HopsWarmStartSpec.epochs)
     ap.add_argument("--max-questions", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="any HopsWarmStartSpec field, e.g. --set p_continue=0.3 (repeatable)")
+                    help="any HopsWarmStartSpec field, e.g. --set p_continue=0.3, or of its model, e.g. "
+                         "--set model.num_layers=2 (repeatable)")
     args = ap.parse_args(argv)
-    fields = {f: type(v) for f, v in asdict(HopsWarmStartSpec()).items()}
+    fields = {f: type(v) for f, v in asdict(HopsWarmStartSpec()).items() if f != "model"}
+    model_fields = {f"model.{f}": type(v) for f, v in asdict(WARM_MODEL).items() if f != "seed"}
     kw = {"seed": args.seed, "epochs": args.epochs, "max_questions": args.max_questions}
+    model_kw = {}
     for item in args.set:
         k, _, v = item.partition("=")
-        if k not in fields:
-            ap.error(f"--set {item}: unknown field {k!r} (known: {', '.join(fields)})")
-        kw[k] = fields[k](v)
+        if k in fields:
+            kw[k] = _parse(fields[k], v)
+        elif k in model_fields:
+            model_kw[k[len("model."):]] = _parse(model_fields[k], v)
+        else:
+            ap.error(f"--set {item}: unknown field {k!r} (known: {', '.join([*fields, *model_fields])})")
+    kw["model"] = replace(WARM_MODEL, **model_kw)
     print(build_hops_warm_start(args.out, HopsWarmStartSpec(**kw)))
 
 

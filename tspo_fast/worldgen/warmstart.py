@@ -42,7 +42,7 @@ import math
 import os
 import random
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -67,15 +67,21 @@ def habit_behaviours(memory_share: float) -> Tuple[Tuple[str, float], ...]:
     return tuple((b, w * (1.0 - memory_share) / total) for b, w in rest) + (("no_search", memory_share),)
 
 
+#: the warm-start policies' shape (1.3M parameters; head size 32, which vLLM's CPU backend runs) and a
+#: vocabulary large enough that every entity name is one BPE token
+WARM_MODEL = TinyModelSpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
+                           vocab_target=4096)
+
+
+def warm_model(model: TinyModelSpec, seed: int) -> TinyModelSpec:
+    """``model`` initialised from the build's ``seed`` (every random choice of a build comes from it)."""
+    return replace(model, seed=seed)
+
+
 @dataclass(frozen=True)
 class WarmStartSpec:
-    seed: int = 0
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    vocab_target: int = 4096         # large enough that every entity name is one BPE token
+    seed: int = 0                   # every random choice, the model's initialisation included
+    model: TinyModelSpec = WARM_MODEL  # tokenizer vocabulary and model shape (its own seed is replaced by ``seed``)
     copy_examples: int = 16000       # first turns naming a random entity of the question's kind
     copy_batch_size: int = 32
     copy_first_batches: int = 300    # copy batches alone before the demonstrations join in
@@ -353,11 +359,9 @@ def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progre
     """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32)."""
 
     torch.manual_seed(spec.seed)
+    spec = replace(spec, model=warm_model(spec.model, spec.seed))       # as built (and recorded)
     tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-    build_tiny_model(tmp, world_texts(), TinyModelSpec(
-        hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads, intermediate_size=spec.intermediate_size, max_position_embeddings=2048,
-        vocab_target=spec.vocab_target, seed=spec.seed))
+    build_tiny_model(tmp, world_texts(), spec.model)
     tok = load_tokenizer(tmp)
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     retriever = InProcessRetriever.from_dir(bundled_index("bm25"))
@@ -381,7 +385,7 @@ def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progre
         stage = replace(spec, seed=spec.seed + 1, demos_per_question=1, lr=spec.habit_lr, epochs=1)
         habit = build_examples(tok, retriever, examples, stage, passages, habit_behaviours(spec.memory_share))
         losses.update(sft(model, [("habit", habit, spec.batch_size, 0)], stage, tok.pad_token_id, progress))
-    info = {"spec": spec.__dict__, "demonstrations": len(rows), "copy_examples": len(copies),
+    info = {"spec": asdict(spec), "demonstrations": len(rows), "copy_examples": len(copies),
             "reading_examples": len(reading), "first_loss": losses["demo"][0], "last_loss": _tail_mean(losses["demo"]),
             "copy_last_loss": _tail_mean(losses["copy"]) if copies else None,
             "read_last_loss": _tail_mean(losses["read"]) if reading else None,
