@@ -24,6 +24,7 @@ without a manifest, so that what grew from unchecked files is never all that is 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ import re
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from .distributed import barrier as _barrier
 from .distributed import rank as _rank
 from .distributed import world_size as _world_size
 
-__all__ = ["CheckpointError", "MANIFEST", "write_atomic", "replace_folder", "save_checkpoint", "list_checkpoints",
+__all__ = ["CheckpointError", "MANIFEST", "write_atomic", "replace_folder", "staged_folder", "save_checkpoint", "list_checkpoints",
            "verify_checkpoint", "read_state", "find_checkpoint", "latest_checkpoint", "load_checkpoint",
            "resume_changes", "apply_optimizer_settings", "consolidated_state", "export_hf", "rng_state",
            "set_rng_state"]
@@ -105,6 +106,23 @@ def replace_folder(tmp: str, final: str) -> None:
     os.replace(tmp, final)
     _fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(final: str) -> Iterator[str]:
+    """A fresh temporary folder beside ``final`` (same file system) for the block to write into.
+    When the block completes it replaces ``final`` (:func:`replace_folder`: a reader sees the old
+    folder or the whole new one); when the block raises it is removed and ``final`` is untouched."""
+    final = final.rstrip("/") or final
+    tmp = f"{final}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder(tmp, final)
 
 
 def _files(folder: str) -> List[str]:
@@ -501,9 +519,7 @@ def export_hf(engine, lm, tokenizer, out_dir: str) -> Optional[str]:
         return None
     prefix = "lm."
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp, state_dict=state)
-    tokenizer.save_pretrained(tmp)
-    replace_folder(tmp, out_dir)
+    with staged_folder(out_dir) as tmp:
+        lm.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
     return out_dir

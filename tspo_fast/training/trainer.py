@@ -10,7 +10,6 @@ itself (exact global normaliser, PPO epochs) is :mod:`tspo_fast.training.ppo`.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -285,13 +284,8 @@ class Trainer:
         if self.rank != 0:
             return None
         state = {k[len("lm."):] if k.startswith("lm.") else k: v for k, v in state.items()}
-        tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_lora(state, self.model_path, self.cfg.model.lora, tmp, merged=fmt == "merged", tokenizer=self.tokenizer,
-                    dtype=getattr(torch, self.cfg.model.dtype))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-        return out_dir
+        return export_lora(state, self.model_path, self.cfg.model.lora, out_dir, merged=fmt == "merged",
+                           tokenizer=self.tokenizer, dtype=getattr(torch, self.cfg.model.dtype))
 
     def evaluate(self, examples=None, *, limit: Optional[int] = None) -> Dict[str, Any]:
         return evaluate(self.agent, self.tokenizer, examples if examples is not None else self.test_examples,

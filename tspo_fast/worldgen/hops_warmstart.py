@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -52,6 +51,7 @@ from ..models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer
 from ..protocol import build_prompt, search_observation
 from ..retrieval import InProcessRetriever
 from ..retrieval.bundled import bundled_index
+from ..training.checkpoint import staged_folder
 from . import hops
 from .warmstart import WARM_MODEL, search_first_prob, sft, warm_model
 
@@ -221,7 +221,14 @@ def build_rows(tokenizer, make, examples, count: int, spec: HopsWarmStartSpec, r
 
 
 def build_hops_warm_start(out_dir: str, spec: HopsWarmStartSpec = HopsWarmStartSpec(), progress: bool = True) -> str:
-    """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32)."""
+    """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32; replaced
+    whole once the build is done)."""
+    with staged_folder(out_dir) as tmp:
+        _build(tmp, spec, progress)
+    return out_dir
+
+
+def _build(tmp: str, spec: HopsWarmStartSpec, progress: bool) -> None:
     torch.manual_seed(spec.seed)
     world = hops.build()
     examples = world.practice()
@@ -231,7 +238,6 @@ def build_hops_warm_start(out_dir: str, spec: HopsWarmStartSpec = HopsWarmStartS
     demo = Demonstrator(world, retriever, spec, random.Random(spec.seed))
     sample = [a for ex in examples[:3000] for a, _, _ in demo.turns(ex)]       # the thoughts' wording
     spec = replace(spec, model=warm_model(spec.model, spec.seed))       # as built (and recorded)
-    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
     build_tiny_model(tmp, world_texts(world=hops.WORLD) + sample, spec.model)
     tok = load_tokenizer(tmp)
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
@@ -249,9 +255,6 @@ def build_hops_warm_start(out_dir: str, spec: HopsWarmStartSpec = HopsWarmStartS
     model.save_pretrained(tmp)
     with open(os.path.join(tmp, "warmstart.json"), "w") as f:
         json.dump(info, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
 
 
 def _parse(tp: type, text: str):

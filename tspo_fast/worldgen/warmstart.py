@@ -41,7 +41,6 @@ import json
 import math
 import os
 import random
-import shutil
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -54,6 +53,7 @@ from ..models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer
 from ..protocol import build_prompt, search_observation
 from ..retrieval import InProcessRetriever
 from ..retrieval.bundled import bundled_index
+from ..training.checkpoint import staged_folder
 from ..world import corpus_path
 from .generate import practice_questions
 
@@ -356,11 +356,16 @@ def _tail_mean(xs: Sequence[float], k: int = 20) -> float:
 
 
 def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progress: bool = True) -> str:
-    """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32)."""
+    """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32; replaced
+    whole once the build is done)."""
+    with staged_folder(out_dir) as tmp:
+        _build(tmp, spec, progress)
+    return out_dir
 
+
+def _build(tmp: str, spec: WarmStartSpec, progress: bool) -> None:
     torch.manual_seed(spec.seed)
     spec = replace(spec, model=warm_model(spec.model, spec.seed))       # as built (and recorded)
-    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
     build_tiny_model(tmp, world_texts(), spec.model)
     tok = load_tokenizer(tmp)
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
@@ -395,9 +400,6 @@ def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progre
     model.save_pretrained(tmp)
     with open(os.path.join(tmp, "warmstart.json"), "w") as f:
         json.dump(info, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
 
 
 def main(argv=None) -> None:
