@@ -122,6 +122,7 @@ class Trainer:
         self.step = 0
         self._nonfinite: Dict[str, int] = {}       # trained parameters left non-finite by the last update
         self._keep: List[str] = []                 # checkpoint folders pruning must keep (an unverified load)
+        self.checkpoint: Optional[str] = None      # the checkpoint folder this run wrote last (or resumed from)
         resumed = self._resume(resume) if resume else False
         if self.rank == 0:               # after the resume check: a config it refuses is not recorded
             dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -155,6 +156,7 @@ class Trainer:
             self._keep.append(folder)     # loaded unverified: this run never prunes it, so checkpoints grown from
                                           # unchecked files are never the only ones kept
         apply_optimizer_settings(self.actor, self.cfg)      # DeepSpeed restored the checkpoint's lr
+        self.checkpoint = folder
         self._say(f"resume: continuing from {folder} (step {self.step})")
         self.sync()
         return True
@@ -269,6 +271,7 @@ class Trainer:
         finally:
             self._saving = False
         self._saved_step = self.step
+        self.checkpoint = folder
         return folder
 
     def export(self, out_dir: str, fmt: str = "merged") -> Optional[str]:
