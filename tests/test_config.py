@@ -125,6 +125,34 @@ def test_resume_compares_the_config_with_the_checkpoints():
     assert "records no config" in resume_changes({"step": 4}, load_config(tiny), world=1)[0]
 
 
+def test_resume_rules_are_declared_beside_their_fields():
+    """Each field's rule on resume is its dataclass field's metadata (tspo_fast/config.py), read by
+    resume_changes; a rule on a section (model.lora) covers every field under it."""
+    from tspo_fast.config import OnResume, resume_rules
+    from tspo_fast.training.checkpoint import resume_changes
+
+    rules = resume_rules()
+    by_kind = {}
+    for key, rule in rules.items():
+        by_kind.setdefault(rule.applies, set()).add(key)
+    assert by_kind["never"] == {"model.path", "model.gguf_file", "model.dtype", "model.lora", "train.zero_stage",
+                                "train.bf16", "train.offload_optimizer", "train.offload_param"}
+    assert by_kind["optimizer"] == {"train.lr", "train.weight_decay", "train.warmup_steps"}
+    assert by_kind["data order"] == {"seed", "train.prompts_per_step", "data.shuffle", "data.train_files"}
+    assert by_kind["ignored"] == {"output_dir"}
+    assert all(rules[k].why for k in by_kind["never"])
+    tiny = os.path.join(ROOT, "configs", "tiny.yaml")
+    saved = {"step": 4, "world_size": 1, "config": load_config(tiny).to_dict()}
+    with pytest.raises(ConfigError, match=r"model.lora.target_modules: .* cannot apply to this checkpoint \(the "
+                                          r"checkpoint holds the parameters of that adapter layout\)"):
+        resume_changes(saved, load_config(tiny, ["model.lora.target_modules=[q_proj]"]), world=1)
+    assert resume_changes(saved, load_config(tiny, ["output_dir=/elsewhere/run"]), world=1) == []
+    with pytest.raises(ValueError, match="OnResume.applies"):
+        OnResume("sometimes")
+    with pytest.raises(ValueError, match="OnResume.why"):
+        OnResume("never")
+
+
 def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     import subprocess
     import sys

@@ -397,3 +397,26 @@ def test_pruning_keeps_the_newest_healthy_checkpoint_and_those_protected(tmp_pat
     _prune(str(root), keep=1, protect=[str(root / "step_000001")])
     # the newest (and `latest`), the newest healthy one, and the protected one (a checkpoint loaded unverified)
     assert [s for s, _ in list_checkpoints(str(root))] == [1, 3, 5]
+
+
+def test_a_staged_folder_replaces_its_destination_whole_or_not_at_all(tmp_path):
+    """Exports and warm-start builds write into a folder beside the destination, renamed over it
+    once complete: a failure midway leaves the old folder as it was, and no temporary folder."""
+    from tspo_fast.training.checkpoint import staged_folder
+
+    final = tmp_path / "export"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with staged_folder(str(final) + "/") as tmp:
+            assert os.path.dirname(tmp) == str(tmp_path) and os.path.isdir(tmp) and not os.listdir(tmp)
+            open(os.path.join(tmp, "new.txt"), "w").write("half")
+            raise RuntimeError("disk full")
+    assert sorted(os.listdir(tmp_path)) == ["export"] and os.listdir(final) == ["old.txt"]
+    with staged_folder(str(final)) as tmp:
+        open(os.path.join(tmp, "new.txt"), "w").write("new")
+        assert os.listdir(final) == ["old.txt"]                # the old one stays readable until the end
+    assert sorted(os.listdir(tmp_path)) == ["export"] and os.listdir(final) == ["new.txt"]
+    with staged_folder(str(tmp_path / "a" / "b")) as tmp:      # missing parent folders are made
+        open(os.path.join(tmp, "x"), "w").write("x")
+    assert os.listdir(tmp_path / "a" / "b") == ["x"]

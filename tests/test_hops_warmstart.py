@@ -93,11 +93,13 @@ def test_builder_smoke(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from tspo_fast.models import load_tokenizer
+    from tspo_fast.models.tiny import TinyModelSpec
     from tspo_fast.worldgen.ceiling import reading_probe
     from tspo_fast.worldgen.hops_warmstart import build_hops_warm_start
-    spec = HopsWarmStartSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128,
-                             vocab_target=512, max_questions=24, batch_size=8, lr=1e-2, copy_examples=32,
-                             copy_first_batches=2, reading_examples=24, reading_first_batches=2)
+    spec = HopsWarmStartSpec(model=TinyModelSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                                                 intermediate_size=128, vocab_target=512),
+                             max_questions=24, batch_size=8, lr=1e-2, copy_examples=32, copy_first_batches=2,
+                             reading_examples=24, reading_first_batches=2)
     out = build_hops_warm_start(str(tmp_path / "warm"), spec, progress=False)
     info = json.load(open(os.path.join(out, "warmstart.json")))
     assert info["demonstrations"] == 24 and info["copy_examples"] == 32 and info["reading_examples"] == 24

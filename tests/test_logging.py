@@ -14,9 +14,10 @@ import torch
 
 from tspo_fast.config import ConfigError, load_config
 from tspo_fast.env.batch import Trajectory, collate
-from tspo_fast.training.metrics import MetricsLogger, read_metrics, search_r1_metrics, step_metrics
+from tspo_fast.training.metrics import MetricsLogger, phase, read_metrics, search_r1_metrics, step_metrics
 from tspo_fast.training.plots import PANELS, plot_runs
 from tspo_fast.training.ppo import UpdateStats
+from tspo_fast.training.report import run_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,6 +247,83 @@ def test_curves_panels_are_distinct_metrics_the_trainer_logs():
                           outcome_kind="em")
     assert "reward/em" not in keys and logged["reward/em"] == logged["reward/mean"]
     assert all(k in logged for k in keys if not k.startswith("eval/"))
+
+
+def test_phase_records_each_timed_block_under_its_metric_name():
+    times = {}
+    with phase(times, "time/step"):
+        with phase(times, "time/sync"):
+            time.sleep(0.001)
+        with phase(times, "time/sync"):             # a phase run twice in a step: the seconds add up
+            pass
+    assert list(times) == ["time/sync", "time/step"]
+    assert 0 < times["time/sync"] <= times["time/step"]
+    with pytest.raises(ValueError):
+        with phase(times, "time/update"):
+            raise ValueError("boom")
+    assert "time/update" not in times               # a failed phase is not reported as a duration
+
+
+EVAL_KEYS = ("em", "turns", "searches", "answer_retrieved", "n")      # evaluate()'s "overall", as the trainer logs it
+
+
+def _logged_run(out_dir, resume_step=None):
+    """A run's metrics logged as the trainer logs them: the initial evaluation as step 0, then steps
+    whose rows are step_metrics of a real batch (and an evaluation at step 3)."""
+    batch = collate([_trajectory(r, a, f"q{i}") for i, (r, a) in enumerate(zip(ROWS, ANSWERS))], pad_id=0)
+    logger = MetricsLogger(out_dir, backends=("jsonl",), resume_step=resume_step)
+    if resume_step is None:
+        logger.log(0, {f"eval/{k}": v for k, v in zip(EVAL_KEYS, (0.25, 1.0, 0.0, 0.5, 4))})
+    for step, outcome in ((1, [0.0, 0.0, 0.0]), (2, [1.0, 0.0, 0.0]), (3, [1.0, 1.0, 0.0])):
+        if resume_step is not None and step <= resume_step:
+            continue
+        times = {"time/rollout": 2.0 * step, "time/reward_advantage": 0.1, "time/logprobs": 0.5, "time/update": 1.0,
+                 "time/health": 0.1, "time/sync": 0.25, "time/step": 2.0 * step + 2.0}
+        m = step_metrics(batch, torch.tensor(outcome), torch.tensor([0, -1, -1]), torch.zeros(batch.input_ids.shape),
+                         torch.zeros(3, 3), UpdateStats(), times, outcome_kind="em")
+        if step == 3:
+            m.update({f"eval/{k}": v for k, v in zip(EVAL_KEYS, (0.75, 2.0, 1.0, 1.0, 4))})
+        logger.log(step, m)
+    logger.close()
+    return logger
+
+
+def test_run_report_reads_the_runs_rows(tmp_path):
+    out = str(tmp_path / "run")
+    logger = _logged_run(out)
+    rows = read_metrics(logger.path)
+    assert logger.rows == rows                         # what the report reads is metrics.jsonl, whatever the backends
+    ckpt = os.path.join(out, "checkpoints", "step_000003")
+    text = run_report(rows, output_dir=out, total_steps=10, wall_seconds=125.0, checkpoint=ckpt,
+                      metrics_file=logger.path, curves=os.path.join(out, "curves.png"))
+    lines = text.splitlines()
+    assert lines[0] == "run summary" and len(lines) == 12, text
+    table = {line[:24].strip(): line[24:] for line in lines[1:]}
+    assert table == {
+        "steps": "3 of 10 (train.total_steps)",
+        "train reward": "0.000 (step 1) -> 0.667 (step 3)",
+        "greedy test EM": "0.250 (step 0) -> 0.750 (step 3) on 4 test questions",
+        "searches per rollout": "0.00 (step 1) -> 0.00 (step 3)",          # (the hand-made batch ran no search)
+        "valid actions": f"{100 * rows[1]['env/ratio_of_valid_action']:.0f}% (step 1) -> "
+                         f"{100 * rows[-1]['env/ratio_of_valid_action']:.0f}% (step 3)",
+        "mean time per phase": "rollout 4.00 s, log-probs 0.50 s, update 1.00 s, sync 0.25 s, step 6.00 s (over 3 steps)",
+        "wall time": "2 min 05 s",
+        "output_dir": out,
+        "latest checkpoint": ckpt,
+        "metrics": logger.path,
+        "curves": os.path.join(out, "curves.png"),
+    }, text
+    # a resumed run: the rows kept from before the checkpoint count, and the report says where it resumed
+    resumed = _logged_run(out, resume_step=2)
+    assert [r["step"] for r in resumed.rows] == [0, 1, 2, 3] and resumed.rows == read_metrics(logger.path)
+    text = run_report(resumed.rows, output_dir=out, total_steps=3, first_step=2)
+    assert "  steps                 3 of 3 (train.total_steps); this run: 1, resumed at step 2" in text.splitlines()
+    # nothing evaluated, no step run, no checkpoint
+    text = run_report([], output_dir=out, metrics_file=None)
+    for line in ("steps                 0", "train reward          not logged", "latest checkpoint     none written",
+                 "greedy test EM        not evaluated (train.eval_every: 0, or no test questions)",
+                 "metrics               no metrics.jsonl (logging.backends has no jsonl)"):
+        assert f"  {line}" in text.splitlines(), text
 
 
 # ----------------------------------------------------------------------------- the trainer and `tspo-fast train`

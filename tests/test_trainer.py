@@ -58,6 +58,18 @@ def test_tiny_run_hf_engine_end_to_end(train_env, tmp_path):
     assert os.path.getsize(os.path.join(out, "curves.png")) > 1000
     assert os.listdir(os.path.join(out, "tensorboard"))
     assert "train" in p.stderr  # the tqdm progress bar
+    # the end of the run: a short report of the metrics.jsonl rows, not the raw metrics
+    report = p.stdout[p.stdout.index("run summary"):].splitlines()
+    want = ["  steps                 2 of 2 (train.total_steps)",
+            f"  train reward          {rows[0]['reward/mean']:.3f} (step 1) -> {rows[1]['reward/mean']:.3f} (step 2)",
+            f"  greedy test EM        {_metrics(out)[0]['eval/em']:.3f} (step 0) -> {rows[1]['eval/em']:.3f} (step 2) "
+            "on 4 test questions",
+            f"  output_dir            {out}",
+            f"  latest checkpoint     {os.path.join(out, 'checkpoints', 'step_000002')}",
+            f"  metrics               {os.path.join(out, 'metrics.jsonl')}",
+            f"  curves                {os.path.join(out, 'curves.png')}"]
+    assert all(line in report for line in want), "\n".join(report)
+    assert any(line.startswith("  mean time per phase   rollout ") for line in report), "\n".join(report)
 
 
 def test_tiny_run_vllm_engine_syncs_every_step(train_env, tmp_path):

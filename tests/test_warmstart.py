@@ -3,15 +3,20 @@ SFT lowers the loss, and the saved policy loads and writes the protocol's tags."
 import json
 import os
 
+import pytest
+
 
 def test_warm_start_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("TSPO_FAST_CACHE", os.environ.get("TSPO_FAST_CACHE", str(tmp_path / "cache")))
+    from tspo_fast.models.tiny import TinyModelSpec
     from tspo_fast.worldgen.warmstart import WarmStartSpec, build_warm_start
-    spec = WarmStartSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128,
-                         vocab_target=512, demos_per_question=2, epochs=2, max_questions=24, batch_size=8, lr=1e-2,
+    spec = WarmStartSpec(seed=3, model=TinyModelSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
+                                                     intermediate_size=128, vocab_target=512),
+                         demos_per_question=2, epochs=2, max_questions=24, batch_size=8, lr=1e-2,
                          copy_examples=64, reading_examples=40)
     out = build_warm_start(str(tmp_path / "warm"), spec, progress=False)
     info = json.load(open(os.path.join(out, "warmstart.json")))
+    assert info["spec"]["model"]["num_layers"] == 1 and info["spec"]["model"]["seed"] == 3   # the model as built
     assert info["demonstrations"] == 48 and info["copy_examples"] == 64
     assert info["habit_demonstrations"] == 24           # the last stage: one demonstration per question
     for key in ("search_first_prob_before_habit", "search_first_prob"):
@@ -26,6 +31,32 @@ def test_warm_start_smoke(tmp_path, monkeypatch):
     for tag in ("<search>", "</search>", "<answer>", "<information>"):
         assert tok.decode(tok(tag, add_special_tokens=False)["input_ids"]) == tag
     assert model.config.hidden_size // model.config.num_attention_heads == 32  # vLLM CPU head size
+    assert model.config.num_hidden_layers == 1 and model.config.intermediate_size == 128
+
+
+@pytest.mark.parametrize("world", ["world", "hops"])
+def test_shipped_policies_were_built_from_the_current_default_spec(world):
+    """The shipped warm-start policies (tspo_fast/world/*_policy) have the shape of the default spec's
+    model, and their warmstart.json (a record of the build; nothing reads it back as a spec) lists
+    the default spec's values.  Those files were written before the spec held its model as a
+    TinyModelSpec: the model's fields are at the top level there."""
+    from dataclasses import asdict
+
+    from tspo_fast.world import warm_policy_dir
+    from tspo_fast.worldgen.hops_warmstart import HopsWarmStartSpec
+    from tspo_fast.worldgen.warmstart import WarmStartSpec
+    folder = warm_policy_dir(world)
+    spec = asdict(WarmStartSpec() if world == "world" else HopsWarmStartSpec())
+    model = spec.pop("model")
+    recorded = json.load(open(os.path.join(folder, "warmstart.json")))["spec"]
+    recorded_model = {k: recorded.pop(k) for k in list(recorded) if k in model and k != "seed"}
+    assert recorded == spec
+    assert recorded_model == {k: v for k, v in model.items() if k in recorded_model}
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"],
+            cfg["intermediate_size"], cfg["max_position_embeddings"], cfg["tie_word_embeddings"]) == (
+        model["hidden_size"], model["num_layers"], model["num_heads"], model["num_kv_heads"],
+        model["intermediate_size"], model["max_position_embeddings"], model["tie_word_embeddings"])
 
 
 def test_demonstrations_use_the_support_passages():

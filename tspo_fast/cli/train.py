@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from typing import List, Optional
 
 from ..config import ConfigError, load_config
 from ..training.plots import plot_runs
+from ..training.report import run_report
 from ..training.trainer import Trainer
 
 __all__ = ["build_parser", "main", "DEFAULT_CONFIG"]
@@ -37,19 +39,23 @@ def build_parser(prog: str = "tspo-fast train") -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None, prog: str = "tspo-fast train") -> int:
+    start = time.perf_counter()
     args = build_parser(prog).parse_args(argv)
     if args.max_steps is not None and args.max_steps < 0:
         raise ConfigError(f"--max-steps: must be >= 0, got {args.max_steps}")
     cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
     trainer = Trainer(cfg, resume=args.resume)
-    last = trainer.fit(max_steps=args.max_steps)
-    if trainer.rank == 0 and last:
-        print("final step", trainer.step, {k: round(v, 4) for k, v in last.items() if isinstance(v, float)})
-    if args.export:
-        trainer.export(args.export, args.export_format)
+    first_step = trainer.step
+    trainer.fit(max_steps=args.max_steps)
+    export = trainer.export(args.export, args.export_format) if args.export else None
+    curves = None
     if trainer.rank == 0 and not args.no_plot and "jsonl" in cfg.logging.backends and trainer.step > 0:
         curves = plot_runs([cfg.output_dir], os.path.join(cfg.output_dir, "curves.png"))     # from metrics.jsonl
-        print("curves:", curves)
         trainer.logger.log_image("curves", curves, step=trainer.step)                # TensorBoard, wandb
+    if trainer.rank == 0:
+        metrics = trainer.logger.path if "jsonl" in cfg.logging.backends else None
+        print(run_report(trainer.logger.rows, output_dir=cfg.output_dir, total_steps=cfg.train.total_steps,
+                         first_step=first_step, wall_seconds=time.perf_counter() - start, checkpoint=trainer.checkpoint,
+                         metrics_file=metrics, curves=curves, export=export), flush=True)
     trainer.close()
     return 0

@@ -24,6 +24,7 @@ without a manifest, so that what grew from unchecked files is never all that is 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,18 +33,18 @@ import re
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, OnResume, resume_rules
 from .distributed import barrier as _barrier
 from .distributed import rank as _rank
 from .distributed import world_size as _world_size
 
-__all__ = ["CheckpointError", "MANIFEST", "write_atomic", "replace_folder", "save_checkpoint", "list_checkpoints",
+__all__ = ["CheckpointError", "MANIFEST", "write_atomic", "replace_folder", "staged_folder", "save_checkpoint", "list_checkpoints",
            "verify_checkpoint", "read_state", "find_checkpoint", "latest_checkpoint", "load_checkpoint",
            "resume_changes", "apply_optimizer_settings", "consolidated_state", "export_hf", "rng_state",
            "set_rng_state"]
@@ -105,6 +106,23 @@ def replace_folder(tmp: str, final: str) -> None:
     os.replace(tmp, final)
     _fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(final: str) -> Iterator[str]:
+    """A fresh temporary folder beside ``final`` (same file system) for the block to write into.
+    When the block completes it replaces ``final`` (:func:`replace_folder`: a reader sees the old
+    folder or the whole new one); when the block raises it is removed and ``final`` is untouched."""
+    final = final.rstrip("/") or final
+    tmp = f"{final}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_folder(tmp, final)
 
 
 def _files(folder: str) -> List[str]:
@@ -405,23 +423,6 @@ def load_checkpoint(engine, folder: str, exclude_frozen: bool = False) -> Dict[s
 
 
 # ----------------------------------------------------------------------------- config on resume
-#: fields a checkpoint cannot be loaded under when they change (with the reason)
-_FIXED = {
-    "model.path": "the weights in the checkpoint belong to that model",
-    "model.gguf_file": "the weights in the checkpoint belong to that model",
-    "model.dtype": "the checkpoint's parameters and optimizer states have that dtype",
-    "model.lora": "the checkpoint holds the parameters of that adapter layout",
-    "train.zero_stage": "the DeepSpeed state is partitioned for that stage",
-    "train.bf16": "the optimizer state (master weights) is laid out for that precision",
-    "train.offload_optimizer": "the optimizer (and its state) differs with CPU offload",
-    "train.offload_param": "the parameter partitions differ with CPU offload",
-}
-#: applied to the restored optimizer / schedule by :func:`apply_optimizer_settings`
-_OPTIMIZER = {"train.lr", "train.weight_decay", "train.warmup_steps"}
-#: applied, but they change which questions the following steps draw
-_DATA_ORDER = {"seed", "train.prompts_per_step", "data.shuffle", "data.train_files"}
-
-
 def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out: Dict[str, Any] = {}
     for k, v in tree.items():
@@ -433,10 +434,21 @@ def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _rule(rules: Dict[str, OnResume], key: str) -> Optional[OnResume]:
+    """The rule of ``key`` or of the nearest section above it that has one (None: none)."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        rule = rules.get(".".join(parts[:i]))
+        if rule is not None:
+            return rule
+    return None
+
+
 def resume_changes(state: Dict[str, Any], cfg: Config, world: int) -> List[str]:
-    """Compare the run's config with the one a checkpoint's ``state`` recorded.  Changes the
-    checkpoint cannot be loaded under raise :class:`ConfigError` (all of them, one line each); the
-    others are returned, one line each saying how they are applied."""
+    """Compare the run's config with the one a checkpoint's ``state`` recorded, field by field,
+    under each field's :class:`~tspo_fast.config.OnResume` rule.  Changes the checkpoint cannot be
+    loaded under raise :class:`ConfigError` (all of them, one line each); the others are
+    returned, one line each saying how they are applied."""
     saved_world = state.get("world_size")
     refused = []
     if saved_world is not None and int(saved_world) != world:
@@ -448,20 +460,24 @@ def resume_changes(state: Dict[str, Any], cfg: Config, world: int) -> List[str]:
             raise ConfigError("--resume: " + "; ".join(refused))
         return ["the checkpoint records no config (written by an older version): the config was not compared"]
     old, new = _flat(saved), _flat(cfg.to_dict())
+    rules = resume_rules()         # declared beside each field in tspo_fast/config.py
     applied = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
-        if a == b or key == "output_dir" or (a in (None, "<unset>") and b in (None, "<unset>")):
+        if a == b or (a in (None, "<unset>") and b in (None, "<unset>")):
             continue            # (a field added since the checkpoint was written, at its null default: no change)
-        fixed = next((f for f in _FIXED if key == f or key.startswith(f + ".")), None)
-        if fixed is not None:
-            refused.append(f"{key}: {a!r} -> {b!r} cannot apply to this checkpoint ({_FIXED[fixed]})")
-        elif key == "train.warmup_steps" and (a == 0) != (b == 0):
+        rule = _rule(rules, key)
+        applies = rule.applies if rule is not None else "next step"
+        if applies == "ignored":
+            continue
+        if applies == "never":
+            refused.append(f"{key}: {a!r} -> {b!r} cannot apply to this checkpoint ({rule.why})")
+        elif rule is not None and rule.on_off and (a == 0) != (b == 0):
             refused.append(f"{key}: {a!r} -> {b!r} cannot apply: the checkpoint {'has no' if a == 0 else 'has a'} "
-                           "learning-rate schedule state (keep warm-up on or off as it was)")
-        elif key in _OPTIMIZER:
+                           f"{rule.on_off}")
+        elif applies == "optimizer":
             applied.append(f"{key}: {a!r} -> {b!r} (applied to the restored optimizer and schedule)")
-        elif key in _DATA_ORDER:
+        elif applies == "data order":
             applied.append(f"{key}: {a!r} -> {b!r} (applied: the questions of the next steps differ from the "
                            "original run's)")
         else:
@@ -503,9 +519,7 @@ def export_hf(engine, lm, tokenizer, out_dir: str) -> Optional[str]:
         return None
     prefix = "lm."
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    lm.save_pretrained(tmp, state_dict=state)
-    tokenizer.save_pretrained(tmp)
-    replace_folder(tmp, out_dir)
+    with staged_folder(out_dir) as tmp:
+        lm.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
     return out_dir

@@ -17,6 +17,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 
 from ..models import load_causal_lm
+from .checkpoint import staged_folder
 
 __all__ = ["apply_lora", "is_lora", "disabled_adapters", "merged_weight_entries", "export_lora"]
 
@@ -94,19 +95,21 @@ def merged_weight_entries(model: torch.nn.Module) -> Iterator[Entry]:
 def export_lora(state: dict, base_path: str, settings, out_dir: str, *, merged: bool, tokenizer,
                 dtype: Optional[torch.dtype] = None) -> str:
     """Write a LoRA policy from its full (consolidated, PEFT-named) ``state``: the merged model
-    in Hugging Face format, or (``merged=False``) the adapter alone (PEFT's ``save_pretrained``)."""
+    in Hugging Face format, or (``merged=False``) the adapter alone (PEFT's ``save_pretrained``).
+    ``out_dir`` is replaced whole, once everything is written (:func:`~.checkpoint.staged_folder`)."""
     lm = load_causal_lm(base_path)
     model = apply_lora(lm, settings)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     bad = [k for k in missing if ".lora_" in k] + list(unexpected)
     if bad:
         raise ValueError(f"LoRA export: the checkpoint does not match the adapters: {bad[:5]}")
-    if merged:
-        out = model.merge_and_unload()
-        if dtype is not None:
-            out = out.to(dtype)
-        out.save_pretrained(out_dir)
-    else:
-        model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    with staged_folder(out_dir) as tmp:
+        if merged:
+            out = model.merge_and_unload()
+            if dtype is not None:
+                out = out.to(dtype)
+            out.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out_dir

@@ -9,9 +9,11 @@ computes them from its generation loop's counters.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import matplotlib.image
 import torch
@@ -20,7 +22,16 @@ from torch.utils.tensorboard import SummaryWriter
 from ..config import LOG_BACKENDS
 from ..protocol import parse_action
 
-__all__ = ["MetricsLogger", "read_metrics", "step_metrics", "all_fail_fraction", "search_r1_metrics"]
+__all__ = ["MetricsLogger", "read_metrics", "step_metrics", "phase", "all_fail_fraction", "search_r1_metrics"]
+
+
+@contextlib.contextmanager
+def phase(times: Dict[str, float], key: str) -> Iterator[None]:
+    """Time the block: its wall-clock seconds are added to ``times[key]``, a ``time/*`` metric of
+    docs/metrics.md (``with phase(times, "time/update"): ...``).  A block that raises records nothing."""
+    start = time.perf_counter()
+    yield
+    times[key] = times.get(key, 0.0) + time.perf_counter() - start
 
 
 def all_fail_fraction(outcome: torch.Tensor, group_id: torch.Tensor) -> float:
@@ -118,7 +129,9 @@ class MetricsLogger:
     Only rank 0 writes (``enabled``).  On resume the JSONL is truncated to the steps up to the
     checkpoint, so the log of a resumed run reads as if it had never stopped; the wandb run is
     continued (its id is kept in ``<dir>/wandb_run_id``), and wandb ignores steps it has seen.
-    ``log_image`` logs a PNG (the reward/EM curves) to TensorBoard and wandb.
+    ``log_image`` logs a PNG (the reward/EM curves) to TensorBoard and wandb.  ``rows`` holds the
+    run's rows, as ``metrics.jsonl`` does (those kept on resume, then every row logged), whatever the
+    backends: the end-of-run report reads them (:mod:`tspo_fast.training.report`).
     """
 
     def __init__(self, out_dir: str, *, enabled: bool = True, backends: Sequence[str] = ("jsonl", "tensorboard"),
@@ -133,6 +146,7 @@ class MetricsLogger:
         self.backends = tuple(backends)
         self._tb = None
         self._wandb = None
+        self.rows: List[Dict[str, Any]] = []
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -140,6 +154,7 @@ class MetricsLogger:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             with open(self.path, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
+            self.rows = kept
         if "tensorboard" in self.backends:
             self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
         if "wandb" in self.backends:
@@ -164,6 +179,7 @@ class MetricsLogger:
             return
         row = {"step": step, **{k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
                                 for k, v in values.items()}}
+        self.rows.append(row)
         if "jsonl" in self.backends:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")

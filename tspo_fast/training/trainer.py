@@ -10,11 +10,9 @@ itself (exact global normaliser, PPO epochs) is :mod:`tspo_fast.training.ppo`.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sys
 import threading
-import time
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -56,7 +54,7 @@ from .evaluate import evaluate
 from .guard import DivergenceError, DivergenceGuard, describe_nonfinite, parameter_health, update_kl
 from .locks import lock_output_dir
 from .lora import disabled_adapters, export_lora, is_lora, merged_weight_entries
-from .metrics import MetricsLogger, step_metrics
+from .metrics import MetricsLogger, phase, step_metrics
 from .plan import GIB, plan_memory
 from .ppo import compute_logprobs, gradient_accumulation_steps, plan_update, ppo_update
 
@@ -124,6 +122,7 @@ class Trainer:
         self.step = 0
         self._nonfinite: Dict[str, int] = {}       # trained parameters left non-finite by the last update
         self._keep: List[str] = []                 # checkpoint folders pruning must keep (an unverified load)
+        self.checkpoint: Optional[str] = None      # the checkpoint folder this run wrote last (or resumed from)
         resumed = self._resume(resume) if resume else False
         if self.rank == 0:               # after the resume check: a config it refuses is not recorded
             dump_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
@@ -157,6 +156,7 @@ class Trainer:
             self._keep.append(folder)     # loaded unverified: this run never prunes it, so checkpoints grown from
                                           # unchecked files are never the only ones kept
         apply_optimizer_settings(self.actor, self.cfg)      # DeepSpeed restored the checkpoint's lr
+        self.checkpoint = folder
         self._say(f"resume: continuing from {folder} (step {self.step})")
         self.sync()
         return True
@@ -214,48 +214,43 @@ class Trainer:
     def train_step(self) -> Dict[str, float]:
         cfg = self.cfg
         times: Dict[str, float] = {}
-        t0 = time.perf_counter()
-        items = prompt_items(self.prompts_for_step(self.step), self.tokenizer, cfg.data.chat_template)
-        batch = self.agent.rollout(items, seed=self.rollout_seed(self.step))
-        release_for_update(self.engine)            # the engine sleeps (CUDA) while the update runs
-        times["time/rollout"] = time.perf_counter() - t0
-        times["time/rollout_generate"] = batch.stats.gen_seconds
-        times["time/rollout_retrieval_wait"] = batch.stats.retrieval_wait_seconds
-        times["time/rollout_critical_path"] = batch.stats.critical_path_seconds
+        with phase(times, "time/step"):
+            with phase(times, "time/rollout"):
+                items = prompt_items(self.prompts_for_step(self.step), self.tokenizer, cfg.data.chat_template)
+                batch = self.agent.rollout(items, seed=self.rollout_seed(self.step))
+                release_for_update(self.engine)            # the engine sleeps (CUDA) while the update runs
+            times["time/rollout_generate"] = batch.stats.gen_seconds
+            times["time/rollout_retrieval_wait"] = batch.stats.retrieval_wait_seconds
+            times["time/rollout_critical_path"] = batch.stats.critical_path_seconds
 
-        t1 = time.perf_counter()
-        outcome, first_turn = score_batch(batch, self.tokenizer, outcome=cfg.reward.outcome,
-                                          source=cfg.reward.folr_source)
-        token_adv, turn_adv = batch_advantages(
-            batch, outcome, first_turn, AdvantageSettings.from_config(cfg, seed=mix_seed(cfg.seed, self.step, 0)))
-        times["time/reward_advantage"] = time.perf_counter() - t1
+            with phase(times, "time/reward_advantage"):
+                outcome, first_turn = score_batch(batch, self.tokenizer, outcome=cfg.reward.outcome,
+                                                  source=cfg.reward.folr_source)
+                token_adv, turn_adv = batch_advantages(
+                    batch, outcome, first_turn,
+                    AdvantageSettings.from_config(cfg, seed=mix_seed(cfg.seed, self.step, 0)))
 
-        t2 = time.perf_counter()
-        plan = plan_update(batch, token_adv, cfg, self.actor.device)   # micro-batches on the device, once
-        if not plan.on_policy:                                          # pi_old = pi when exactly on-policy
-            compute_logprobs(self.actor, plan, "old_logp")
-        if self.ref is not None:                                        # kl_coef > 0
-            compute_logprobs(self.ref, plan, "ref_logp")
-        elif cfg.loss.kl_coef > 0 and cfg.model.lora.rank:             # LoRA: the frozen base is pi_ref
-            with disabled_adapters(self.actor.module.lm):
-                compute_logprobs(self.actor, plan, "ref_logp")
-        times["time/logprobs"] = time.perf_counter() - t2
+            with phase(times, "time/logprobs"):
+                plan = plan_update(batch, token_adv, cfg, self.actor.device)   # micro-batches on the device, once
+                if not plan.on_policy:                                          # pi_old = pi when exactly on-policy
+                    compute_logprobs(self.actor, plan, "old_logp")
+                if self.ref is not None:                                        # kl_coef > 0
+                    compute_logprobs(self.ref, plan, "ref_logp")
+                elif cfg.loss.kl_coef > 0 and cfg.model.lora.rank:             # LoRA: the frozen base is pi_ref
+                    with disabled_adapters(self.actor.module.lm):
+                        compute_logprobs(self.actor, plan, "ref_logp")
 
-        t3 = time.perf_counter()
-        upd = ppo_update(self.actor, plan, cfg)
-        times["time/update"] = time.perf_counter() - t3
+            with phase(times, "time/update"):
+                upd = ppo_update(self.actor, plan, cfg)
 
-        t_health = time.perf_counter()                  # the result of the update, judged by the guard
-        param_norm, self._nonfinite = parameter_health(self.actor.module)
-        kl = (update_kl(self.actor, plan.micro()[0], upd.before_logp)
-              if cfg.train.max_update_kl > 0 and not self._nonfinite else None)
-        times["time/health"] = time.perf_counter() - t_health
+            with phase(times, "time/health"):              # the result of the update, judged by the guard
+                param_norm, self._nonfinite = parameter_health(self.actor.module)
+                kl = (update_kl(self.actor, plan.micro()[0], upd.before_logp)
+                      if cfg.train.max_update_kl > 0 and not self._nonfinite else None)
 
-        t4 = time.perf_counter()
-        self.sync()
-        times["time/sync"] = time.perf_counter() - t4
-        self.step += 1
-        times["time/step"] = time.perf_counter() - t0
+            with phase(times, "time/sync"):
+                self.sync()
+            self.step += 1
         m = step_metrics(batch, outcome, first_turn, token_adv, turn_adv, upd, times,
                          outcome_kind=cfg.reward.outcome, plan=plan)
         m["train/param_norm"] = param_norm
@@ -276,6 +271,7 @@ class Trainer:
         finally:
             self._saving = False
         self._saved_step = self.step
+        self.checkpoint = folder
         return folder
 
     def export(self, out_dir: str, fmt: str = "merged") -> Optional[str]:
@@ -291,13 +287,8 @@ class Trainer:
         if self.rank != 0:
             return None
         state = {k[len("lm."):] if k.startswith("lm.") else k: v for k, v in state.items()}
-        tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        export_lora(state, self.model_path, self.cfg.model.lora, tmp, merged=fmt == "merged", tokenizer=self.tokenizer,
-                    dtype=getattr(torch, self.cfg.model.dtype))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-        return out_dir
+        return export_lora(state, self.model_path, self.cfg.model.lora, out_dir, merged=fmt == "merged",
+                           tokenizer=self.tokenizer, dtype=getattr(torch, self.cfg.model.dtype))
 
     def evaluate(self, examples=None, *, limit: Optional[int] = None) -> Dict[str, Any]:
         return evaluate(self.agent, self.tokenizer, examples if examples is not None else self.test_examples,

@@ -40,8 +40,7 @@ import argparse
 import json
 import os
 import random
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -52,8 +51,9 @@ from ..models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer
 from ..protocol import build_prompt, search_observation
 from ..retrieval import InProcessRetriever
 from ..retrieval.bundled import bundled_index
+from ..training.checkpoint import staged_folder
 from . import hops
-from .warmstart import search_first_prob, sft
+from .warmstart import WARM_MODEL, search_first_prob, sft, warm_model
 
 #: how a thought states the link ``attr`` from ``x`` to ``y``
 FACT = {"builder": "{x} was built by {y}", "designer": "{x} was designed by {y}", "city": "{x} is in {y}",
@@ -63,13 +63,8 @@ FACT = {"builder": "{x} was built by {y}", "designer": "{x} was designed by {y}"
 
 @dataclass(frozen=True)
 class HopsWarmStartSpec:
-    seed: int = 0
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    vocab_target: int = 4096
+    seed: int = 0                   # every random choice, the model's initialisation included
+    model: TinyModelSpec = WARM_MODEL  # tokenizer vocabulary and model shape (its own seed is replaced by ``seed``)
     copy_examples: int = 16000       # first searches for a random entity of the question's kind
     copy_batch_size: int = 32
     copy_first_batches: int = 300    # copy batches alone before the rest join in
@@ -226,7 +221,14 @@ def build_rows(tokenizer, make, examples, count: int, spec: HopsWarmStartSpec, r
 
 
 def build_hops_warm_start(out_dir: str, spec: HopsWarmStartSpec = HopsWarmStartSpec(), progress: bool = True) -> str:
-    """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32)."""
+    """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32; replaced
+    whole once the build is done)."""
+    with staged_folder(out_dir) as tmp:
+        _build(tmp, spec, progress)
+    return out_dir
+
+
+def _build(tmp: str, spec: HopsWarmStartSpec, progress: bool) -> None:
     torch.manual_seed(spec.seed)
     world = hops.build()
     examples = world.practice()
@@ -235,11 +237,8 @@ def build_hops_warm_start(out_dir: str, spec: HopsWarmStartSpec = HopsWarmStartS
     retriever = InProcessRetriever.from_dir(bundled_index("bm25", hops.WORLD))
     demo = Demonstrator(world, retriever, spec, random.Random(spec.seed))
     sample = [a for ex in examples[:3000] for a, _, _ in demo.turns(ex)]       # the thoughts' wording
-    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-    build_tiny_model(tmp, world_texts(world=hops.WORLD) + sample, TinyModelSpec(
-        hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads, intermediate_size=spec.intermediate_size, max_position_embeddings=2048,
-        vocab_target=spec.vocab_target, seed=spec.seed))
+    spec = replace(spec, model=warm_model(spec.model, spec.seed))       # as built (and recorded)
+    build_tiny_model(tmp, world_texts(world=hops.WORLD) + sample, spec.model)
     tok = load_tokenizer(tmp)
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     rng = random.Random(spec.seed + 1)
@@ -256,9 +255,15 @@ def build_hops_warm_start(out_dir: str, spec: HopsWarmStartSpec = HopsWarmStartS
     model.save_pretrained(tmp)
     with open(os.path.join(tmp, "warmstart.json"), "w") as f:
         json.dump(info, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
+
+
+def _parse(tp: type, text: str):
+    """A ``--set`` value as the field's type (``true`` / ``false`` for a flag)."""
+    if tp is bool:
+        if text.lower() not in ("true", "false"):
+            raise SystemExit(f"--set: expected true or false, got {text!r}")
+        return text.lower() == "true"
+    return tp(text)
 
 
 def main(argv=None) -> None:
@@ -268,15 +273,22 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=HopsWarmStartSpec.epochs)
     ap.add_argument("--max-questions", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="any HopsWarmStartSpec field, e.g. --set p_continue=0.3 (repeatable)")
+                    help="any HopsWarmStartSpec field, e.g. --set p_continue=0.3, or of its model, e.g. "
+                         "--set model.num_layers=2 (repeatable)")
     args = ap.parse_args(argv)
-    fields = {f: type(v) for f, v in asdict(HopsWarmStartSpec()).items()}
+    fields = {f: type(v) for f, v in asdict(HopsWarmStartSpec()).items() if f != "model"}
+    model_fields = {f"model.{f}": type(v) for f, v in asdict(WARM_MODEL).items() if f != "seed"}
     kw = {"seed": args.seed, "epochs": args.epochs, "max_questions": args.max_questions}
+    model_kw = {}
     for item in args.set:
         k, _, v = item.partition("=")
-        if k not in fields:
-            ap.error(f"--set {item}: unknown field {k!r} (known: {', '.join(fields)})")
-        kw[k] = fields[k](v)
+        if k in fields:
+            kw[k] = _parse(fields[k], v)
+        elif k in model_fields:
+            model_kw[k[len("model."):]] = _parse(model_fields[k], v)
+        else:
+            ap.error(f"--set {item}: unknown field {k!r} (known: {', '.join([*fields, *model_fields])})")
+    kw["model"] = replace(WARM_MODEL, **model_kw)
     print(build_hops_warm_start(args.out, HopsWarmStartSpec(**kw)))
 
 

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Sequence, Tuple
@@ -45,6 +44,7 @@ from ..data import load_examples
 from ..models import SMOLLM2, load_causal_lm, load_tokenizer, resolve_model_path
 from ..retrieval import InProcessRetriever
 from ..retrieval.bundled import bundled_index
+from ..training.checkpoint import staged_folder
 from ..world import qa_path
 from .warmstart import BEHAVIOURS, WarmStartSpec, _batches, _passages, build_examples, search_first_prob
 
@@ -158,12 +158,6 @@ def build_smollm2_warm_start(out_dir: str, spec: SmolWarmStartSpec = SmolWarmSta
     model = _lora(lm, spec)
     losses = train(model, rows, spec, tok.pad_token_id, progress)
     after = search_first_prob(model, tok, held_out)
-    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for leftover in ("README.md",):                      # PEFT's model card template: nothing of ours
-        if os.path.exists(os.path.join(tmp, leftover)):
-            os.remove(os.path.join(tmp, leftover))
     k = max(1, len(losses) // 10)
     info: Dict[str, object] = {
         "spec": asdict(spec), "demonstrations": len(rows),
@@ -171,10 +165,13 @@ def build_smollm2_warm_start(out_dir: str, spec: SmolWarmStartSpec = SmolWarmSta
         "steps": len(losses), "first_loss": sum(losses[:k]) / k, "last_loss": sum(losses[-k:]) / k,
         "search_first_prob_base": before, "search_first_prob": after,
         "build_seconds": round(time.time() - t0, 1), "torch_threads": torch.get_num_threads()}
-    with open(os.path.join(tmp, "warmstart.json"), "w") as f:
-        json.dump(info, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with staged_folder(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        for leftover in ("README.md",):                      # PEFT's model card template: nothing of ours
+            if os.path.exists(os.path.join(tmp, leftover)):
+                os.remove(os.path.join(tmp, leftover))
+        with open(os.path.join(tmp, "warmstart.json"), "w") as f:
+            json.dump(info, f, indent=1)
     return out_dir
 
 

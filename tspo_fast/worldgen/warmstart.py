@@ -41,8 +41,7 @@ import json
 import math
 import os
 import random
-import shutil
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -54,6 +53,7 @@ from ..models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer
 from ..protocol import build_prompt, search_observation
 from ..retrieval import InProcessRetriever
 from ..retrieval.bundled import bundled_index
+from ..training.checkpoint import staged_folder
 from ..world import corpus_path
 from .generate import practice_questions
 
@@ -67,15 +67,21 @@ def habit_behaviours(memory_share: float) -> Tuple[Tuple[str, float], ...]:
     return tuple((b, w * (1.0 - memory_share) / total) for b, w in rest) + (("no_search", memory_share),)
 
 
+#: the warm-start policies' shape (1.3M parameters; head size 32, which vLLM's CPU backend runs) and a
+#: vocabulary large enough that every entity name is one BPE token
+WARM_MODEL = TinyModelSpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384,
+                           vocab_target=4096)
+
+
+def warm_model(model: TinyModelSpec, seed: int) -> TinyModelSpec:
+    """``model`` initialised from the build's ``seed`` (every random choice of a build comes from it)."""
+    return replace(model, seed=seed)
+
+
 @dataclass(frozen=True)
 class WarmStartSpec:
-    seed: int = 0
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    vocab_target: int = 4096         # large enough that every entity name is one BPE token
+    seed: int = 0                   # every random choice, the model's initialisation included
+    model: TinyModelSpec = WARM_MODEL  # tokenizer vocabulary and model shape (its own seed is replaced by ``seed``)
     copy_examples: int = 16000       # first turns naming a random entity of the question's kind
     copy_batch_size: int = 32
     copy_first_batches: int = 300    # copy batches alone before the demonstrations join in
@@ -350,14 +356,17 @@ def _tail_mean(xs: Sequence[float], k: int = 20) -> float:
 
 
 def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progress: bool = True) -> str:
-    """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32)."""
+    """Build tokenizer + model, fine-tune on demonstrations, save to ``out_dir`` (fp32; replaced
+    whole once the build is done)."""
+    with staged_folder(out_dir) as tmp:
+        _build(tmp, spec, progress)
+    return out_dir
 
+
+def _build(tmp: str, spec: WarmStartSpec, progress: bool) -> None:
     torch.manual_seed(spec.seed)
-    tmp = out_dir.rstrip("/") + f".tmp{os.getpid()}"
-    build_tiny_model(tmp, world_texts(), TinyModelSpec(
-        hidden_size=spec.hidden_size, num_layers=spec.num_layers, num_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads, intermediate_size=spec.intermediate_size, max_position_embeddings=2048,
-        vocab_target=spec.vocab_target, seed=spec.seed))
+    spec = replace(spec, model=warm_model(spec.model, spec.seed))       # as built (and recorded)
+    build_tiny_model(tmp, world_texts(), spec.model)
     tok = load_tokenizer(tmp)
     model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     retriever = InProcessRetriever.from_dir(bundled_index("bm25"))
@@ -381,7 +390,7 @@ def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progre
         stage = replace(spec, seed=spec.seed + 1, demos_per_question=1, lr=spec.habit_lr, epochs=1)
         habit = build_examples(tok, retriever, examples, stage, passages, habit_behaviours(spec.memory_share))
         losses.update(sft(model, [("habit", habit, spec.batch_size, 0)], stage, tok.pad_token_id, progress))
-    info = {"spec": spec.__dict__, "demonstrations": len(rows), "copy_examples": len(copies),
+    info = {"spec": asdict(spec), "demonstrations": len(rows), "copy_examples": len(copies),
             "reading_examples": len(reading), "first_loss": losses["demo"][0], "last_loss": _tail_mean(losses["demo"]),
             "copy_last_loss": _tail_mean(losses["copy"]) if copies else None,
             "read_last_loss": _tail_mean(losses["read"]) if reading else None,
@@ -391,9 +400,6 @@ def build_warm_start(out_dir: str, spec: WarmStartSpec = WarmStartSpec(), progre
     model.save_pretrained(tmp)
     with open(os.path.join(tmp, "warmstart.json"), "w") as f:
         json.dump(info, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
 
 
 def main(argv=None) -> None:
