@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tspo_fast.cli import main
+from tspo_fast.training.plots import PANELS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -60,8 +61,9 @@ def test_plot_of_an_empty_log_and_too_few_labels(capsys, tmp_path):
     _log(tmp_path / "empty" / "metrics.jsonl", [])
     png = tmp_path / "c.png"
     assert main(["plot", str(tmp_path / "empty"), "--out", str(png)]) == 1
-    assert _error(capsys, "plot") == (f"{tmp_path / 'empty' / 'metrics.jsonl'}: the metrics log has no reward/mean, "
-                                      "reward/em, reward/folr_hit, eval/em values (0 row(s)): nothing to plot")
+    drawn = ", ".join(key for key, _ in PANELS)
+    assert _error(capsys, "plot") == (f"{tmp_path / 'empty' / 'metrics.jsonl'}: the metrics log has no {drawn} "
+                                      "values (0 row(s)): nothing to plot")
     assert not png.exists()                                   # no blank PNG
     for name in ("a", "b"):
         _log(tmp_path / name / "metrics.jsonl", [{"step": s, "reward/mean": 0.1 * s} for s in range(1, 4)])
