@@ -171,11 +171,12 @@ def test_a_registered_estimator_is_picked_up_from_a_config():
         load_config(None, ["advantage.mode=toy"])
     ESTIMATORS.register("toy", toy)           # options=None: the estimator checks its own options
     try:
-        cfg = load_config(None, ["advantage.mode=toy", "advantage.norm=turn", "advantage.options.k=2"])
+        cfg = load_config(None, ["advantage.mode=toy", "advantage.norm=group", "reward.folr_alpha=0.5",
+                                 "advantage.options.k=2"])
         batch = type("B", (), {"loss_mask": torch.tensor([[False, True, True], [False, True, False]])})()
         adv, _ = batch_advantages(batch, torch.tensor([1.0, 0.0]), torch.tensor([-1, -1]),
                                   AdvantageSettings.from_config(cfg, seed=7))
-        assert calls == [(0.5, "turn", 7, {"k": 2})]
+        assert calls == [(0.5, "group", 7, {"k": 2})]
         assert adv.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
     finally:
         ESTIMATORS.unregister("toy")

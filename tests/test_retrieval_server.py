@@ -69,7 +69,7 @@ def test_wire_format_is_search_r1s(served, questions):
         assert [[d for d in docs] for docs in data["result"]] == \
                [[h["document"] for h in hits] for hits in retriever.retrieve(questions[:2], 3)]
     # no topk: the server's default (3)
-    data = httpx.post(server.url + "/retrieve", json={"queries": ["x"]}).json()
+    data = httpx.post(server.url + "/retrieve", json={"queries": questions[2:3]}).json()
     assert len(data["result"][0]) == 3
 
 

@@ -201,10 +201,13 @@ class BM25Index:
         return cls(bm25s.BM25.load(str(d), show_progress=False), meta)
 
     def search(self, queries: Sequence[str], topk: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows), each (len(queries), min(topk, corpus size)), best first.  Only passages
-        sharing a term with the query are hits (as Lucene's BM25 returns them); the other slots
-        have row -1: a query with no term in the index's vocabulary (stopwords only, punctuation,
-        unknown words) gets no passage, never arbitrary ones at score 0."""
+        """(scores, rows), each (len(queries), min(topk, corpus size)), best first.  A query that
+        shares no term with any passage (stopwords only, punctuation, unknown words: every score 0)
+        gets no passage (rows -1), never arbitrary ones.  A query that shares a term with fewer
+        than ``topk`` passages keeps the full top ``topk``, the rest at score 0, as the index has
+        always answered and as the bundled worlds' warm starts were trained (returning only the
+        matching passages changed what those policies read and halved what the embedded default
+        learns: test EM 0.37 -> 0.17 at step 8, seed 4)."""
         k = min(topk, self.meta.corpus_size)
         if not queries or k <= 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
@@ -212,7 +215,8 @@ class BM25Index:
                                 return_ids=False, show_progress=False)
         rows, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=0)
         scores, rows = np.asarray(scores, np.float32), np.asarray(rows, np.int64)
-        return scores, np.where(scores > 0, rows, -1)      # BM25 scores a shared term above 0
+        matched = scores.max(axis=1, keepdims=True) > 0 if scores.size else np.zeros((len(queries), 1), bool)
+        return scores, np.where(matched, rows, -1)          # BM25 scores a shared term above 0
 
 
 # --------------------------------------------------------------------------------------------
