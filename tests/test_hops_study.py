@@ -1,5 +1,6 @@
 """The hops study's analysis (bench/hops_study/analyze.py): Holm's step-down, the paired t-test and
 the power rule, against values worked out by hand or by scipy directly."""
+import json
 import math
 import os
 import sys
@@ -46,3 +47,23 @@ def test_primary_endpoint_leaves_out_step_zero():
     rows = [{"step": 0, "eval/em": 0.1}, {"step": 1, "reward/mean": 0.5}, {"step": 10, "eval/em": 0.4},
             {"step": 20, "eval/em": 0.6}]
     assert analyze.primary_endpoint(rows) == pytest.approx(0.5)
+
+
+def _run(folder, ems, last_step=24):
+    folder.mkdir(parents=True)
+    rows = [{"step": s, "reward/mean": 0.1} for s in range(1, last_step + 1)]
+    rows += [{"step": s, "eval/em": em} for s, em in zip((8, 16, 24), ems) if s <= last_step]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_interim_keeps_only_seeds_whose_four_arms_finished(tmp_path):
+    for arm, ems in zip(analyze.ARMS, ([0.4, 0.5, 0.6], [0.5, 0.5, 0.5], [0.3, 0.3, 0.6], [0.1, 0.2, 0.3])):
+        _run(tmp_path / arm / "seed201", ems)
+        _run(tmp_path / arm / "seed202", ems, last_step=24 if arm != "tspo" else 16)   # one arm unfinished
+    table = analyze.interim(str(tmp_path))
+    assert list(table) == [201]
+    assert table[201]["grpo"]["primary"] == pytest.approx(0.5) and table[201]["grpo"]["final"] == 0.6
+    assert table[201]["tspo_stage"]["path"] == [(8, 0.3), (16, 0.3), (24, 0.6)]
+    md = analyze.interim_markdown(table)
+    assert "descriptive only: 1 seed(s)" in md and "| 201 | 0.400 / 0.500 / 0.600 (0.500) |" in md
+    assert "p=" not in md and "interval" not in md

@@ -2,6 +2,7 @@
 
     python bench/hops_study/analyze.py power runs/hops_pilot/grpo_*/metrics.jsonl   # seeds needed
     python bench/hops_study/analyze.py tests runs/hops_confirm/compare.json          # the comparisons
+    python bench/hops_study/analyze.py interim runs/hops_confirm                     # finished seeds so far
 
 ``power``: the primary endpoint (mean greedy test EM over the evaluations after step 0) of each
 GRPO pilot run, its seed-to-seed sd s, and N = ceil(((z_{1-0.025/2} + z_{0.8}) * sqrt(2) * s / 0.03)^2) + 2;
@@ -13,12 +14,17 @@ t-interval and two-sided paired t-test p-value, Holm-corrected over the primary 
 (``tspo`` and ``tspo_stage`` against ``grpo``); final test EM's difference and the non-inferiority
 check (the interval's lower end above -0.03); the TSPO arms against the placebo, and the placebo
 against GRPO.  Writes a Markdown table (``--md``) and prints it.
+
+``interim``: while the confirmation runs, the seeds whose four arms have all finished, per seed and
+arm the test EM at each evaluation and the primary endpoint, and per arm the mean over those seeds.
+Descriptive only (Amendment 1): no difference, interval or test is computed from it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from typing import Dict, List, Sequence
@@ -131,6 +137,49 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+ARMS = ("grpo", "tspo", "tspo_stage", "tspo_placebo")
+
+
+def _finished_rows(run_dir: str, total_steps: int):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    rows = [json.loads(x) for x in open(path) if x.strip()]
+    done = any(r.get("step") == total_steps and "eval/em" in r for r in rows)
+    return rows if done else None
+
+
+def interim(out: str, total_steps: int = 24) -> dict:
+    """{seed: {arm: {"path": [(step, em)], "primary": float, "final": float}}} for every seed of
+    ``out`` (a compare folder: ``<arm>/seed<N>/metrics.jsonl``) whose four arms have finished."""
+    seeds = sorted({int(d[4:]) for arm in ARMS if os.path.isdir(os.path.join(out, arm))
+                    for d in os.listdir(os.path.join(out, arm)) if d.startswith("seed") and d[4:].isdigit()})
+    table = {}
+    for seed in seeds:
+        runs = {arm: _finished_rows(os.path.join(out, arm, f"seed{seed}"), total_steps) for arm in ARMS}
+        if any(rows is None for rows in runs.values()):
+            continue
+        table[seed] = {arm: {"path": [(r["step"], r["eval/em"]) for r in rows if "eval/em" in r],
+                             "primary": primary_endpoint(rows),
+                             "final": [r["eval/em"] for r in rows if "eval/em" in r][-1]} for arm, rows in runs.items()}
+    return table
+
+
+def interim_markdown(table: dict) -> str:
+    lines = [f"Interim, descriptive only: {len(table)} seed(s) with all four arms finished "
+             f"({', '.join(map(str, table)) or 'none'}); no test is read from this table.", "",
+             "| seed | " + " | ".join(f"{a}: EM at steps (primary)" for a in ARMS) + " |",
+             "|---|" + "---|" * len(ARMS)]
+    for seed, arms in table.items():
+        cells = [" / ".join(f"{em:.3f}" for _, em in arms[a]["path"]) + f" ({arms[a]['primary']:.3f})" for a in ARMS]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    if table:
+        means = [statistics.fmean(t[a]["primary"] for t in table.values()) for a in ARMS]
+        finals = [statistics.fmean(t[a]["final"] for t in table.values()) for a in ARMS]
+        lines.append("| mean | " + " | ".join(f"final {f:.3f} (primary {m:.3f})" for m, f in zip(means, finals)) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: List[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -143,7 +192,17 @@ def main(argv: List[str] | None = None) -> int:
     t.add_argument("compare_json")
     t.add_argument("--md", default=None)
     t.add_argument("--json", default=None)
+    i = sub.add_parser("interim")
+    i.add_argument("out", help="the confirmation's compare folder (runs/hops_confirm)")
+    i.add_argument("--total-steps", type=int, default=24)
+    i.add_argument("--md", default=None)
     args = ap.parse_args(argv)
+    if args.cmd == "interim":
+        md = interim_markdown(interim(args.out, args.total_steps))
+        print(md)
+        if args.md:
+            open(args.md, "w").write(md)
+        return 0
     if args.cmd == "power":
         values = [primary_endpoint([json.loads(x) for x in open(m) if x.strip()]) for m in args.metrics]
         s = statistics.stdev(values)
