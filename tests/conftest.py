@@ -35,6 +35,11 @@ import pytest  # noqa: E402  (after TRITON_INTERPRET is set: pytest's plugins ma
 #     TSPO_TEST_SEED=<seed> python -m pytest '<test id>'
 # gives that test the very inputs it failed on.
 RUN_SEED = int(os.environ.get("TSPO_TEST_SEED") or secrets.randbelow(2**31))
+# the run's workers (pytest-xdist) start from this process's environment: they share its seed
+os.environ["TSPO_TEST_SEED"] = str(RUN_SEED)
+
+#: at most this many test workers (``-n auto``): each may hold a vLLM engine and a DeepSpeed run
+MAX_WORKERS = 4
 
 
 def seed_of(test_id: str) -> int:
@@ -50,6 +55,11 @@ if COMPILED_KERNELS:
 
     #: every Triton launch of the run gets GPU copies of its CPU tensors (tests/_device_harness.py)
     LAUNCH_ROUTER = LaunchRouter("cuda").install()
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per CPU this process may use, at most MAX_WORKERS."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def pytest_report_header(config):
@@ -85,6 +95,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+    # the slow tests first (stable: each group keeps its order): the workers then end the run on
+    # short tests, together, instead of one waiting on the other's last long one
+    items.sort(key=lambda item: "slow" not in item.keywords)
 
 
 @pytest.fixture(scope="module")

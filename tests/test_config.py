@@ -153,6 +153,7 @@ def test_resume_rules_are_declared_beside_their_fields():
         OnResume("never")
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path):
     import subprocess
     import sys

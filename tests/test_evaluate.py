@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _procs import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("_eval_ws2.py")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():
@@ -41,8 +36,7 @@ def test_world_size_2_shards_the_test_set_and_matches_world_size_1(tmp_path):
     p = subprocess.run([sys.executable, str(SCRIPT), str(one), str(n)], cwd=ROOT, env=_env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        str(_free_port()), str(SCRIPT), str(two), str(n)], cwd=ROOT, env=_env(), capture_output=True,
+    p = subprocess.run(torchrun() + [str(SCRIPT), str(two), str(n)], cwd=ROOT, env=_env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     ws1 = json.loads((one / "eval_0.json").read_text())

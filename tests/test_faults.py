@@ -17,6 +17,7 @@ import time
 import httpx
 import pytest
 import torch
+from _procs import free_port
 from _world import world_index_dir
 from test_trainer import SMALL
 
@@ -82,6 +83,7 @@ def _flip_bytes(path, offset, n=16):
         f.write(bytes(b ^ 0xFF for b in data))
 
 
+@pytest.mark.slow
 def test_kill9_mid_checkpoint_write_then_sigint_mid_step(train_env, tmp_path):
     """kill -9 while step k's checkpoint is being written (the process is frozen inside the write,
     then killed): ``latest`` names step k-1, which is complete and valid; the half-written folder is
@@ -125,11 +127,6 @@ def test_kill9_mid_checkpoint_write_then_sigint_mid_step(train_env, tmp_path):
     assert not [d for d in os.listdir(root) if d.startswith(".")]   # no debris left
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _serve(index, port, env):
     proc = subprocess.Popen([sys.executable, "-m", "tspo_fast.cli", "retriever", "serve", "--index", str(index),
@@ -146,11 +143,12 @@ def _serve(index, port, env):
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_retrieval_server_killed_then_restarted_and_resumed(train_env, tmp_path, tmp_path_factory):
     """The server dies mid-run: the RetrievalError (after the retries) ends the run with one line,
     after a checkpoint of the last completed step; with the server back, ``--resume`` goes on."""
     index = world_index_dir(tmp_path_factory, "bm25")
-    port = _free_port()
+    port = free_port()
     http = ["retrieval.kind=http", f"retrieval.url=http://127.0.0.1:{port}", "retrieval.retries=1",
             "retrieval.timeout_s=5", "retrieval.backoff_s=0.1", "train.checkpoint_every=0", "train.total_steps=40"]
     out = str(tmp_path / "run")
@@ -183,6 +181,7 @@ def _tree(folder):
                   for d, _, names in os.walk(folder) for n in names)
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_is_named_and_the_older_one_taken(train_env, tmp_path):
     out = str(tmp_path / "run")
     root = os.path.join(out, "checkpoints")
@@ -316,6 +315,7 @@ class _Lines:
         return "".join(self.lines)
 
 
+@pytest.mark.slow
 def test_one_run_per_output_dir_a_stale_lock_and_ctrl_c_during_the_final_save(train_env, good_run, tmp_path):
     """A second run into a folder in use is refused, naming the folder and the run; once that run is
     killed (-9), the next one takes its lock over with a warning.  That next run resumes an unverified

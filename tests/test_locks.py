@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch.utils.cpp_extension as cpp_extension
+from _procs import torchrun
 from torch.utils.file_baton import FileBaton
 
 from tspo_fast.training.locks import (
@@ -74,8 +75,7 @@ def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path):
 def test_world_size_2_one_lock_per_run_and_the_parameter_check_sees_every_shard(train_env, tmp_path):
     """torchrun, 2 ranks: rank 0 holds the one lock, both ranks refuse a second with the same message;
     under ZeRO-3 a NaN in rank 1's half of a weight is reported on both ranks."""
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        os.path.join(ROOT, "tests", "_guard_ws2.py"), str(tmp_path)], cwd=ROOT, env=train_env,
+    p = subprocess.run(torchrun() + [os.path.join(ROOT, "tests", "_guard_ws2.py"), str(tmp_path)], cwd=ROOT, env=train_env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
     r0, r1 = (json.load(open(tmp_path / f"{r}.json")) for r in (0, 1))

@@ -12,6 +12,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 
+from _procs import torchrun
 from test_trainer import SMALL, _metrics, _run
 
 from tspo_fast.config import load_config
@@ -73,10 +74,11 @@ def test_merged_entries_equal_peft_merge_and_go_into_vllm(tiny_dir):
         eng.close()
 
 
+@pytest.mark.slow
 def test_lora_update_same_on_one_and_two_ranks_and_touches_adapters_only(train_env, tmp_path, tiny_dir):
     outs = {}
     for name, launcher in (("ws1", [sys.executable]),
-                           ("ws2", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"])):
+                           ("ws2", torchrun())):
         outs[name] = str(tmp_path / f"{name}.pt")
         _run(launcher + ["tests/_update_step.py", "--model", tiny_dir, "--micro", "2", "--out", outs[name],
                          "--lora", "4", "--packing", "64"], train_env)
@@ -91,6 +93,7 @@ def test_lora_update_same_on_one_and_two_ranks_and_touches_adapters_only(train_e
     assert any(".lora_" in k for k in a)
 
 
+@pytest.mark.slow
 def test_lora_run_exports_resumes_and_keeps_only_adapters(train_env, tmp_path):
     # lr 0.01 moves the weights hard on purpose: the guard's update-size check (train.max_update_kl) is off
     common = SMALL + LORA + ["rollout.engine=hf", "train.eval_every=0", "train.lr=0.01", "loss.entropy_coef=0.01",

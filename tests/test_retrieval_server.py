@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from _procs import free_port
 from _world import world_index_dir
 
 from tspo_fast.data import load_examples
@@ -134,12 +135,8 @@ def test_blank_queries_get_an_explicit_empty_result(served, questions):
         assert client.retrieve([" \t"], 3) == [[]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
+@pytest.mark.slow
 def test_cli_build_serve_and_load(tmp_path, questions):
     """`index build` and `retriever serve` through the CLI, then 64 clients x 50 requests."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -147,7 +144,7 @@ def test_cli_build_serve_and_load(tmp_path, questions):
     subprocess.run([sys.executable, "-m", "tspo_fast.cli", "index", "build",
                     "--corpus", str(corpus_path()), "--kind", "bm25", "--out", str(out)],
                    check=True, env=env, timeout=120, capture_output=True)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tspo_fast.cli", "retriever", "serve",
                              "--index", str(out), "--host", "127.0.0.1", "--port", str(port),
                              "--log-level", "warning"], env=env, stdout=subprocess.PIPE,
@@ -207,7 +204,7 @@ def test_cli_build_serve_and_load(tmp_path, questions):
 
 
 def test_down_server_raises_quickly():
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     client = HTTPRetriever(f"http://127.0.0.1:{port}", timeout_s=2, retries=2, backoff_s=0.05)
     t0 = time.monotonic()
     with pytest.raises(RetrievalError) as err:

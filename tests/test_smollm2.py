@@ -36,6 +36,7 @@ SMOKE = ["model.path=smollm2-135m-instruct", "rollout.n=2", "train.prompts_per_s
          "loss.entropy_coef=0.01"]
 
 
+@pytest.mark.slow
 def test_smollm2_trains_two_steps_with_tied_head_sync_and_export(train_env, tmp_path):
     from tspo_fast.models import SMOLLM2, resolve_model_path
     env = dict(train_env, TSPO_FAST_CACHE=cache_dir())       # the converted model: once per machine

@@ -8,10 +8,10 @@ and still works. DeepSpeed is initialised once and vLLM started once for the mod
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+from _procs import free_port, torchrun
 
 from tspo_fast.engines import SamplingConfig
 from tspo_fast.engines.sync import sync_weights
@@ -22,11 +22,6 @@ pytest.importorskip("vllm")
 
 TEXTS = ["Question: who is Paris", "<search> Berlin", "I think the answer is", "Doc 1"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,7 @@ def ds_engine(tiny_dir):
     import deepspeed
     from transformers import AutoModelForCausalLM
 
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0",
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                      WORLD_SIZE="1", LOCAL_RANK="0").items():
         os.environ.setdefault(k, v)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -165,14 +160,12 @@ def test_sync_world_size_2_torchrun(tmp_path):
     """Two ranks (torchrun, gloo): ZeRO-3 gathers on both ranks, one vLLM engine per rank
     (external_launcher); every rank's greedy output equals HF on the consolidated weights."""
     import subprocess
-    import sys
     from pathlib import Path
 
     d = build_tiny_model(str(tmp_path / "m"), spec=TinyModelSpec(seed=2))
     script = Path(__file__).with_name("_sync_ws2.py")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(_free_port()), str(script), d, str(tmp_path)],
+    proc = subprocess.run(torchrun() + [str(script), d, str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = (tmp_path / "result.txt").read_text()
