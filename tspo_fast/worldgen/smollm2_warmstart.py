@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Tuple
 
 import torch
-from tqdm import tqdm
 
 from ..data import load_examples
 from ..models import SMOLLM2, load_causal_lm, load_tokenizer, resolve_model_path
@@ -46,7 +44,7 @@ from ..retrieval import InProcessRetriever
 from ..retrieval.bundled import bundled_index
 from ..training.checkpoint import staged_folder
 from ..world import qa_path
-from .warmstart import BEHAVIOURS, WarmStartSpec, _batches, _passages, build_examples, search_first_prob
+from .warmstart import BEHAVIOURS, WarmStartSpec, _passages, build_examples, search_first_prob, sft
 
 __all__ = ["SmolWarmStartSpec", "smol_behaviours", "build_smollm2_warm_start", "main"]
 
@@ -60,7 +58,7 @@ class SmolWarmStartSpec:
     rank: int = 8                   # LoRA rank (the adapter: 30 x 7 projections of the top layers)
     alpha: float = 16.0
     lora_layers: int = 16           # adapters on the top this-many decoder layers (of 30): no backward below
-    lr: float = 1e-3
+    lr: float = 2e-3                # the peak; the shared loop (warmstart.sft) decays from half of it, 1e-3
     epochs: int = 2
     batch_size: int = 8
     max_obs_tokens: int = 128       # what configs/smollm2.yaml's rollout keeps of an observation
@@ -95,45 +93,6 @@ def action_loss(model, ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor)
     return torch.nn.functional.cross_entropy(logits, ids[:, 1:][sel])
 
 
-def train(model, rows: Sequence[Tuple[List[int], List[bool]]], spec: SmolWarmStartSpec, pad_id: int,
-          progress: bool = True) -> List[float]:
-    """``spec.epochs`` epochs of shuffled length-sorted batches; AdamW, 10-step warm-up, cosine decay."""
-    batches = _batches(rows, spec.batch_size)
-    plan = []
-    for epoch in range(spec.epochs):
-        order = list(batches)
-        random.Random(spec.seed + epoch).shuffle(order)
-        plan += order
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.0)
-    warm = min(10, len(plan))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, len(plan))))))
-    model.train()
-    losses = []
-    bar = tqdm(total=len(plan), desc="smollm2 warm-start SFT", disable=not progress)
-    for idx in plan:
-        batch = [rows[i] for i in idx]
-        L = max(len(x) for x, _ in batch)
-        ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-        att = torch.zeros(len(batch), L, dtype=torch.long)
-        mask = torch.zeros(len(batch), L, dtype=torch.bool)
-        for i, (x, m) in enumerate(batch):
-            ids[i, :len(x)] = torch.tensor(x)
-            att[i, :len(x)] = 1
-            mask[i, :len(x)] = torch.tensor(m)
-        loss = action_loss(model, ids, att, mask)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    bar.close()
-    return losses
-
-
 def build_smollm2_warm_start(out_dir: str, spec: SmolWarmStartSpec = SmolWarmStartSpec(),
                              progress: bool = True) -> str:
     """Fine-tune LoRA adapters of SmolLM2-135M-Instruct on demonstrations; write the adapter and
@@ -156,7 +115,8 @@ def build_smollm2_warm_start(out_dir: str, spec: SmolWarmStartSpec = SmolWarmSta
     rows = build_examples(tok, retriever, examples, demo_spec, passages, smol_behaviours(spec.memory_share))
     before = search_first_prob(lm, tok, held_out)
     model = _lora(lm, spec)
-    losses = train(model, rows, spec, tok.pad_token_id, progress)
+    losses = sft(model, [("demo", rows, spec.batch_size, 0)], spec, tok.pad_token_id, progress,
+                 loss_fn=action_loss)["demo"]
     after = search_first_prob(model, tok, held_out)
     k = max(1, len(losses) // 10)
     info: Dict[str, object] = {

@@ -42,7 +42,7 @@ import math
 import os
 import random
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm import tqdm
@@ -254,8 +254,18 @@ def _batches(rows, batch_size: int) -> List[List[int]]:
     return [by_len[b:b + batch_size] for b in range(0, len(by_len), batch_size)]
 
 
-def sft(model, parts, spec: WarmStartSpec, pad_id: int, progress: bool = True) -> Dict[str, List[float]]:
-    """Next-token cross-entropy on action tokens.
+def lm_loss(model, ids: torch.Tensor, att: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal LM on the action tokens (``mask``, bool [B, L])."""
+    return model(input_ids=ids, attention_mask=att, labels=torch.where(mask, ids, -100)).loss
+
+
+def sft(model, parts, spec, pad_id: int, progress: bool = True,
+        loss_fn: Callable[..., torch.Tensor] = lm_loss) -> Dict[str, List[float]]:
+    """Next-token cross-entropy on action tokens: the one supervised loop of every warm start.
+
+    ``spec``: a warm-start spec (``seed``, ``epochs``, ``lr``); ``loss_fn(model, ids, att, mask)``:
+    the loss of a padded batch (``mask``: its action tokens), :func:`lm_loss` by default.  The
+    parameters that require a gradient are trained (all of them, or a LoRA adapter's).
 
     ``parts``: ``(kind, rows, batch_size, first_batches)`` in order.  First, each part's
     ``first_batches`` batches alone, one part after the other, at the full learning rate: the
@@ -290,7 +300,8 @@ def sft(model, parts, spec: WarmStartSpec, pad_id: int, progress: bool = True) -
             return min(1.0, (s + 1) / warm)
         t = (s - n_first) / max(1, steps - n_first)
         return 0.5 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     model.train()
     losses: Dict[str, List[float]] = {kind: [] for kind, *_ in parts}
@@ -300,15 +311,15 @@ def sft(model, parts, spec: WarmStartSpec, pad_id: int, progress: bool = True) -
         L = max(len(ids) for ids, _ in batch)
         ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
         att = torch.zeros(len(batch), L, dtype=torch.long)
-        lab = torch.full((len(batch), L), -100, dtype=torch.long)
+        mask = torch.zeros(len(batch), L, dtype=torch.bool)
         for i, (x, m) in enumerate(batch):
             ids[i, :len(x)] = torch.tensor(x)
             att[i, :len(x)] = 1
-            lab[i, :len(x)] = torch.where(torch.tensor(m), torch.tensor(x), torch.tensor(-100))
-        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+            mask[i, :len(x)] = torch.tensor(m)
+        loss = loss_fn(model, ids, att, mask)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses[kind].append(float(loss.detach()))
