@@ -6,10 +6,11 @@ Each variant is ``configs/tiny.yaml`` with its ``advantage`` and ``reward.folr_a
 everything else (world, warm start, budget, seeds' data order) is the shipped default's.
 """
 import os
+import sys
 
-import yaml
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from study_configs import load, write, write_arm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 VARIANTS = {f"{mode}_{norm}_a{str(alpha).replace('.', '')}": (mode, norm, alpha)
@@ -17,24 +18,16 @@ VARIANTS = {f"{mode}_{norm}_a{str(alpha).replace('.', '')}": (mode, norm, alpha)
             for alpha in (0.25, 0.5, 1.0)}
 
 
-def main() -> None:
-    base = yaml.safe_load(open(os.path.join(ROOT, "configs", "tiny.yaml")))
-    os.makedirs(OUT, exist_ok=True)
+def main(out: str = OUT) -> None:
+    base = load("configs/tiny.yaml")
     for name, (mode, norm, alpha) in VARIANTS.items():
-        cfg = yaml.safe_load(yaml.safe_dump(base))
-        cfg["output_dir"] = f"runs/selection/{name}"
-        cfg["advantage"].update(mode=mode, norm=norm)
-        cfg["reward"]["folr_alpha"] = alpha
-        with open(os.path.join(OUT, f"{name}.yaml"), "w") as f:
-            f.write(f"# bench/tspo_selection/PROTOCOL.md variant: configs/tiny.yaml with advantage.mode={mode}, "
-                    f"norm={norm}, folr_alpha={alpha}\n")
-            yaml.safe_dump(cfg, f, sort_keys=False)
-    grpo = yaml.safe_load(open(os.path.join(ROOT, "configs", "tiny_grpo.yaml")))
+        write_arm(os.path.join(out, f"{name}.yaml"), base, f"runs/selection/{name}", mode, norm, alpha,
+                  f"bench/tspo_selection/PROTOCOL.md variant: configs/tiny.yaml with advantage.mode={mode}, "
+                  f"norm={norm}, folr_alpha={alpha}")
+    grpo = load("configs/tiny_grpo.yaml")
     grpo["output_dir"] = "runs/selection/grpo"
-    with open(os.path.join(OUT, "grpo.yaml"), "w") as f:
-        f.write("# bench/tspo_selection/PROTOCOL.md baseline: configs/tiny_grpo.yaml\n")
-        yaml.safe_dump(grpo, f, sort_keys=False)
+    write(os.path.join(out, "grpo.yaml"), grpo, "bench/tspo_selection/PROTOCOL.md baseline: configs/tiny_grpo.yaml")
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:])
