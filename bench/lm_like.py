@@ -286,6 +286,19 @@ def _fmt(xs, spec="6.2f"):
     return " ".join(format(x, spec) for x in xs)
 
 
+def _say_filter(say, fr) -> None:
+    """Print ``filter_tile_fractions``' result: per threshold the kept and skipped tiles, then the
+    dropped mass."""
+    for t, f in fr.items():
+        if t == "dropped_mass":
+            continue
+        touched = ", ".join(f"C={c}: {v:.2f}" for c, v in f["dw_units_touched"].items())
+        say(f"    threshold 2^{math.log2(t):.0f}: kept dh {f['kept_dh']:.3f}, dw {f['kept_dw']:.3f} -> skipped "
+            f"{f['skipped']:.3f}; sweep 2 writes {f['written']:.3f}; rows lowered {f['rows_lowered']:.3f}; "
+            f"dw vocabulary tiles touched per chunk: {touched}")
+    _say_mass(say, fr["dropped_mass"])
+
+
 def _say_mass(say, dm):
     over = ", ".join(f"{a:.3f} (bound {b:.3f})" for a, b in dm["rows_over"].values())
     say(f"  a row's droppable probability mass at threshold 2^{math.log2(dm['threshold']):.0f}, per-entry rule only "
@@ -324,14 +337,7 @@ def lm_like_report(N: int = 1024, H: int = 512, V: int = 32768, *, seed: int = 0
     rho = pg.FILTER_ROW_BOUND if row_bound is None else row_bound
     say(f"  filtered path, LM-like (tiles dh {pg.FILTER_TILES['dh']}, dw {pg.FILTER_TILES['dw']}, vocabulary by mean "
         f"logit, row bound 2^{math.log2(rho):.0f}):")
-    for t, f in fr.items():
-        if t == "dropped_mass":
-            continue
-        touched = ", ".join(f"C={c}: {v:.2f}" for c, v in f["dw_units_touched"].items())
-        say(f"    threshold 2^{math.log2(t):.0f}: kept dh {f['kept_dh']:.3f}, dw {f['kept_dw']:.3f} -> skipped "
-            f"{f['skipped']:.3f}; sweep 2 writes {f['written']:.3f}; rows lowered {f['rows_lowered']:.3f}; "
-            f"dw vocabulary tiles touched per chunk: {touched}")
-    _say_mass(say, fr["dropped_mass"])
+    _say_filter(say, fr)
     out = {"stats": stats, "filter": fr}
     if uniform:
         import os
@@ -342,14 +348,7 @@ def lm_like_report(N: int = 1024, H: int = 512, V: int = 32768, *, seed: int = 0
         t3 = time.time()
         fu = filter_tile_fractions(*make_inputs(N, H, V, dtype, device), thresholds=thresholds, row_bound=row_bound)
         say(f"  filtered path, uniform random inputs (make_inputs; {time.time() - t3:.1f} s):")
-        for t, f in fu.items():
-            if t == "dropped_mass":
-                continue
-            touched = ", ".join(f"C={c}: {v:.2f}" for c, v in f["dw_units_touched"].items())
-            say(f"    threshold 2^{math.log2(t):.0f}: kept dh {f['kept_dh']:.3f}, dw {f['kept_dw']:.3f} -> skipped "
-                f"{f['skipped']:.3f}; sweep 2 writes {f['written']:.3f}; rows lowered {f['rows_lowered']:.3f}; "
-                f"dw vocabulary tiles touched per chunk: {touched}")
-        _say_mass(say, fu["dropped_mass"])
+        _say_filter(say, fu)
         out["filter_uniform"] = fu
     return out
 
