@@ -1,11 +1,12 @@
 """Where built artefacts (bundled models, indexes) live: ``$TSPO_FAST_CACHE`` or ``~/.cache/tspo-fast``."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
-from typing import Callable
+from typing import Callable, Tuple
 
-__all__ = ["cache_dir", "build_once"]
+__all__ = ["cache_dir", "build_once", "hash_file", "file_sha256"]
 
 
 def cache_dir() -> str:
@@ -27,3 +28,22 @@ def build_once(folder: str, marker: str, build: Callable[[str], object]) -> str:
     except OSError:  # another process built it first
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def hash_file(path: str, fsync: bool = False, chunk: int = 8 << 20) -> Tuple[int, str]:
+    """``path``'s size in bytes and SHA-256 (hex), read in ``chunk``-byte blocks; ``fsync``: also
+    flush it to disk before returning (a checkpoint's files, hashed as they are written)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+            size += len(block)
+        if fsync:
+            os.fsync(f.fileno())
+    return size, h.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    """``path``'s SHA-256 (hex): what keys a built artefact to its source file in the cache."""
+    return hash_file(path)[1]

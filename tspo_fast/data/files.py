@@ -2,10 +2,10 @@
 ``bundled:hops-train`` / ``bundled:hops-test``)."""
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Dict, List, Sequence
 
+from ..cache import file_sha256
 from ..world import WORLDS, qa_path, split_bundled
 from .qa import DataError, QAExample, load_examples
 
@@ -26,13 +26,6 @@ def resolve_data_file(name: str) -> str:
     return name
 
 
-def _digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def load_split(files: Sequence[str]) -> List[QAExample]:
     """Examples of every file in order.  A file listed twice (or two files with the same bytes)
@@ -42,7 +35,7 @@ def load_split(files: Sequence[str]) -> List[QAExample]:
     by_uid: Dict[str, str] = {}
     for f in files:
         path = resolve_data_file(f)
-        digest = _digest(path)
+        digest = file_sha256(path)
         if digest in by_digest:
             raise DataError(f"{path}: the same file (same contents) as {by_digest[digest]}, listed twice: "
                             "its questions would be drawn twice as often")

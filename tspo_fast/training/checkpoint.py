@@ -25,7 +25,6 @@ without a manifest, so that what grew from unchecked files is never all that is 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..cache import hash_file
 from ..config import Config, ConfigError, OnResume, resume_rules
 from .distributed import barrier as _barrier
 from .distributed import rank as _rank
@@ -55,7 +55,6 @@ LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".replaced-"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-_CHUNK = 8 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -136,20 +135,6 @@ def _files(folder: str) -> List[str]:
     return sorted(out)
 
 
-def _hash(path: str, fsync: bool = False) -> Tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(_CHUNK)
-            if not block:
-                break
-            h.update(block)
-            size += len(block)
-        if fsync:
-            os.fsync(f.fileno())
-    return size, h.hexdigest()
-
 
 def _gather(obj: Any) -> List[Any]:
     """``obj`` of every rank (a list in rank order; ``[obj]`` without a process group)."""
@@ -168,7 +153,7 @@ def _share(items: Sequence[str]) -> List[str]:
 def _hash_files(folder: str, rels: Sequence[str], fsync: bool) -> Dict[str, Dict[str, Any]]:
     """{rel: {"size", "sha256"}} of ``rels`` (hashed on threads: hashlib releases the GIL)."""
     def one(rel):
-        size, digest = _hash(os.path.join(folder, rel), fsync=fsync)
+        size, digest = hash_file(os.path.join(folder, rel), fsync=fsync)
         return rel, {"size": size, "sha256": digest}
     if not rels:
         return {}
@@ -296,7 +281,7 @@ def _problems(folder: str, share: bool) -> List[str]:
         if size != want.get("size"):
             out.append(f"{path} has {size} bytes, the manifest says {want.get('size')} (truncated or overwritten)")
             continue
-        if _hash(path)[1] != want.get("sha256"):
+        if hash_file(path)[1] != want.get("sha256"):
             out.append(f"{path} does not match its checksum in {MANIFEST} (corrupted)")
     return out
 
