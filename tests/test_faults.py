@@ -127,7 +127,6 @@ def test_kill9_mid_checkpoint_write_then_sigint_mid_step(train_env, tmp_path):
     assert not [d for d in os.listdir(root) if d.startswith(".")]   # no debris left
 
 
-
 def _serve(index, port, env):
     proc = subprocess.Popen([sys.executable, "-m", "tspo_fast.cli", "retriever", "serve", "--index", str(index),
                              "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env,

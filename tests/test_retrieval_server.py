@@ -135,7 +135,6 @@ def test_blank_queries_get_an_explicit_empty_result(served, questions):
         assert client.retrieve([" \t"], 3) == [[]]
 
 
-
 @pytest.mark.slow
 def test_cli_build_serve_and_load(tmp_path, questions):
     """`index build` and `retriever serve` through the CLI, then 64 clients x 50 requests."""

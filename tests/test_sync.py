@@ -23,7 +23,6 @@ pytest.importorskip("vllm")
 TEXTS = ["Question: who is Paris", "<search> Berlin", "I think the answer is", "Doc 1"]
 
 
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     # untied embeddings here (test_engines uses tied ones): lm_head.weight is synced too

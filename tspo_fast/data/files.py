@@ -26,7 +26,6 @@ def resolve_data_file(name: str) -> str:
     return name
 
 
-
 def load_split(files: Sequence[str]) -> List[QAExample]:
     """Examples of every file in order.  A file listed twice (or two files with the same bytes)
     and a uid that occurs in two files are errors naming both."""

@@ -70,7 +70,6 @@ def packaged_gguf(name: str) -> str:
     return path
 
 
-
 def _gguf_reader():
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("model.path: reading a GGUF file needs the gguf package; "

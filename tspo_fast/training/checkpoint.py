@@ -135,7 +135,6 @@ def _files(folder: str) -> List[str]:
     return sorted(out)
 
 
-
 def _gather(obj: Any) -> List[Any]:
     """``obj`` of every rank (a list in rank order; ``[obj]`` without a process group)."""
     if not dist.is_initialized() or _world_size() == 1:
