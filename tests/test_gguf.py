@@ -148,3 +148,26 @@ def test_a_missing_warm_start_adapter_names_its_build_command(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"bundled:smollm2-warmstart: no adapter at .*"
                                                 r"python -m tspo_fast.worldgen.smollm2_warmstart --out"):
         smollm2_warm_start(str(tmp_path))
+
+
+@needs_smollm2
+def test_the_shipped_warm_start_merges_into_the_top_layers_only(smollm2_cache):
+    """``bundled:smollm2-warmstart``: the shipped adapter (at most 20 MB, its build record beside it)
+    merged into the converted base once, into the cache; only the projections of the top 16 of 30
+    layers change, and the head stays tied."""
+    from tspo_fast.world import SMOLLM2_WARM_DIR
+    assert os.path.getsize(os.path.join(SMOLLM2_WARM_DIR, "adapter_model.safetensors")) <= 20 * 2 ** 20
+    info = json.load(open(os.path.join(SMOLLM2_WARM_DIR, "warmstart.json")))
+    assert info["spec"]["lora_layers"] == 16 and 0.05 < info["search_first_prob"] < 0.5   # searches some of the time
+    assert json.load(open(os.path.join(SMOLLM2_WARM_DIR, "adapter_config.json")))["base_model_name_or_path"] == SMOLLM2
+    merged = resolve_model_path("bundled:smollm2-warmstart")
+    assert merged.startswith(smollm2_cache) and resolve_model_path("bundled:smollm2-warmstart") == merged
+    a = AutoModelForCausalLM.from_pretrained(resolve_model_path(SMOLLM2), dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    assert b.lm_head.weight.data_ptr() == b.model.embed_tokens.weight.data_ptr()
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    changed = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert changed == {f"model.layers.{i}.{part}.{p}.weight" for i in range(14, 30)
+                       for part, ps in (("self_attn", projections[:4]), ("mlp", projections[4:])) for p in ps}

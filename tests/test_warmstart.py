@@ -143,13 +143,23 @@ def test_smollm2_warm_start_builder_runs_and_merges(tmp_path, monkeypatch):
 
     from tspo_fast.models import resolve_model_path
     from tspo_fast.models.adapters import merge_adapter
-    from tspo_fast.worldgen.smollm2_warmstart import SmolWarmStartSpec, build_smollm2_warm_start, smol_behaviours
-    assert abs(sum(w for _, w in smol_behaviours(0.6)) - 1.0) < 1e-9 and dict(smol_behaviours(0.6))["no_search"] == 0.6
-    spec = SmolWarmStartSpec(base="bundled:tiny", questions=16, epochs=3, batch_size=4, lora_layers=1, rank=4,
-                             lr=1e-2, probe_questions=4)
+    from tspo_fast.worldgen.smollm2_warmstart import (
+        SMOL_BEHAVIOURS,
+        SmolWarmStartSpec,
+        answer_only,
+        build_smollm2_warm_start,
+    )
+    from tspo_fast.worldgen.warmstart import habit_behaviours
+    mix = dict(habit_behaviours(0.6, SMOL_BEHAVIOURS))
+    assert abs(sum(mix.values()) - 1.0) < 1e-9 and mix["no_search"] == 0.6 and "wrong_answer" not in mix
+    # the reading examples' loss: the last action only (here positions 5 and 6)
+    assert answer_only([([9] * 7, [False, True, True, False, False, True, True])])[0][1] == [False] * 5 + [True] * 2
+    spec = SmolWarmStartSpec(base="bundled:tiny", questions=16, reading=4, epochs=3, batch_size=4, lora_layers=1,
+                             rank=4, lr=1e-2, probe_questions=4)
     out = build_smollm2_warm_start(str(tmp_path / "adapter"), spec, progress=False)
     info = json.load(open(os.path.join(out, "warmstart.json")))
-    assert info["demonstrations"] == 16 and info["steps"] == 12
+    assert info["demonstrations"] == 16 and info["reading_examples"] == 4 and info["steps"] == 3 * (4 + 1)
+    assert json.load(open(os.path.join(out, "adapter_config.json")))["base_model_name_or_path"] == "bundled:tiny"
     assert info["last_loss"] < info["first_loss"]
     assert 0.0 < info["search_first_prob"] < 1.0
     weights = load_file(os.path.join(out, "adapter_model.safetensors"))

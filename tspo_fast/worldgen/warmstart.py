@@ -60,9 +60,10 @@ from .generate import practice_questions
 BEHAVIOURS = (("good", 0.45), ("wrong_answer", 0.20), ("wrong_query", 0.20), ("no_search", 0.15))
 
 
-def habit_behaviours(memory_share: float) -> Tuple[Tuple[str, float], ...]:
-    """BEHAVIOURS with ``no_search`` (answer from memory) at ``memory_share``, the others rescaled."""
-    rest = [(b, w) for b, w in BEHAVIOURS if b != "no_search"]
+def habit_behaviours(memory_share: float, behaviours: Sequence[Tuple[str, float]] = BEHAVIOURS
+                     ) -> Tuple[Tuple[str, float], ...]:
+    """``behaviours`` with ``no_search`` (answer from memory) at ``memory_share``, the others rescaled."""
+    rest = [(b, w) for b, w in behaviours if b != "no_search"]
     total = sum(w for _, w in rest)
     return tuple((b, w * (1.0 - memory_share) / total) for b, w in rest) + (("no_search", memory_share),)
 
