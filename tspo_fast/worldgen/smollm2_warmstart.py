@@ -31,8 +31,8 @@ Every random choice (examples, behaviours, batch order, LoRA initialisation) com
 
 The first build (128 demonstrations, the tiny warm start's behaviours with its wrong reads, no
 reading examples) searched once its RL run had made it search, but read almost nothing it
-retrieved (rollout EM 0.025 with the answer retrieved in 20-30% of trajectories), so RL learnt
-to search more and never to answer: the wrong reads and the reading examples are the change.
+retrieved (rollout EM 0-0.03 with the answer retrieved in up to a third of trajectories), so RL
+learnt to search more and never to answer: the wrong reads and the reading examples are the change.
 """
 from __future__ import annotations
 
@@ -129,7 +129,8 @@ def build_smollm2_warm_start(out_dir: str, spec: SmolWarmStartSpec = SmolWarmSta
     tok = load_tokenizer(base)
     lm = load_causal_lm(base)
     retriever = InProcessRetriever.from_dir(bundled_index("bm25"))
-    examples = load_examples(qa_path("train"))
+    train = load_examples(qa_path("train"))
+    examples = list(train)
     random.Random(spec.seed).shuffle(examples)
     examples = examples[:spec.questions]
     held_out = load_examples(qa_path("test"))[:spec.probe_questions]
@@ -138,8 +139,7 @@ def build_smollm2_warm_start(out_dir: str, spec: SmolWarmStartSpec = SmolWarmSta
                         topk=spec.topk)
     rows = build_examples(tok, retriever, examples, demo_spec, passages,
                           habit_behaviours(spec.memory_share, SMOL_BEHAVIOURS))
-    reading = answer_only(reading_examples(tok, retriever, load_examples(qa_path("train")), passages, spec.reading,
-                                           spec.seed, demo_spec))
+    reading = answer_only(reading_examples(tok, retriever, train, passages, spec.reading, spec.seed, demo_spec))
     before = search_first_prob(lm, tok, held_out)
     model = _lora(lm, spec)
     parts = [("demo", rows, spec.batch_size, 0)] + ([("reading", reading, spec.batch_size, 0)] if reading else [])
