@@ -336,7 +336,7 @@ def test_gradient_scaling_and_partial_requires_grad(backend, seed):
     with torch.no_grad():
         nog = fused_linear_pg_loss(hidden, w, *rest, **kw, chunk_size=8, backend=backend)
     assert not nog.loss.requires_grad
-    assert rel(nog.loss, want["loss"]) <= TOL[torch.float32]
+    assert_close({"loss": nog.loss}, want, torch.float32, keys=["loss"])   # judged by term scale
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -448,7 +448,10 @@ def test_one_advantage_per_sequence_equals_grpo_dapo_loss(backend, seed):
                                completion_mask.view(-1), eps_low=0.2, eps_high=0.28,
                                temperature=temp, chunk_size=16, backend=backend)
     out.loss.backward()
-    assert rel(out.loss, dapo.detach()) <= TOL[torch.float32]
+    # the loss is a signed sum that can cancel: its error is judged against its terms' size
+    terms = per_token_loss.detach().abs().mul(completion_mask).sum() / completion_mask.sum()
+    scale = max(abs(float(dapo)), float(terms))
+    assert abs(float(out.loss) - float(dapo)) <= TOL[torch.float32] * scale
     assert rel(h2.grad, h.grad) <= TOL[torch.float32]
 
 
