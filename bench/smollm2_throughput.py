@@ -17,6 +17,9 @@
    the log-prob pass and the update against the float32 ``mm`` rate, from their FLOPs
    (2 N per token forward; backward 2 N for the input gradients of the layers above the lowest
    trainable one plus 2 N_trainable for weight gradients).
+4. **The engine alone** (``engine_profile``, last; ``--no-engine`` leaves it out): vLLM's prefill
+   and decode rates on one sequence and on a step's worth of them, which tell where the
+   rollout's time goes (``--limits-only`` with it: the limits and the engine, no training).
 
 Every timing depends on what else the machine runs: the script records ``os.getloadavg()``
 before and after each run.  A speed claim needs a quiet machine.
@@ -98,6 +101,44 @@ def limits() -> Dict[str, object]:
     return out
 
 
+def engine_profile(model: str = "smollm2-135m-instruct", prompt_tokens: int = 151, new_tokens: int = 48,
+                   batch: int = 20) -> Dict[str, Dict[str, float]]:
+    """Where the rollout's time goes: vLLM alone (the engine the trainer builds, fp32, prefix
+    caching on) on prompts of ``prompt_tokens`` tokens. ``prefill_*`` asks for one token (the
+    prompt's forward pass); ``decode_*`` then asks for ``new_tokens`` on the same prompts, whose
+    prefill the prefix cache now holds, so it times decoding (``ignore_eos``: every sequence runs
+    to the end)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import SamplingParams
+
+    from tspo_fast.engines.vllm import VLLMEngine
+    from tspo_fast.models import resolve_model_path
+    llm = VLLMEngine(resolve_model_path(model), dtype="float32", max_model_len=1024, seed=0).llm
+    base = [100 + (7 * j) % 1000 for j in range(prompt_tokens - 1)]
+    out: Dict[str, Dict[str, float]] = {}
+
+    def timed(name: str, n: int, tokens: int, first: int) -> None:
+        """``n`` prompts that start with the tokens ``first``, ``first + 1``, ...: prompts of another
+        ``first`` share no block of the prefix cache with them."""
+        prompts = [{"prompt_token_ids": [first + i] + base} for i in range(n)]
+        params = SamplingParams(max_tokens=tokens, temperature=1.0, ignore_eos=True, seed=1)
+        t0 = time.perf_counter()
+        done = llm.generate(prompts, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        gen = sum(len(o.outputs[0].token_ids) for o in done)
+        out[name] = {"sequences": n, "prompt_tokens": prompt_tokens, "new_tokens": tokens, "s": dt,
+                     "prompt_tokens_per_s": n * prompt_tokens / dt, "generated_tokens_per_s": gen / dt,
+                     "s_per_decode_step": dt / tokens}
+        print(name, json.dumps(out[name]), flush=True)
+
+    timed("warm-up", 4, 4, first=2000)
+    for n, first in ((1, 3000), (batch, 4000)):
+        timed(f"prefill_{n}", n, 1, first)                # nothing cached
+        timed(f"decode_{n}", n, new_tokens, first)        # the same prompts: their prefill is cached
+    return out
+
+
 def run_variant(name: str, overrides: List[str], steps: int, out_root: str, prompts: int) -> Dict[str, object]:
     out = os.path.join(out_root, name)
     sets = [f"output_dir={out}", f"train.total_steps={steps}", "train.eval_every=0", "train.checkpoint_every=0",
@@ -106,16 +147,24 @@ def run_variant(name: str, overrides: List[str], steps: int, out_root: str, prom
     cmd += [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("TRITON_INTERPRET", None)
+    os.makedirs(out, exist_ok=True)
+    log = os.path.join(out, "train.log")
     load0, t0 = os.getloadavg(), time.time()
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"{name}: {' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    with open(log, "w") as f:
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(p.pid, 0)            # this run's own peak resident memory
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        with open(log) as f:
+            tail = f.read()[-3000:]
+        raise RuntimeError(f"{name}: {' '.join(cmd)} exited {code} (peak RSS {usage.ru_maxrss / 2**20:.1f} GiB; "
+                           f"-9 is the OOM killer's):\n{tail}")
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     rows = [r for r in rows if "time/step" in r][1:] or [r for r in rows if "time/step" in r]   # skip the warm-up
     mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)
     gen = mean("train/tokens_per_s") * mean("time/step")          # generated (trained) tokens per step
     return {"overrides": overrides, "steps_measured": len(rows), "wall_s": round(time.time() - t0, 1),
-            "loadavg_before": load0, "loadavg_after": os.getloadavg(),
+            "loadavg_before": load0, "loadavg_after": os.getloadavg(), "peak_rss_gib": usage.ru_maxrss / 2 ** 20,
             "time": {k: round(mean(k), 3) for k in rows[0] if k.startswith("time/")},
             "generated_tokens_per_step": gen, "rollout_tokens_per_s": gen / max(mean("time/rollout"), 1e-9),
             "mismatch_mean_abs": mean("mismatch/mean_abs"), "reward_mean": mean("reward/mean"),
@@ -162,6 +211,7 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=8, help="questions per step (x rollout.n rollouts)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--limits-only", action="store_true")
+    ap.add_argument("--no-engine", action="store_true", help="leave out the profile of vLLM alone (engine_profile)")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "smollm2_throughput.json"))
     args = ap.parse_args(argv)
     result: Dict[str, object] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -171,8 +221,13 @@ def main(argv=None) -> None:
     if not args.limits_only:
         runs = {}
         for name in args.variants:
-            runs[name] = run_variant(name, VARIANTS[name], args.steps, os.path.join(os.path.dirname(args.out),
-                                                                                   "smollm2_throughput"), args.prompts)
+            try:
+                runs[name] = run_variant(name, VARIANTS[name], args.steps, os.path.join(os.path.dirname(args.out),
+                                                                                       "smollm2_throughput"), args.prompts)
+            except RuntimeError as e:                  # recorded, and the other variants still run
+                result.setdefault("failed", {})[name] = str(e)
+                print(f"{name} FAILED: {e}", file=sys.stderr, flush=True)
+                continue
             print(name, json.dumps(runs[name]), flush=True)
         result["runs"] = runs
         from tspo_fast.models import resolve_model_path
@@ -187,6 +242,8 @@ def main(argv=None) -> None:
                     "update_per_token": (base["time"]["time/update"] / base["generated_tokens_per_step"])
                     / max(r["time"]["time/update"] / max(r["generated_tokens_per_step"], 1e-9), 1e-9)}
                 for n, r in runs.items()}
+    if not args.no_engine:          # last: the engine stays in this process until it exits
+        result["engine"] = engine_profile(batch=args.prompts * 5)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
