@@ -94,6 +94,9 @@ def limits() -> Dict[str, object]:
     for key, fn in (("mm_fp32_1024_gflops", lambda: mm_rate(torch.float32, 1024, 1024, 1024)),
                     ("mm_bf16_1024_gflops", lambda: mm_rate(torch.bfloat16, 1024, 1024, 1024)),
                     ("mm_fp32_model_gflops", lambda: mm_rate(torch.float32, 1024, 576, 1536)),
+                    # a decode step's products: 20 rows (one per sequence), a layer's and the head's shape
+                    ("mm_fp32_decode_layer_gflops", lambda: mm_rate(torch.float32, 20, 576, 1536)),
+                    ("mm_fp32_decode_head_gflops", lambda: mm_rate(torch.float32, 20, 576, 49152)),
                     ("mm_bf16_model_gflops", lambda: mm_rate(torch.bfloat16, 1024, 576, 1536)),
                     ("copy_gb_per_s", copy_bandwidth)):
         out[key] = fn()
@@ -107,7 +110,8 @@ def engine_profile(model: str = "smollm2-135m-instruct", prompt_tokens: int = 15
     caching on) on prompts of ``prompt_tokens`` tokens. ``prefill_*`` asks for one token (the
     prompt's forward pass); ``decode_*`` then asks for ``new_tokens`` on the same prompts, whose
     prefill the prefix cache now holds, so it times decoding (``ignore_eos``: every sequence runs
-    to the end)."""
+    to the end); last, ``torch.profiler`` over 16 decode steps of ``batch`` sequences gives the
+    six operators with the largest share of the time."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import SamplingParams
@@ -136,6 +140,15 @@ def engine_profile(model: str = "smollm2-135m-instruct", prompt_tokens: int = 15
     for n, first in ((1, 3000), (batch, 4000)):
         timed(f"prefill_{n}", n, 1, first)                # nothing cached
         timed(f"decode_{n}", n, new_tokens, first)        # the same prompts: their prefill is cached
+    # where a decode step of ``batch`` sequences spends its time: the operators' self time
+    prompts = [{"prompt_token_ids": [5000 + i] + base} for i in range(batch)]
+    llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        llm.generate(prompts, SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True), use_tqdm=False)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    out[f"decode_{batch}_profile"] = {e.key: e.self_cpu_time_total / total for e in ops[:6]}
+    print(f"decode_{batch}_profile (share of self time)", json.dumps(out[f"decode_{batch}_profile"]), flush=True)
     return out
 
 
