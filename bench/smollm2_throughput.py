@@ -112,8 +112,6 @@ def engine_profile(model: str = "smollm2-135m-instruct", prompt_tokens: int = 15
     prefill the prefix cache now holds, so it times decoding (``ignore_eos``: every sequence runs
     to the end); last, ``torch.profiler`` over 16 decode steps of ``batch`` sequences gives the
     six operators with the largest share of the time."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import SamplingParams
 
     from tspo_fast.engines.vllm import VLLMEngine
@@ -122,10 +120,13 @@ def engine_profile(model: str = "smollm2-135m-instruct", prompt_tokens: int = 15
     base = [100 + (7 * j) % 1000 for j in range(prompt_tokens - 1)]
     out: Dict[str, Dict[str, float]] = {}
 
-    def timed(name: str, n: int, tokens: int, first: int) -> None:
+    def prompts_of(n: int, first: int) -> List[dict]:
         """``n`` prompts that start with the tokens ``first``, ``first + 1``, ...: prompts of another
         ``first`` share no block of the prefix cache with them."""
-        prompts = [{"prompt_token_ids": [first + i] + base} for i in range(n)]
+        return [{"prompt_token_ids": [first + i] + base} for i in range(n)]
+
+    def timed(name: str, n: int, tokens: int, first: int) -> None:
+        prompts = prompts_of(n, first)
         params = SamplingParams(max_tokens=tokens, temperature=1.0, ignore_eos=True, seed=1)
         t0 = time.perf_counter()
         done = llm.generate(prompts, params, use_tqdm=False)
@@ -141,7 +142,7 @@ def engine_profile(model: str = "smollm2-135m-instruct", prompt_tokens: int = 15
         timed(f"prefill_{n}", n, 1, first)                # nothing cached
         timed(f"decode_{n}", n, new_tokens, first)        # the same prompts: their prefill is cached
     # where a decode step of ``batch`` sequences spends its time: the operators' self time
-    prompts = [{"prompt_token_ids": [5000 + i] + base} for i in range(batch)]
+    prompts = prompts_of(batch, 5000)
     llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         llm.generate(prompts, SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True), use_tqdm=False)
