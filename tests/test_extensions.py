@@ -137,7 +137,7 @@ def test_plugin_paths_are_valid_config_values(plugins):
     ("retrieval.kind=:from_config", r"^retrieval.kind: ':from_config' is not a 'package.module:attribute' path"),
     ("advantage.mode=toy", r"^advantage.mode: must be one of 'tspo', 'grpo', 'tspo_stage', 'tspo_placebo' or a "
                            r"'package.module:attribute' path, got 'toy'"),
-    ("advantage.options.scale=2", r"^advantage.options: unknown option\(s\) 'scale' for advantage.mode 'tspo', "
+    ("advantage.options.scale=2", r"^advantage.options: unknown option\(s\) 'scale' for advantage.mode 'tspo_stage', "
                                   r"which takes no options"),
     ("rollout.options.batch_size=2", r"^rollout.options: unknown option\(s\) 'batch_size' for rollout.engine 'hf'"),
     ("retrieval.options=[1, 2]", r"^retrieval.options: expected a mapping, got list"),

@@ -3,6 +3,7 @@ the power rule, against values worked out by hand or by scipy directly."""
 import json
 import math
 import os
+import random
 import sys
 
 import pytest
@@ -67,3 +68,36 @@ def test_interim_keeps_only_seeds_whose_four_arms_finished(tmp_path):
     md = analyze.interim_markdown(table)
     assert "descriptive only: 1 seed(s)" in md and "| 201 | 0.400 / 0.500 / 0.600 (0.500) |" in md
     assert "p=" not in md and "interval" not in md
+
+
+def _compare_json(path, em_during, em_after):
+    """A ``tspo-fast compare`` table with the given per-arm per-seed endpoints."""
+    table = {arm: {"per_seed": [{"seed": s, "em_during": d, "em_after": a}
+                                for s, (d, a) in enumerate(zip(em_during[arm], em_after[arm]))]}
+             for arm in em_during}
+    path.write_text(json.dumps({"table": table}))
+    return str(path)
+
+
+@pytest.mark.parametrize("case,want", [
+    ("stage_wins", ("tspo_stage", True)),
+    ("both_win", ("tspo", True)),
+    ("neither", ("tspo_stage", False)),
+    ("wins_but_inferior_final", ("tspo_stage", False)),
+])
+def test_what_ships_follows_the_protocol(tmp_path, case, want):
+    rng = random.Random(7)
+    n = 21
+    base = [0.48 + rng.gauss(0, 0.03) for _ in range(n)]
+    shift = {"stage_wins": (0.0, 0.03), "both_win": (0.05, 0.03), "neither": (0.0, 0.002),
+             "wins_but_inferior_final": (0.0, 0.03)}[case]
+    during = {"grpo": base, "tspo_placebo": [b - 0.02 for b in base]}
+    during["tspo"] = [b + shift[0] + rng.gauss(0, 0.01) for b in base]
+    during["tspo_stage"] = [b + shift[1] + rng.gauss(0, 0.01) for b in base]
+    after = {k: list(v) for k, v in during.items()}
+    if case == "wins_but_inferior_final":
+        after["tspo_stage"] = [b - 0.08 for b in base]
+    res = analyze.tests(_compare_json(tmp_path / "compare.json", during, after))
+    assert (res["ships"]["arm"], res["ships"]["beats_grpo"]) == want
+    json.dumps(res)                                # the --json output: plain types only
+    assert "What ships" in analyze.markdown(res)

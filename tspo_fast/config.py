@@ -182,7 +182,7 @@ class AdvantageConfig:
 
     # tspo | grpo | tspo_stage | tspo_placebo (K2, tspo_fast.algo.advantages), or a plugin estimator:
     # "package.module:function" (docs/extending.md)
-    mode: str = "tspo"                  # what the shipped configs use (docs/algorithm.md §3 "What ships")
+    mode: str = "tspo_stage"            # what the shipped configs use (docs/algorithm.md §3 "What ships")
     norm: str = "turn"                  # tspo baselines: turn (per turn position) | group (trajectory returns)
     gamma: float = 1.0                  # discount of the turn returns, in [0, 1]
     eps: float = 1e-6                   # added to the standard deviation before dividing (> 0)

@@ -70,7 +70,7 @@ def paired_test(a: Dict[int, float], b: Dict[int, float]) -> dict:
         p = 2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1)
     else:
         half, p = float("nan"), float("nan")
-    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "p": p,
+    return {"n": n, "mean": mean, "sd": sd, "ci95": [mean - half, mean + half], "p": float(p),
             "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d), "per_seed": dict(zip(seeds, d))}
 
 
@@ -81,9 +81,9 @@ def holm(pvalues: Dict[str, float], alpha: float = ALPHA) -> Dict[str, dict]:
     for i, k in enumerate(order):
         adj = min(1.0, (m - i) * pvalues[k])
         running = max(running, adj)
-        reject = not stop and pvalues[k] <= alpha / (m - i)
+        reject = bool(not stop and pvalues[k] <= alpha / (m - i))
         stop = stop or not reject
-        out[k] = {"p": pvalues[k], "p_holm": running, "reject": reject}
+        out[k] = {"p": float(pvalues[k]), "p_holm": float(running), "reject": reject}
     return out
 
 
@@ -109,7 +109,21 @@ def tests(compare_json: str) -> dict:
             res["secondary"][f"{arm} - {base}"] = {
                 "mean_of_evals": paired_test(per_seed(table, arm, "em_during"), per_seed(table, base, "em_during")),
                 "final": paired_test(per_seed(table, arm, "em_after"), per_seed(table, base, "em_after"))}
+    res["ships"] = ships(res)
     return res
+
+
+def ships(res: dict) -> dict:
+    """PROTOCOL.md "What ships": the TSPO arms that beat GRPO on the primary endpoint after Holm
+    (in the positive direction) and are non-inferior on final EM; of several, the larger mean
+    primary difference; of none, the arm with the larger mean primary difference, marked as not
+    favoured over GRPO."""
+    diffs = {k.split(" - ")[0]: r for k, r in res["primary"].items()}
+    winners = [a for a, r in diffs.items()
+               if r.get("reject") and r["mean"] > 0 and res["final"][f"{a} - grpo"]["non_inferior"]]
+    pool = winners or list(diffs)
+    arm = max(pool, key=lambda a: diffs[a]["mean"]) if pool else None
+    return {"arm": arm, "beats_grpo": bool(winners), "winners": winners}
 
 
 def markdown(res: dict) -> str:
@@ -134,6 +148,12 @@ def markdown(res: dict) -> str:
     for k, r in res["secondary"].items():
         m, f = r["mean_of_evals"], r["final"]
         lines.append(f"| {k} | {m['mean']:+.4f} | {ci(m)} | {m['p']:.3g} | {f['mean']:+.4f} | {ci(f)} |")
+    if res.get("ships", {}).get("arm"):
+        sh = res["ships"]
+        lines += ["", f"What ships (PROTOCOL.md): `{sh['arm']}`, "
+                  + ("which beats GRPO on the primary endpoint after Holm and is non-inferior on final EM"
+                     if sh["beats_grpo"] else "the TSPO arm with the larger mean primary difference; "
+                     "the evidence does not favour it over GRPO") + "."]
     return "\n".join(lines) + "\n"
 
 
