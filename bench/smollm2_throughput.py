@@ -10,8 +10,9 @@
    (no evaluation, no checkpoint), its ``metrics.jsonl`` read back; the first step is a warm-up
    and is left out.  Variants (``VARIANTS``): ``before`` is what the issue measured (every
    other setting from configs/tiny.yaml: full fine-tuning, the reference pass of kl 0.001, top-3
-   passages of 200 tokens, 4 turns of 64 tokens); ``smollm2`` is configs/smollm2.yaml; the others
-   change one thing of it (the rollout engine's dtype, the KL pass, LoRA on every layer).
+   passages of 200 tokens, 4 turns of 64 tokens, and vLLM's linear layers on ``F.linear``, as the
+   engine ran then); ``smollm2`` is configs/smollm2.yaml; the others change one thing of it (the
+   rollout engine's dtype or GEMMs, the async loop, the KL pass, LoRA on every layer).
 3. **Ratios**: rollout generated tokens/s against the decode bound ``bandwidth / weight bytes x
    concurrent sequences`` and the compute bound ``mm rate / (2 x parameters)`` (the smaller binds);
    the log-prob pass and the update against the float32 ``mm`` rate, from their FLOPs
@@ -19,7 +20,8 @@
    trainable one plus 2 N_trainable for weight gradients).
 4. **The engine alone** (``engine_profile``, last; ``--no-engine`` leaves it out): vLLM's prefill
    and decode rates on one sequence and on a step's worth of them, which tell where the
-   rollout's time goes (``--limits-only`` with it: the limits and the engine, no training).
+   rollout's time goes, once with each ``rollout.cpu_gemm`` (vLLM's packed oneDNN GEMMs, and
+   ``F.linear``) (``--limits-only`` with it: the limits and the engine, no training).
 
 Every timing depends on what else the machine runs: the script records ``os.getloadavg()``
 before and after each run.  A speed claim needs a quiet machine.
@@ -31,6 +33,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -44,8 +47,10 @@ TINY_ROLLOUT = ["retrieval.topk=3", "rollout.max_turns=4", "rollout.max_new_toke
 #: name -> --set overrides of configs/smollm2.yaml
 VARIANTS: Dict[str, List[str]] = {
     "before": ["model.lora.rank=0", "loss.kl_coef=0.001", "train.lr=3e-6", "train.max_tokens_per_micro=8192",
-               *TINY_ROLLOUT],
+               "rollout.cpu_gemm=linear", *TINY_ROLLOUT],
     "smollm2": [],
+    "smollm2+linear_gemm": ["rollout.cpu_gemm=linear"],
+    "smollm2+async": ["rollout.mode=async"],
     "smollm2+kl": ["loss.kl_coef=0.001"],
     "smollm2+lora_all_layers": ["model.lora.top_layers=0"],
     "smollm2+bf16_rollout": ["rollout.dtype=bfloat16"],
@@ -105,9 +110,9 @@ def limits() -> Dict[str, object]:
 
 
 def engine_profile(model: str = "smollm2-135m-instruct", prompt_tokens: int = 151, new_tokens: int = 48,
-                   batch: int = 20) -> Dict[str, Dict[str, float]]:
+                   batch: int = 20, cpu_gemm: str = "packed") -> Dict[str, Dict[str, float]]:
     """Where the rollout's time goes: vLLM alone (the engine the trainer builds, fp32, prefix
-    caching on) on prompts of ``prompt_tokens`` tokens. ``prefill_*`` asks for one token (the
+    caching on, ``rollout.cpu_gemm`` = ``cpu_gemm``) on prompts of ``prompt_tokens`` tokens. ``prefill_*`` asks for one token (the
     prompt's forward pass); ``decode_*`` then asks for ``new_tokens`` on the same prompts, whose
     prefill the prefix cache now holds, so it times decoding (``ignore_eos``: every sequence runs
     to the end); last, ``torch.profiler`` over 16 decode steps of ``batch`` sequences gives the
@@ -116,7 +121,8 @@ def engine_profile(model: str = "smollm2-135m-instruct", prompt_tokens: int = 15
 
     from tspo_fast.engines.vllm import VLLMEngine
     from tspo_fast.models import resolve_model_path
-    llm = VLLMEngine(resolve_model_path(model), dtype="float32", max_model_len=1024, seed=0).llm
+    engine = VLLMEngine(resolve_model_path(model), dtype="float32", max_model_len=1024, seed=0, cpu_gemm=cpu_gemm)
+    llm = engine.llm
     base = [100 + (7 * j) % 1000 for j in range(prompt_tokens - 1)]
     out: Dict[str, Dict[str, float]] = {}
 
@@ -135,7 +141,7 @@ def engine_profile(model: str = "smollm2-135m-instruct", prompt_tokens: int = 15
         out[name] = {"sequences": n, "prompt_tokens": prompt_tokens, "new_tokens": tokens, "s": dt,
                      "prompt_tokens_per_s": n * prompt_tokens / dt, "generated_tokens_per_s": gen / dt,
                      "s_per_decode_step": dt / tokens}
-        print(name, json.dumps(out[name]), flush=True)
+        print(cpu_gemm, name, json.dumps(out[name]), flush=True)
 
     timed("warm-up", 4, 4, first=2000)
     for n, first in ((1, 3000), (batch, 4000)):
@@ -149,7 +155,8 @@ def engine_profile(model: str = "smollm2-135m-instruct", prompt_tokens: int = 15
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in ops)
     out[f"decode_{batch}_profile"] = {e.key: e.self_cpu_time_total / total for e in ops[:6]}
-    print(f"decode_{batch}_profile (share of self time)", json.dumps(out[f"decode_{batch}_profile"]), flush=True)
+    print(cpu_gemm, f"decode_{batch}_profile (share of self time)", json.dumps(out[f"decode_{batch}_profile"]), flush=True)
+    engine.close()                 # the next profile starts its own engine in this process
     return out
 
 
@@ -161,6 +168,7 @@ def run_variant(name: str, overrides: List[str], steps: int, out_root: str, prom
     cmd += [a for s in sets for a in ("--set", s)]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1")
     env.pop("TRITON_INTERPRET", None)
+    shutil.rmtree(out, ignore_errors=True)      # a fresh run: the trainer appends to an old metrics.jsonl
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "train.log")
     load0, t0 = os.getloadavg(), time.time()
@@ -173,13 +181,20 @@ def run_variant(name: str, overrides: List[str], steps: int, out_root: str, prom
             tail = f.read()[-3000:]
         raise RuntimeError(f"{name}: {' '.join(cmd)} exited {code} (peak RSS {usage.ru_maxrss / 2**20:.1f} GiB; "
                            f"-9 is the OOM killer's):\n{tail}")
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    rows = [r for r in rows if "time/step" in r][1:] or [r for r in rows if "time/step" in r]   # skip the warm-up
+    return {"overrides": overrides, "wall_s": round(time.time() - t0, 1), "loadavg_before": load0,
+            "loadavg_after": os.getloadavg(), "peak_rss_gib": usage.ru_maxrss / 2 ** 20,
+            **summarize(os.path.join(out, "metrics.jsonl"), steps)}
+
+
+def summarize(metrics: str, steps: int) -> Dict[str, object]:
+    """Means over a run's last ``steps`` step rows of ``metrics`` (a ``metrics.jsonl``), the first
+    of them (the warm-up) left out."""
+    rows = [json.loads(line) for line in open(metrics)]
+    rows = [r for r in rows if "time/step" in r][-steps:]
+    rows = rows[1:] or rows                                        # skip the warm-up
     mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)
     gen = mean("train/tokens_per_s") * mean("time/step")          # generated (trained) tokens per step
-    return {"overrides": overrides, "steps_measured": len(rows), "wall_s": round(time.time() - t0, 1),
-            "loadavg_before": load0, "loadavg_after": os.getloadavg(), "peak_rss_gib": usage.ru_maxrss / 2 ** 20,
-            "time": {k: round(mean(k), 3) for k in rows[0] if k.startswith("time/")},
+    return {"steps_measured": len(rows), "time": {k: round(mean(k), 3) for k in rows[0] if k.startswith("time/")},
             "generated_tokens_per_step": gen, "rollout_tokens_per_s": gen / max(mean("time/rollout"), 1e-9),
             "mismatch_mean_abs": mean("mismatch/mean_abs"), "reward_mean": mean("reward/mean"),
             "response_tokens": mean("rollout/response_tokens"), "micro_batches": mean("train/micro_batches"),
@@ -219,6 +234,36 @@ def ratios(lim: Dict[str, object], runs: Dict[str, Dict], counts: Dict[str, floa
     return out
 
 
+def analyse(result: Dict[str, object], prompts: int) -> None:
+    """The model's counts, each run's ratios to the limits, and the speed-ups against ``before``,
+    into ``result`` (from its ``limits`` and ``runs``)."""
+    from tspo_fast.models import resolve_model_path
+    runs = result["runs"]
+    counts = model_counts(resolve_model_path("smollm2-135m-instruct"), 16)
+    result["model"] = counts
+    result["ratios"] = ratios(result["limits"], runs, counts, seqs=prompts * 5)
+    base = runs.get("before")
+    if base:
+        result["speedup_vs_before"] = {
+            n: {"rollout_tokens_per_s": r["rollout_tokens_per_s"] / max(base["rollout_tokens_per_s"], 1e-9),
+                "logprobs": base["time"].get("time/logprobs", 0) / max(r["time"].get("time/logprobs", 0), 1e-9),
+                "update_per_token": (base["time"]["time/update"] / base["generated_tokens_per_step"])
+                / max(r["time"]["time/update"] / max(r["generated_tokens_per_step"], 1e-9), 1e-9)}
+            for n, r in runs.items()}
+
+
+def resummarize(path: str, steps: int, prompts: int) -> None:
+    """Recompute a result file's run summaries from the runs' own ``metrics.jsonl`` (each run's last
+    ``steps`` steps), then its ratios and speed-ups; the file is rewritten."""
+    result = json.load(open(path))
+    root = os.path.join(os.path.dirname(os.path.abspath(path)), "smollm2_throughput")
+    for name, run in result["runs"].items():
+        run.update(summarize(os.path.join(root, name, "metrics.jsonl"), steps))
+    analyse(result, prompts)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=3, help="steps per variant (the first is a warm-up)")
@@ -227,7 +272,11 @@ def main(argv=None) -> None:
     ap.add_argument("--limits-only", action="store_true")
     ap.add_argument("--no-engine", action="store_true", help="leave out the profile of vLLM alone (engine_profile)")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "smollm2_throughput.json"))
+    ap.add_argument("--resummarize", action="store_true",
+                    help="only recompute --out's summaries from its runs' metrics.jsonl (--steps, --prompts as run)")
     args = ap.parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.out, args.steps, args.prompts)
     result: Dict[str, object] = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
                                  "machine": platform.node(), "python": platform.python_version(),
                                  "torch": torch.__version__, "loadavg": os.getloadavg(), "limits": limits()}
@@ -244,20 +293,9 @@ def main(argv=None) -> None:
                 continue
             print(name, json.dumps(runs[name]), flush=True)
         result["runs"] = runs
-        from tspo_fast.models import resolve_model_path
-        counts = model_counts(resolve_model_path("smollm2-135m-instruct"), 16)
-        result["model"] = counts
-        result["ratios"] = ratios(result["limits"], runs, counts, seqs=args.prompts * 5)
-        base = runs.get("before")
-        if base:
-            result["speedup_vs_before"] = {
-                n: {"rollout_tokens_per_s": r["rollout_tokens_per_s"] / max(base["rollout_tokens_per_s"], 1e-9),
-                    "logprobs": base["time"].get("time/logprobs", 0) / max(r["time"].get("time/logprobs", 0), 1e-9),
-                    "update_per_token": (base["time"]["time/update"] / base["generated_tokens_per_step"])
-                    / max(r["time"]["time/update"] / max(r["generated_tokens_per_step"], 1e-9), 1e-9)}
-                for n, r in runs.items()}
+        analyse(result, args.prompts)
     if not args.no_engine:          # last: the engine stays in this process until it exits
-        result["engine"] = engine_profile(batch=args.prompts * 5)
+        result["engine"] = {g: engine_profile(batch=args.prompts * 5, cpu_gemm=g) for g in ("packed", "linear")}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

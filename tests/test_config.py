@@ -86,6 +86,7 @@ def test_bad_files(tmp_path):
     ("train.keep_checkpoints=-1", "train.keep_checkpoints", ">= 0"),
     ("rollout.gpu_memory_utilization=7", "rollout.gpu_memory_utilization", "(0, 1]"),
     ("rollout.max_num_seqs=0", "rollout.max_num_seqs", ">= 1 or null"),
+    ("rollout.cpu_gemm=onednn", "rollout.cpu_gemm", "'packed', 'linear'"),
     ("seed=-1", "seed", "[0, 2**31)"),
     ("seed=4294967296", "seed", "[0, 2**31)"),
     ("output_dir=' '", "output_dir", "must name a folder"),

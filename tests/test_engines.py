@@ -191,6 +191,28 @@ def test_vllm_rollout_logp_match_model(vllm_engine, hf, tok):
     assert any("<information>Doc 1(Title: " in o for obs in b.observation_texts for o in obs)
 
 
+def test_vllm_tied_head_follows_a_synced_embedding(vllm_engine, hf, prompt_ids, seed):
+    """Tied embeddings: the sync loads ``model.embed_tokens.weight`` only, and vLLM's head shares
+    that tensor; on CPU the head's packed GEMM must be repacked too, or it would decode with the
+    old matrix.  vLLM's log-probs after loading a new embedding equal HF's with it."""
+    assert hf.model.config.tie_word_embeddings
+    emb = hf.model.get_input_embeddings().weight
+    old = emb.detach().clone()
+    new = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(seed))
+    greedy = SamplingConfig(temperature=0, max_new_tokens=8)
+    try:
+        with torch.no_grad():
+            emb.copy_(new)
+        assert "model.embed_tokens.weight" in vllm_engine.load_weights([("model.embed_tokens.weight", new)])
+        for a, b in zip(hf.generate(prompt_ids, greedy), vllm_engine.generate(prompt_ids, greedy)):
+            assert a.token_ids == b.token_ids
+            torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(a.logprobs), atol=2e-4, rtol=0)
+    finally:
+        with torch.no_grad():
+            emb.copy_(old)
+        vllm_engine.load_weights([("model.embed_tokens.weight", old)])
+
+
 def _agent(engine, tok, mode, **kw):
     cfg = RolloutConfig(n=4, max_turns=2, max_new_tokens_per_turn=24, max_obs_tokens=40, max_response_tokens=256,
                         mode=mode, **kw)

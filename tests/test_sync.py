@@ -106,22 +106,38 @@ def test_sync_after_optimizer_step_matches_hf(ds_engine, vllm_engine, tiny_dir):
 
 
 def test_cpu_gemm_patch_in_place(vllm_engine):
-    """The patch works: every vLLM linear layer computes F.linear on its live, full weight."""
+    """The patch works: every vLLM linear layer keeps its live, full weight next to vLLM's packed
+    GEMM, and after a weight is written and ``refresh_cpu_gemm`` repacks the layer, the layer
+    computes with the new weight (the synced model's output is checked against HF above)."""
     from tspo_fast.engines import vllm_patches
 
     if not vllm_patches.is_cpu_platform():
         pytest.skip("CPU-only patch")
 
     def check(model):
-        bad = []
-        for name, mod in model.named_modules():
-            if hasattr(mod, "cpu_linear"):
-                if mod.cpu_linear is not torch.nn.functional.linear or mod.weight.numel() == 0:
-                    bad.append(name)
-        return bad, sum(hasattr(m, "cpu_linear") for m in model.modules())
+        layers = [(n, m) for n, m in model.named_modules() if hasattr(m, "cpu_linear")]
+        bad = [n for n, m in layers if m.weight.numel() == 0]
+        name, layer = next((n, m) for n, m in layers if n.endswith("o_proj"))
+        old = layer.weight.detach().clone()
+        x = torch.randn(5, layer.weight.shape[1])
+        new = torch.randn_like(old)
+        try:
+            layer.weight.data.copy_(new)
+            stale = layer.cpu_linear(x, layer.weight, None)
+            repacked = vllm_patches.refresh_cpu_gemm(model, [f"{name}.weight"])
+            fresh = layer.cpu_linear(x, layer.weight, None)
+        finally:
+            layer.weight.data.copy_(old)
+            vllm_patches.refresh_cpu_gemm(model, [f"{name}.weight"])
+        want = torch.nn.functional.linear(x, new)
+        return bad, len(layers), repacked, (fresh - want).abs().max().item(), (stale - want).abs().max().item()
 
-    (bad, n), = vllm_engine.llm.apply_model(check)
-    assert n > 0 and not bad, f"layers not routed to F.linear: {bad}"
+    (bad, n, repacked, err_fresh, err_stale), = vllm_engine.llm.apply_model(check)
+    assert n > 0 and not bad, f"layers whose weight the dispatch removed: {bad}"
+    assert repacked == 1 and err_fresh < 1e-4, (repacked, err_fresh)
+    # without the repack a layer would compute with its old packed weight (vLLM's handle is a copy);
+    # if it does not, the repack costs time for nothing and this test says so
+    assert err_stale > 1e-2, "vLLM's packed CPU GEMM reads layer.weight directly: refresh_cpu_gemm is not needed"
 
 
 def test_cpu_gemm_patch_still_needed():
@@ -134,9 +150,10 @@ def test_cpu_gemm_patch_still_needed():
         pytest.skip("CPU-only patch")
     import vllm.model_executor.layers.utils as U
 
-    assert U.dispatch_cpu_unquantized_gemm is vllm_patches._linear_dispatch, "patch not applied"
+    vllm_patches.apply_cpu_gemm_patch()        # idempotent; this test may run before any engine starts
+    assert U.dispatch_cpu_unquantized_gemm is vllm_patches._dispatch_keeping_weight, "patch not applied"
     upstream = vllm_patches.upstream_cpu_gemm_dispatch()
-    assert upstream is not vllm_patches._linear_dispatch
+    assert upstream is not vllm_patches._dispatch_keeping_weight
     lin = torch.nn.Linear(128, 256)
     lin.weight.requires_grad_(False)
     lin.bias.requires_grad_(False)
@@ -151,6 +168,27 @@ def test_cpu_gemm_patch_still_needed():
     assert not honours_update, (
         f"vLLM {vllm.__version__}'s CPU GEMM dispatch now follows weight updates: the patch in "
         f"tspo_fast/engines/vllm_patches.py (written for {vllm_patches.WRITTEN_FOR_VLLM}) may be dropped")
+
+
+def test_cpu_gemm_linear_routes_to_f_linear():
+    """``rollout.cpu_gemm: linear``: every layer computes F.linear on its live weight (nothing to repack)."""
+    import vllm.model_executor.layers.utils as U
+
+    from tspo_fast.engines import vllm_patches
+
+    if not vllm_patches.is_cpu_platform():
+        pytest.skip("CPU-only patch")
+    try:
+        vllm_patches.apply_cpu_gemm_patch("linear")
+        lin = torch.nn.Linear(16, 8)
+        U.dispatch_cpu_unquantized_gemm(lin, remove_weight=True)
+        assert lin.cpu_linear is torch.nn.functional.linear and lin.weight.shape == (8, 16)
+        assert vllm_patches.refresh_cpu_gemm(lin, ["weight"]) == 0
+        with pytest.raises(ValueError, match="rollout.cpu_gemm: must be one of"):
+            vllm_patches.apply_cpu_gemm_patch("onednn")
+    finally:
+        vllm_patches.apply_cpu_gemm_patch("packed")
+    assert U.dispatch_cpu_unquantized_gemm is vllm_patches._dispatch_keeping_weight
 
 
 @pytest.mark.slow

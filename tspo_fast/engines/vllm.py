@@ -63,7 +63,9 @@ class VLLMEngine:
 
     model_path: a local folder (or hub name where a hub is reachable).
     enforce_eager: None = eager on CPU, CUDA graphs on GPU.  seeding: "request" | "engine".
-    enable_sleep_mode: None = where the platform has it (CUDA).  Extra keyword arguments go
+    enable_sleep_mode: None = where the platform has it (CUDA).  cpu_gemm (CPU only): "packed"
+    (vLLM's oneDNN GEMMs, repacked after each ``load_weights``) or "linear" (``F.linear`` on the
+    live weights); see ``vllm_patches``.  Extra keyword arguments go
     to ``vllm.LLM`` unchanged (``distributed_executor_backend`` defaults to ``"uni"``).
     """
 
@@ -72,9 +74,12 @@ class VLLMEngine:
     def __init__(self, model_path: str, dtype: str = "float32", max_model_len: int = 1024,
                  seed: int = 0, enforce_eager: Optional[bool] = None, gpu_memory_utilization: float = 0.5,
                  kv_cache_gib: int = 1, enable_sleep_mode: bool | None = None,
-                 enable_prefix_caching: bool = True, seeding: str = "request", **llm_kwargs):
+                 enable_prefix_caching: bool = True, seeding: str = "request", cpu_gemm: str = "packed",
+                 **llm_kwargs):
         if seeding not in SEEDING:
             raise ValueError(f"rollout.seeding: must be one of {SEEDING}, got {seeding!r}")
+        if cpu_gemm not in vllm_patches.CPU_GEMMS:
+            raise ValueError(f"rollout.cpu_gemm: must be one of {vllm_patches.CPU_GEMMS}, got {cpu_gemm!r}")
         _in_process_env(kv_cache_gib)
         llm_kwargs.setdefault("distributed_executor_backend", "uni")
         # waiting requests by priority (submit's ``priority``); equal priorities keep arrival order
@@ -84,7 +89,7 @@ class VLLMEngine:
                              f"or 'external_launcher', got {llm_kwargs['distributed_executor_backend']!r}")
         if enforce_eager is None:
             enforce_eager = not torch.cuda.is_available()
-        vllm_patches.apply_all()
+        vllm_patches.apply_all(cpu_gemm=cpu_gemm)
         sleep_ok = bool(current_platform.is_sleep_mode_available())
         if enable_sleep_mode is None:
             enable_sleep_mode = sleep_ok
@@ -179,14 +184,19 @@ class VLLMEngine:
         returns the names of vLLM's parameters that were written (vLLM fuses q/k/v, gate/up).
 
         In-process the tensors are not copied on the way.  A tensor in another dtype than the
-        engine's is an error: the sync sends the engine's dtype.
+        engine's is an error: the sync sends the engine's dtype.  On CPU the layers written are
+        repacked for vLLM's GEMMs (``vllm_patches.refresh_cpu_gemm``) before this returns.
         """
         weights = list(named_tensors)
         for name, t in weights:
             if t.dtype != self.dtype:
                 raise TypeError(f"weight sync: {name} is {t.dtype}, the vLLM engine holds {self.dtype}")
-        loaded = self.llm.apply_model(lambda model: model.load_weights(weights=weights))[0]
-        return set(loaded or ())
+        def load(model):
+            names = set(model.load_weights(weights=weights) or ())
+            vllm_patches.refresh_cpu_gemm(model, names)    # CPU: repack the layers just written
+            return names
+
+        return self.llm.apply_model(load)[0]
 
     def weight_names(self) -> set[str]:
         """vLLM's parameter names: what one complete sync must have loaded."""
@@ -237,4 +247,4 @@ def from_config(settings: EngineSettings) -> VLLMEngine:
     return VLLMEngine(s.model_path, max_model_len=s.max_model_len,
                       tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
                       dtype=s.dtype, seed=mix_seed(s.seed, s.rank) % 2 ** 32, enforce_eager=r.enforce_eager,
-                      seeding=r.seeding, distributed_executor_backend=backend, **extra)
+                      seeding=r.seeding, cpu_gemm=r.cpu_gemm, distributed_executor_backend=backend, **extra)
