@@ -14,9 +14,7 @@ from tspo_fast.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = (ROOT / "docs" / "algorithm.md").read_text()
-SHIPPED = ["tiny", "3b", "7b", "hops"]
-#: configs that keep another advantage mode, each with the reason the page gives ("What ships")
-KEPT = {"smollm2": "tspo"}
+SHIPPED = ["tiny", "3b", "7b", "hops", "smollm2"]
 
 
 def _default(dotted: str):
@@ -49,12 +47,3 @@ def test_shipped_configs_use_the_default_advantage_setting(name):
     assert raw["reward"]["folr_alpha"] == d.reward.folr_alpha, name
     assert f"`configs/{name}.yaml`" in PAGE or f"`{name}.yaml`" in PAGE, f"'What ships' does not name {name}.yaml"
 
-
-@pytest.mark.parametrize("name,mode", sorted(KEPT.items()))
-def test_configs_that_keep_another_mode_say_so(name, mode):
-    raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
-    d = Config()
-    assert raw["advantage"]["mode"] == mode != d.advantage.mode, name
-    assert raw["advantage"]["norm"] == d.advantage.norm and raw["reward"]["folr_alpha"] == d.reward.folr_alpha
-    what_ships = PAGE[PAGE.index("**What ships.**"):]
-    assert f"`configs/{name}.yaml` still uses `{mode}`" in what_ships, f"'What ships' does not say why {name} keeps {mode}"

@@ -40,6 +40,7 @@ def hf(tiny_dir):
 def vllm_engine(tiny_dir):
     pytest.importorskip("vllm")
     import bm25s  # noqa: F401  (as in training: the BM25 retriever loads numba/llvmlite before vLLM starts)
+    import numba  # noqa: F401  (bm25s may have been imported earlier in this worker without its numba backend)
 
     from tspo_fast.engines.vllm import VLLMEngine
     eng = VLLMEngine(tiny_dir, max_model_len=1024)
