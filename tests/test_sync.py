@@ -74,7 +74,7 @@ def test_zero3_params_are_partitioned(ds_engine):
     assert params and all(hasattr(p, "ds_numel") and p.numel() == 0 for _, p in params)
 
 
-def test_sync_after_optimizer_step_matches_hf(ds_engine, vllm_engine, tiny_dir):
+def test_sync_after_optimizer_step_matches_hf(ds_engine, vllm_engine, tiny_dir, monkeypatch):
     tok = load_tokenizer(tiny_dir)
     prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     greedy = SamplingConfig(temperature=0, max_new_tokens=24)
@@ -90,8 +90,16 @@ def test_sync_after_optimizer_step_matches_hf(ds_engine, vllm_engine, tiny_dir):
         ds_engine.step()
 
     total = sum(p.ds_numel * 4 for _, p in ds_engine.module.named_parameters())
+    from tspo_fast.engines import vllm_patches
+    repacked = []                                   # vLLM's packed GEMMs: every layer repacked once a sync
+    upstream = vllm_patches._upstream_dispatch
+    monkeypatch.setattr(vllm_patches, "_upstream_dispatch",
+                        lambda layer, remove_weight: (repacked.append(layer), upstream(layer, remove_weight))[1])
+    packed = vllm_engine.llm.apply_model(lambda m: sum(
+        getattr(x, "cpu_linear", torch.nn.functional.linear) is not torch.nn.functional.linear for x in m.modules()))[0]
     stats = sync_weights(vllm_engine, ds_engine.module.named_parameters(), bucket_mb=0.25)
     assert stats.num_buckets > 2 and stats.bytes == total
+    assert packed > 0 and len(repacked) == packed and len({id(x) for x in repacked}) == packed
     assert stats.num_tensors == len(list(ds_engine.module.named_parameters()))
 
     consolidated = ds_engine._zero3_consolidated_16bit_state_dict()

@@ -85,7 +85,9 @@ class Engine(Protocol):
     sample does not depend on which other requests share the call.  ``load_weights`` returns
     the names it loaded; ``weight_names()`` is what a complete sync must load; ``dtype`` the
     engine's parameter dtype (the sync sends tensors in it).  ``reset_prefix_cache`` returns
-    whether the cache was reset.
+    whether the cache was reset.  An engine that post-processes loaded weights may also have a
+    context manager ``batched_load()``: the sync loads all its buckets inside it, so the work is
+    done once per sync (vLLM's CPU GEMM repack).
 
     Engines that can advance requests one by one (``supports_streaming``) also have
     ``submit(prompt_ids, sampling, key, priority=0) -> request id`` (lower priority values are

@@ -106,7 +106,8 @@ def sync_weights(engine, named_params: Iterable[tuple[str, torch.Tensor]], bucke
 
     engine:       anything with ``load_weights(named_tensors) -> loaded names`` and
                   ``reset_prefix_cache() -> bool`` (``weight_names()``, ``dtype``,
-                  ``sleep``/``wake_up`` used where present); ``None`` on ranks that only take part
+                  ``sleep``/``wake_up`` and the context manager ``batched_load()``, around all
+                  the buckets' loads, used where present); ``None`` on ranks that only take part
                   in the ZeRO-3 gathers.
     named_params: (name, parameter) pairs, e.g. ``ds_engine.module.named_parameters()``, or
                   (name, [parameters], fn) triples whose sent tensor is ``fn`` of the gathered
@@ -128,25 +129,28 @@ def sync_weights(engine, named_params: Iterable[tuple[str, torch.Tensor]], bucke
         engine.wake_up(tags=["weights"])
     loaded: set = set()
     bucket_bytes = int(bucket_mb * 1024 * 1024)
-    for bucket in _buckets(_entries(named_params), bucket_bytes, dtype):
-        zero3 = [p for _, params, _ in bucket for p in params if _is_zero3(p)]
-        if zero3:
-            ctx = deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
-        else:
-            ctx = contextlib.nullcontext()
-        with ctx, torch.no_grad():
-            tensors = []
-            for name, params, fn in bucket:
-                t = fn([p.detach() for p in params])
-                if dtype is not None and t.dtype != dtype:
-                    t = t.to(dtype)
-                tensors.append((_strip_prefix(name, name_prefix), t))
-                stats.bytes += t.numel() * t.element_size()
-            if engine is not None:
-                loaded |= set(engine.load_weights(tensors) or ())
-            stats.num_tensors += len(tensors)
-            stats.num_buckets += 1
-            del tensors
+    # an engine that post-processes what it loads (vLLM's packed CPU GEMMs) does it once, after the last bucket
+    batched = getattr(engine, "batched_load", None)
+    with batched() if batched is not None else contextlib.nullcontext():
+        for bucket in _buckets(_entries(named_params), bucket_bytes, dtype):
+            zero3 = [p for _, params, _ in bucket for p in params if _is_zero3(p)]
+            if zero3:
+                ctx = deepspeed.zero.GatheredParameters(zero3, modifier_rank=None)
+            else:
+                ctx = contextlib.nullcontext()
+            with ctx, torch.no_grad():
+                tensors = []
+                for name, params, fn in bucket:
+                    t = fn([p.detach() for p in params])
+                    if dtype is not None and t.dtype != dtype:
+                        t = t.to(dtype)
+                    tensors.append((_strip_prefix(name, name_prefix), t))
+                    stats.bytes += t.numel() * t.element_size()
+                if engine is not None:
+                    loaded |= set(engine.load_weights(tensors) or ())
+                stats.num_tensors += len(tensors)
+                stats.num_buckets += 1
+                del tensors
     if engine is not None:
         expected = engine.weight_names() if hasattr(engine, "weight_names") else set()
         missing = sorted(expected - loaded)

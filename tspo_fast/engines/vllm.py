@@ -27,6 +27,7 @@ Streaming (``submit`` / ``step`` / ``abort``) drives vLLM's own request-level AP
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import os
@@ -64,7 +65,7 @@ class VLLMEngine:
     model_path: a local folder (or hub name where a hub is reachable).
     enforce_eager: None = eager on CPU, CUDA graphs on GPU.  seeding: "request" | "engine".
     enable_sleep_mode: None = where the platform has it (CUDA).  cpu_gemm (CPU only): "packed"
-    (vLLM's oneDNN GEMMs, repacked after each ``load_weights``) or "linear" (``F.linear`` on the
+    (vLLM's oneDNN GEMMs, repacked after each ``load_weights`` or once per :meth:`batched_load`) or "linear" (``F.linear`` on the
     live weights); see ``vllm_patches``.  Extra keyword arguments go
     to ``vllm.LLM`` unchanged (``distributed_executor_backend`` defaults to ``"uni"``).
     """
@@ -78,8 +79,7 @@ class VLLMEngine:
                  **llm_kwargs):
         if seeding not in SEEDING:
             raise ValueError(f"rollout.seeding: must be one of {SEEDING}, got {seeding!r}")
-        if cpu_gemm not in vllm_patches.CPU_GEMMS:
-            raise ValueError(f"rollout.cpu_gemm: must be one of {vllm_patches.CPU_GEMMS}, got {cpu_gemm!r}")
+        vllm_patches.apply_all(cpu_gemm=cpu_gemm)          # checks cpu_gemm first
         _in_process_env(kv_cache_gib)
         llm_kwargs.setdefault("distributed_executor_backend", "uni")
         # waiting requests by priority (submit's ``priority``); equal priorities keep arrival order
@@ -89,12 +89,12 @@ class VLLMEngine:
                              f"or 'external_launcher', got {llm_kwargs['distributed_executor_backend']!r}")
         if enforce_eager is None:
             enforce_eager = not torch.cuda.is_available()
-        vllm_patches.apply_all(cpu_gemm=cpu_gemm)
         sleep_ok = bool(current_platform.is_sleep_mode_available())
         if enable_sleep_mode is None:
             enable_sleep_mode = sleep_ok
         self.supports_sleep = bool(enable_sleep_mode and sleep_ok)
         self.max_model_len = max_model_len
+        self._unpacked: Optional[set] = None        # names loaded inside batched_load, repacked at its end
         self.llm = LLM(model=model_path, tokenizer=model_path, dtype=dtype,
                        max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
                        gpu_memory_utilization=gpu_memory_utilization,
@@ -185,18 +185,39 @@ class VLLMEngine:
 
         In-process the tensors are not copied on the way.  A tensor in another dtype than the
         engine's is an error: the sync sends the engine's dtype.  On CPU the layers written are
-        repacked for vLLM's GEMMs (``vllm_patches.refresh_cpu_gemm``) before this returns.
+        repacked for vLLM's GEMMs (``vllm_patches.refresh_cpu_gemm``) before this returns, or, inside
+        :meth:`batched_load`, once at the end of the block.
         """
         weights = list(named_tensors)
         for name, t in weights:
             if t.dtype != self.dtype:
                 raise TypeError(f"weight sync: {name} is {t.dtype}, the vLLM engine holds {self.dtype}")
-        def load(model):
-            names = set(model.load_weights(weights=weights) or ())
-            vllm_patches.refresh_cpu_gemm(model, names)    # CPU: repack the layers just written
-            return names
+        names = self.llm.apply_model(lambda model: set(model.load_weights(weights=weights) or ()))[0]
+        if self._unpacked is not None:
+            self._unpacked |= names
+        else:
+            self._repack(names)
+        return names
 
-        return self.llm.apply_model(load)[0]
+    def _repack(self, names: set) -> None:
+        """CPU: repack vLLM's GEMMs of the layers whose weights ``names`` were written (a no-op elsewhere)."""
+        if names:
+            self.llm.apply_model(lambda model: vllm_patches.refresh_cpu_gemm(model, names))
+
+    @contextlib.contextmanager
+    def batched_load(self):
+        """Several :meth:`load_weights` calls (a sync's buckets) with one repack at the end: a fused
+        layer (q/k/v, gate/up) whose parts arrive in different calls is repacked once.  The repack
+        runs even when the block fails, so the GEMMs never compute with stale packed weights."""
+        if self._unpacked is not None:                 # nested: the outer block repacks
+            yield
+            return
+        self._unpacked = set()
+        try:
+            yield
+        finally:
+            names, self._unpacked = self._unpacked, None
+            self._repack(names)
 
     def weight_names(self) -> set[str]:
         """vLLM's parameter names: what one complete sync must have loaded."""

@@ -107,9 +107,11 @@ def apply_cpu_gemm_patch(cpu_gemm: str = "packed") -> bool:
     :func:`refresh_cpu_gemm` after each load).
 
     Returns True if the patch is (now) in place, False on a non-CPU platform (nothing to do).
-    Raises RuntimeError if the function to patch no longer exists in this vLLM version.
+    Raises ValueError for a ``cpu_gemm`` not in :data:`CPU_GEMMS` (on any platform), RuntimeError if the function to patch no longer exists in this vLLM version.
     """
     global _applied, _upstream_dispatch
+    if cpu_gemm not in CPU_GEMMS:                      # checked on every platform (the value is ignored off CPU)
+        raise ValueError(f"rollout.cpu_gemm: must be one of {CPU_GEMMS}, got {cpu_gemm!r}")
     if not is_cpu_platform():
         return False
     if not hasattr(layer_utils, "dispatch_cpu_unquantized_gemm"):
@@ -117,8 +119,6 @@ def apply_cpu_gemm_patch(cpu_gemm: str = "packed") -> bool:
             "vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm is gone in vLLM "
             f"{vllm_version()} (patch written for {WRITTEN_FOR_VLLM}): revisit "
             "tspo_fast/engines/vllm_patches.py")
-    if cpu_gemm not in CPU_GEMMS:
-        raise ValueError(f"rollout.cpu_gemm: must be one of {CPU_GEMMS}, got {cpu_gemm!r}")
     current = layer_utils.dispatch_cpu_unquantized_gemm
     if current not in (_dispatch_keeping_weight, _linear_dispatch):
         _upstream_dispatch = current
