@@ -3,6 +3,7 @@ receives merged weights (vLLM's greedy output equals HF's on the merged model), 
 the adapters, export writes merged or adapter-only weights, resume is exact, world size 1 = 2."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ from tspo_fast.engines.sync import sync_weights
 from tspo_fast.models import load_causal_lm
 from tspo_fast.models.tiny import TinyModelSpec, build_tiny_model, load_tokenizer
 from tspo_fast.training.lora import apply_lora, merged_weight_entries
+from tspo_fast.training.policy import FusedHeadPolicy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA = ["model.lora.rank=4", "model.lora.alpha=8"]
@@ -127,3 +129,110 @@ def test_lora_run_exports_resumes_and_keeps_only_adapters(train_env, tmp_path):
         torch.testing.assert_close(resumed[k], v, rtol=0, atol=1e-5, msg=k)
     init = load_causal_lm(resolve_model_path("bundled:warmstart")).state_dict()
     assert max((straight[k] - init[k]).abs().max().item() for k in straight) > 1e-5      # it learnt something
+
+
+# ----------------------------------------------------------------------------- the frozen trunk
+def _deep_lm(family: str, path: str):
+    """A 4-layer model of ``family`` (qwen2: the tiny builder's; llama: random, tied head) with LoRA
+    on its top 2 layers, the adapters moved off their zero start."""
+    if family == "qwen2":
+        lm = load_causal_lm(path)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        torch.manual_seed(4)
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=load_causal_lm(path).config.vocab_size, hidden_size=64,
+                                          intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                                          num_key_value_heads=1, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    model = apply_lora(lm, load_config(None, LORA + ["model.lora.top_layers=2"]).model.lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory):
+    spec = TinyModelSpec(hidden_size=64, num_layers=4, num_heads=2, num_kv_heads=1, intermediate_size=128, seed=5)
+    return build_tiny_model(str(tmp_path_factory.mktemp("trunk") / "m"), spec=spec)
+
+
+def test_frozen_trunk_depth_counts_the_untrained_bottom(deep_dir):
+    from tspo_fast.training.policy import frozen_trunk_depth
+    assert frozen_trunk_depth(load_causal_lm(deep_dir)) == 0                     # full fine-tuning
+    assert frozen_trunk_depth(_deep_lm("qwen2", deep_dir)) == 2                  # LoRA on the top 2 of 4
+    assert frozen_trunk_depth(apply_lora(load_causal_lm(deep_dir), load_config(None, LORA).model.lora)) == 0
+    dropping = _deep_lm("qwen2", deep_dir)
+    dropping.config.attention_dropout = 0.1                                     # a trunk that drops out differs per pass
+    assert frozen_trunk_depth(dropping) == 0
+    with pytest.raises(ValueError, match="frozen_trunk=4"):
+        FusedHeadPolicy(load_causal_lm(deep_dir), frozen_trunk=4)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("packing", [True, False])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_passes_from_the_frozen_trunk_equal_full_passes(deep_dir, family, packing, checkpointing):
+    """Log-probs (adapters on and off: pi and pi_ref), the loss and every adapter's gradient are the
+    same, bit for bit, whether a pass runs the whole model or starts from the kept trunk."""
+    from test_packing import _batch
+
+    from tspo_fast.training.lora import disabled_adapters
+    from tspo_fast.training.packing import micro_batches
+    from tspo_fast.training.policy import FusedHeadPolicy, frozen_trunk_depth
+
+    lm = _deep_lm(family, deep_dir)
+    if checkpointing:
+        lm.gradient_checkpointing_enable()
+        lm.enable_input_require_grads()
+    pol = FusedHeadPolicy(lm, chunk_size=16, packing=packing, frozen_trunk=frozen_trunk_depth(lm))
+    assert pol.frozen_trunk == 2
+    batch, adv = _batch(lm.config.vocab_size, seed=2)
+    mbs = micro_batches(batch, list(range(len(batch))), adv, None, packing=packing, budget=48, micro_size=3,
+                        device="cpu")
+    assert len(mbs) > 1
+    for mb in mbs:
+        inputs = mb.model_inputs()
+        pol.eval()
+        trunk = pol(**inputs, mode="trunk")
+        assert trunk.shape == (*mb.input_ids.shape, 64) and not trunk.requires_grad
+        for adapters in (True, False):
+            with torch.no_grad(), (contextlib.nullcontext() if adapters else disabled_adapters(lm)):
+                full, _ = pol(**inputs, mode="logprobs")
+                cut, _ = pol(**inputs, mode="logprobs", trunk=trunk)
+            assert torch.equal(full, cut), (adapters, (full - cut).abs().max())
+        pol.train()
+        grads = []
+        for t in (None, trunk):
+            pol.zero_grad()
+            out = pol(**inputs, mode="loss", old_logp=None, advantages=mb.advantages, normalizer=10.0, beta=0.0,
+                      trunk=t)
+            out.loss.backward()
+            grads.append((out.loss.detach(), {n: p.grad.clone() for n, p in pol.named_parameters()
+                                             if p.grad is not None}))
+        (la, ga), (lb, gb) = grads
+        assert torch.equal(la, lb)
+        assert ga.keys() == gb.keys() and ga and all(".lora_" in n for n in ga)
+        for n in ga:
+            assert torch.equal(ga[n], gb[n]), n
+
+
+@pytest.mark.slow
+def test_trainer_with_a_frozen_trunk_logs_what_it_logs_without(train_env, tmp_path):
+    """LoRA on the top 2 of 4 layers with the KL pass (pi_ref = adapters off), under ZeRO-3: keeping the
+    frozen layers' output changes no metric of two steps (the second samples from the first's update)."""
+    common = SMALL + LORA + ["model.lora.top_layers=2", "loss.kl_coef=0.05", "rollout.engine=hf",
+                             "train.eval_every=0", "train.checkpoint_every=0", "train.total_steps=2"]
+    rows = {}
+    for share in ("true", "false"):
+        out = str(tmp_path / share)
+        sets = [x for s in common + [f"model.lora.share_frozen={share}", f"output_dir={out}"] for x in ("--set", s)]
+        _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets, "--no-plot"], train_env)
+        rows[share] = [r for r in _metrics(out) if "loss/pg" in r]
+    assert [r["step"] for r in rows["true"]] == [1, 2]
+    for a, b in zip(rows["true"], rows["false"]):
+        assert a["loss/kl"] > 0 or a["step"] == 1            # pi moved away from pi_ref after step 1
+        for k in a:
+            if not k.startswith("time/") and k != "train/tokens_per_s" and isinstance(a[k], (int, float)):
+                assert a[k] == b[k], (a["step"], k, a[k], b[k])

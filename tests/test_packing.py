@@ -180,3 +180,99 @@ def test_every_loss_field_reaches_k3_by_one_function():
     assert kw["ref_logp"] is ref and kw["rollout_logp"] is roll
     off = loss_kwargs(LossConfig(), rollout_logp=roll)      # no reference pass: beta 0; no tis_cap: no rollout_logp
     assert off["beta"] == 0.0 and off["ref_logp"] is None and off["rollout_logp"] is None
+
+
+# ----------------------------------------------------------------------------- shared prompts
+def _group_batch(vocab, groups=3, n=4, seed=0):
+    """``groups`` prompts with ``n`` answers each (the answers differ); the last group's rows have the
+    same uid as the first's but another prompt (they must not share)."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: torch.randint(0, vocab, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+    prompts = [rand(3, 12) for _ in range(groups)]
+    trajs = []
+    for gi, prompt in enumerate(prompts):
+        for _ in range(n):
+            t = Trajectory(list(prompt), uid="q0" if gi == groups - 1 else f"q{gi}")
+            for k in range(int(torch.randint(1, 3, (1,), generator=g))):
+                t.append(rand(1, 9), k, False)
+                t.append(rand(0, 5), k, True)
+                t.num_turns = k + 1
+            trajs.append(t)
+    b = collate(trajs, pad_id=0)
+    b.rollout_logp = torch.where(b.loss_mask, -torch.rand(b.loss_mask.shape, generator=g), torch.zeros(()))
+    return b, torch.randn(b.input_ids.shape, generator=g) * b.loss_mask
+
+
+def test_prompt_groups_share_only_equal_prompts_and_respect_the_budget():
+    from tspo_fast.training.packing import prompt_groups
+    batch, _ = _group_batch(100)
+    units = prompt_groups(batch, list(range(len(batch))), budget=10 ** 6)
+    assert units == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]          # uid q0 twice, two prompts: two units
+    lens = batch.attention_mask.sum(1).tolist()
+    p = int(batch.prompt_len[4])
+    budget = p + max(lens[r] - p for r in range(4, 8))
+    small = prompt_groups(batch, [4, 5, 6, 7], budget=budget)
+    assert sorted(r for u in small for r in u) == [4, 5, 6, 7] and len(small) > 1
+    assert all(p + sum(lens[r] - p for r in u) <= budget for u in small)
+
+
+def test_shared_prompts_run_each_prompt_once_with_the_same_log_probs_and_gradients(model_dir):
+    """A group's prompt runs once, every answer attends to it: per-token log-probs and gradients of
+    the shared layout equal the packed layout's (fp32 rounding), and take/scatter invert each other."""
+    from tspo_fast.training.packing import micro_batches as mbs_of
+    batch, adv = _group_batch(load_causal_lm(model_dir).config.vocab_size, seed=3)
+    rows = list(range(len(batch)))
+    plain = mbs_of(batch, rows, adv, None, packing=True, budget=80, micro_size=0, device="cpu")
+    shared = mbs_of(batch, rows, adv, None, packing=True, budget=80, micro_size=0, device="cpu", share_prompts=True)
+    saved = sum(int(batch.prompt_len[u]) for u in (1, 2, 3, 5, 6, 7, 9, 10, 11))
+    assert sum(mb.tokens for mb in plain) - sum(mb.tokens for mb in shared) == saved and len(shared) > 1
+    for mb in shared:                                           # take, then scatter back: the batch's values
+        back = mb.scatter(mb.take(adv), torch.zeros_like(adv))
+        assert torch.equal(back[mb.rows], adv[mb.rows] * batch.attention_mask[mb.rows])
+    pol = lambda: FusedHeadPolicy(load_causal_lm(model_dir), chunk_size=16, packing=True, share_prompts=True).eval()
+    lp_plain, lp_shared = _logprobs(pol(), plain, batch.input_ids.shape), _logprobs(pol(), shared, batch.input_ids.shape)
+    m = batch.loss_mask
+    assert m.sum() > 40
+    torch.testing.assert_close(lp_shared[m], lp_plain[m], rtol=1e-5, atol=1e-6)
+    norm = float(m.sum())
+    grads = []
+    for mbs in (plain, shared):
+        p = pol()
+        for mb in mbs:
+            p(**mb.model_inputs(), mode="loss", old_logp=None, advantages=mb.advantages, normalizer=norm,
+              beta=0.0).loss.backward()
+        grads.append({k: q.grad.clone() for k, q in p.named_parameters() if q.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_share_prompts_needs_packing():
+    from tspo_fast.config import ConfigError
+    with pytest.raises(ConfigError, match="train.share_prompts"):
+        load_config(None, ["train.packing=false", "train.share_prompts=true"])
+    with pytest.raises(ValueError, match="share_prompts needs packing"):
+        FusedHeadPolicy(torch.nn.Linear(2, 2), share_prompts=True)
+
+
+@pytest.mark.slow
+def test_trainer_with_shared_prompts_logs_what_separate_rows_log(train_env, tmp_path):
+    """Two ZeRO-3 steps with the KL pass: sharing the prompts changes the losses only by rounding and
+    runs fewer tokens (each group's prompt once)."""
+    import sys
+
+    from test_trainer import SMALL, _metrics, _run
+    common = SMALL + ["loss.kl_coef=0.05", "rollout.engine=hf", "train.eval_every=0", "train.checkpoint_every=0",
+                      "train.total_steps=2", "train.packing=true", "train.max_tokens_per_micro=4096"]
+    rows = {}
+    for share in ("true", "false"):
+        out = str(tmp_path / share)
+        sets = [x for s in common + [f"train.share_prompts={share}", f"output_dir={out}"] for x in ("--set", s)]
+        _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets, "--no-plot"], train_env)
+        rows[share] = [r for r in _metrics(out) if "loss/pg" in r]
+    assert [r["step"] for r in rows["true"]] == [1, 2]
+    for a, b in zip(rows["true"], rows["false"]):
+        assert a["reward/mean"] == b["reward/mean"] and a["rollout/response_tokens"] == b["rollout/response_tokens"]
+        for k in ("loss/pg", "loss/kl", "loss/entropy", "train/grad_norm", "mismatch/mean_abs"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+        assert a["train/tokens"] < b["train/tokens"]                    # the prompts ran once per group

@@ -78,6 +78,10 @@ class LoraSettings:
     # trainable parameter, so the backward pass stops above them: on a CPU the update costs about
     # (forward + top_layers / layers x backward) instead of forward + backward
     top_layers: int = 0
+    # with top_layers: the frozen layers below run once a step per micro-batch and their output is kept
+    # (tokens x hidden a micro-batch, in the model's dtype) for pi_ref, every PPO epoch and the guard's
+    # check; the result is the same as running them in every pass (false: run them in every pass)
+    share_frozen: bool = True
 
 
 @dataclass
@@ -224,6 +228,9 @@ class TrainConfig:
     mini_batch_prompts: int = 256       # prompts per optimizer step (divides prompts_per_step)
     packing: bool = True                # micro-batches of concatenated rows under a token budget (no padding)
     max_tokens_per_micro: int = 16384   # packing: token budget of one forward/backward (rows never split)
+    # packing: the rows of a group (one prompt, rollout.n answers) in one micro-batch carry their prompt once;
+    # every answer attends to it (exact up to rounding; no flash-attention: PyTorch's SDPA per row)
+    share_prompts: bool = False
     micro_batch_size: int = 8           # packing off: sequences per forward/backward on each rank (right-padded)
     recompute_old_logp: bool = False    # also run the pi_old pass when the update is exactly on-policy
     ppo_epochs: int = 1                 # passes over the step's mini-batches (>= 1)
@@ -583,6 +590,8 @@ def validate(cfg: Config) -> Config:
            f"must divide train.prompts_per_step ({t.prompts_per_step}), got {t.mini_batch_prompts}")
     _check(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
     _check(t.max_tokens_per_micro >= 16, "train.max_tokens_per_micro", f"must be >= 16, got {t.max_tokens_per_micro}")
+    _check(t.packing or not t.share_prompts, "train.share_prompts", "needs train.packing: true (padded rows keep "
+           "their own prompt)")
     _check(t.ppo_epochs >= 1, "train.ppo_epochs", f"must be >= 1, got {t.ppo_epochs}")
     _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
     _check(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")

@@ -19,7 +19,7 @@ from ..env.agent import SearchAgent
 from ..models import load_causal_lm
 from ..retrieval.base import Retriever, build_retriever
 from .lora import apply_lora
-from .policy import FusedHeadPolicy
+from .policy import FusedHeadPolicy, frozen_trunk_depth
 from .ppo import ds_config
 
 __all__ = ["load_data", "build_actor", "build_reference", "build_agent", "build_rollout", "build_engine",
@@ -44,7 +44,9 @@ def build_actor(cfg: Config, lm: torch.nn.Module, gas: int):
             lm.enable_input_require_grads()      # a frozen embedding would cut the checkpointed graph
     if cfg.model.lora.rank:
         lm = apply_lora(lm, cfg.model.lora)
-    policy = FusedHeadPolicy(lm, chunk_size=cfg.loss.chunk_size, temperature=1.0, packing=cfg.train.packing)
+    trunk = frozen_trunk_depth(lm) if cfg.model.lora.rank and cfg.model.lora.share_frozen else 0
+    policy = FusedHeadPolicy(lm, chunk_size=cfg.loss.chunk_size, temperature=1.0, packing=cfg.train.packing,
+                             frozen_trunk=trunk, share_prompts=cfg.train.share_prompts)
     trainable = [p for p in policy.parameters() if p.requires_grad]
     if cfg.train.offload_optimizer:   # DeepSpeed's CPU Adam steps the offloaded states (compiled once, ~100 s)
         optimizer = DeepSpeedCPUAdam(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, adamw_mode=True)
@@ -65,7 +67,7 @@ def build_reference(cfg: Config, model_path: str, gas: int):
     if cfg.loss.kl_coef <= 0 or cfg.model.lora.rank:
         return None
     ref_policy = FusedHeadPolicy(load_causal_lm(model_path, cfg.model.dtype), chunk_size=cfg.loss.chunk_size,
-                                 packing=cfg.train.packing)
+                                 packing=cfg.train.packing, share_prompts=cfg.train.share_prompts)
     for p in ref_policy.parameters():
         p.requires_grad_(False)
     ref, *_ = deepspeed.initialize(model=ref_policy, config=ds_config(cfg, gas, optimizer=False))

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
+from .ppo import policy_inputs
 
 __all__ = ["DivergenceError", "DivergenceGuard", "parameter_health", "update_kl", "describe_nonfinite"]
 
@@ -114,7 +115,7 @@ def update_kl(engine, mb, before: Optional[torch.Tensor]) -> float:
     was_training = engine.module.training
     engine.module.eval()
     with torch.no_grad():
-        lp, _ = engine(**mb.model_inputs(), mode="logprobs")
+        lp, _ = engine(**policy_inputs(engine, mb), mode="logprobs")
     engine.module.train(was_training)
     sel = mb.loss_mask[:, 1:].bool()
     d = lp[:, 1:][sel].double() - before.detach().double().reshape(-1).to(lp.device)

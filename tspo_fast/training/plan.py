@@ -14,7 +14,8 @@ One rank holds, on its GPU:
   :data:`VLLM_SLEEP_RESIDUE_GIB` describes (the CUDA-graph pool, the model runner's buffers);
 * the update's activations: a packed micro-batch of ``train.max_tokens_per_micro`` tokens
   (with gradient checkpointing one hidden state per layer plus one layer being recomputed) and
-  K3's logits chunk and weight-gradient accumulator;
+  K3's logits chunk and weight-gradient accumulator; with LoRA on the top layers, the frozen
+  layers' output on the step's tokens (``model.lora.share_frozen``: one hidden state a token);
 * a margin: 2 GiB of CUDA context and allocator slack plus 5% of the card.
 
 The two phase peaks are checked against the memory *free* on the rank's own GPU
@@ -176,9 +177,13 @@ def _terms(cfg: Config, shape: ModelShape, gpus: int, card_gib: float, *, offloa
     per_tok = L * h * b + layer_tok if cfg.model.gradient_checkpointing else L * layer_tok
     acts = tokens * per_tok
     k3 = cfg.loss.chunk_size * shape.vocab * (b + 8) + shape.vocab * h * 4
+    lora = cfg.model.lora
+    step_tokens = cfg.train.prompts_per_step * cfg.rollout.n / gpus * (cfg.data.max_prompt_tokens
+                                                                      + cfg.rollout.max_response_tokens)
+    trunk = step_tokens * h * b if lora.rank and lora.top_layers and lora.share_frozen else 0.0
     margin = 2 * GIB + 0.05 * card_gib * GIB
-    return dict(states=states, ref=ref, vllm=vllm, residue=residue, acts=acts, k3=k3, margin=margin, tokens=tokens,
-                per_tok=per_tok, P=P, sleep=sleep)
+    return dict(states=states, ref=ref, vllm=vllm, residue=residue, acts=acts, k3=k3, trunk=trunk, margin=margin,
+                tokens=tokens, step_tokens=step_tokens, per_tok=per_tok, P=P, sleep=sleep)
 
 
 def plan_memory(cfg: Config, gpus: int, card_gib: float, *, free_gib: Optional[float] = None,
@@ -209,7 +214,7 @@ def plan_memory(cfg: Config, gpus: int, card_gib: float, *, free_gib: Optional[f
         x = _terms(cfg, shape, gpus, card_gib, residue_gib=residue_gib, **kw)
         resident = x["states"] + x["ref"] + x["margin"]
         rollout = resident + x["vllm"]
-        update = resident + x["acts"] + x["k3"] + (x["residue"] if x["sleep"] else x["vllm"])
+        update = resident + x["acts"] + x["k3"] + x["trunk"] + (x["residue"] if x["sleep"] else x["vllm"])
         return rollout / GIB, update / GIB, x
 
     base = dict(offload_optimizer=t.offload_optimizer, offload_param=t.offload_param, gpu_mem_util=util, sleep=sleep)
@@ -231,6 +236,9 @@ def plan_memory(cfg: Config, gpus: int, card_gib: float, *, free_gib: Optional[f
         ("K3 chunk + weight grad", x["k3"] / GIB, f"chunk {cfg.loss.chunk_size} x vocab {shape.vocab}, fp32 grad of the head"),
         ("margin", x["margin"] / GIB, "2 GiB CUDA context + 5% of the card"),
     ]
+    if x["trunk"]:
+        p.lines.insert(-1, ("frozen layers' output (update)", x["trunk"] / GIB,
+                            f"{x['step_tokens']:.0f} tokens a step at most x hidden {shape.hidden} (model.lora.share_frozen)"))
     if p.fits:
         return p
     # what would make it fit, one change at a time
@@ -257,6 +265,9 @@ def plan_memory(cfg: Config, gpus: int, card_gib: float, *, free_gib: Optional[f
         fit_tokens = int(room // x["per_tok"]) if room > 0 else 0
         if fit_tokens >= cfg.data.max_prompt_tokens + r.max_response_tokens:
             p.advice.append(f"train.max_tokens_per_micro: at most {fit_tokens} (now {t.max_tokens_per_micro})")
+    if update > budget and x["trunk"]:
+        p.advice.append(f"model.lora.share_frozen: false (frees {x['trunk'] / GIB:.1f} GiB; the frozen layers "
+                        "then run in every pass)")
     if not cfg.model.gradient_checkpointing:
         p.advice.append("model.gradient_checkpointing: true")
     if not p.advice:

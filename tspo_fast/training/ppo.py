@@ -11,7 +11,9 @@ packing or the number of ranks.
 
 Passes: pi_old is recomputed only when the update is not exactly on-policy (more than one
 mini-batch or epoch); otherwise K3 takes ``old_logp=None`` (pi_old = pi, detached).  pi_ref runs
-only when ``loss.kl_coef`` > 0.
+only when ``loss.kl_coef`` > 0.  Where the policy has a frozen trunk (LoRA on the top layers,
+``model.lora.share_frozen``), the first pass over a micro-batch computes the trunk's output once
+and every later pass of the step starts from it (:func:`policy_inputs`).
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from .distributed import global_max, global_sum, world_size
 from .packing import MicroBatch, micro_batches
 
 __all__ = ["MIN_DEEPSPEED", "check_deepspeed_version", "ds_config", "gradient_accumulation_steps", "UpdatePlan",
-           "UpdateStats", "token_weights_normalizer", "plan_update", "compute_logprobs", "loss_kwargs", "ppo_update",
-           "rollout_mismatch", "TRAINER_LOSS_FIELDS"]
+           "UpdateStats", "token_weights_normalizer", "plan_update", "policy_inputs", "compute_logprobs",
+           "loss_kwargs", "ppo_update", "rollout_mismatch", "TRAINER_LOSS_FIELDS"]
 
 
 #: The oldest DeepSpeed the update is exact with.  ``managed_gradient_accumulation: false`` (the
@@ -169,10 +171,27 @@ def plan_update(batch, token_adv: torch.Tensor, cfg: Config, device) -> UpdatePl
         rows = list(range(m0, min(len(batch), m0 + rows_per_mini)))
         weights, norm = token_weights_normalizer(batch.loss_mask[rows], lo.agg, rows_per_mini * world, max_len)
         minis.append(micro_batches(batch, rows, token_adv, weights, packing=t.packing, budget=t.max_tokens_per_micro,
-                                   micro_size=t.micro_batch_size, device=device))
+                                   micro_size=t.micro_batch_size, device=device, share_prompts=t.share_prompts))
         norms.append(max(norm, 1.0))
     on_policy = t.ppo_epochs == 1 and len(minis) == 1 and not t.recompute_old_logp
     return UpdatePlan(minis, norms, on_policy)
+
+
+def policy_inputs(engine, mb: MicroBatch) -> Dict[str, Any]:
+    """``mb``'s keyword arguments for ``engine``'s policy.  When that policy has a frozen trunk
+    (``FusedHeadPolicy.frozen_trunk`` > 0) they include its output on ``mb``, computed on the first
+    call (no grad, eval mode) and kept on ``mb`` for the step's later passes.  Only the actor's
+    policy has a trunk (a separate reference model trains nothing and is built without one)."""
+    inputs = mb.model_inputs()
+    if getattr(engine.module, "frozen_trunk", 0):
+        if mb.trunk is None:
+            was_training = engine.module.training
+            engine.module.eval()
+            with torch.no_grad():
+                mb.trunk = engine(**inputs, mode="trunk")
+            engine.module.train(was_training)
+        inputs["trunk"] = mb.trunk
+    return inputs
 
 
 def compute_logprobs(engine, plan: UpdatePlan, field_name: str) -> None:
@@ -182,7 +201,7 @@ def compute_logprobs(engine, plan: UpdatePlan, field_name: str) -> None:
     engine.module.eval()
     with torch.no_grad():
         for mb in plan.micro():
-            lp, _ = engine(**mb.model_inputs(), mode="logprobs")
+            lp, _ = engine(**policy_inputs(engine, mb), mode="logprobs")
             setattr(mb, field_name, lp)
     engine.module.train(was_training)
 
@@ -231,7 +250,7 @@ def ppo_update(engine, plan: UpdatePlan, cfg: Config) -> UpdateStats:
         for mini, norm in zip(plan.minis, plan.normalizers):
             for mb in mini:
                 old = None if plan.on_policy else mb.old_logp
-                out = engine(**mb.model_inputs(), mode="loss", old_logp=old, advantages=mb.advantages,
+                out = engine(**policy_inputs(engine, mb), mode="loss", old_logp=old, advantages=mb.advantages,
                              weights=mb.weights, normalizer=norm,
                              **loss_kwargs(lo, ref_logp=mb.ref_logp, rollout_logp=mb.rollout_logp))
                 # cancel DeepSpeed's mean over ranks: the gradient is the global sum / norm
