@@ -11,13 +11,17 @@
    and is left out.  Variants (``VARIANTS``): ``before`` is what the issue measured (every
    other setting from configs/tiny.yaml: full fine-tuning, the reference pass of kl 0.001, top-3
    passages of 200 tokens, 4 turns of 64 tokens, and vLLM's linear layers on ``F.linear``, as the
-   engine ran then); ``smollm2`` is configs/smollm2.yaml; the others change one thing of it (the
-   rollout engine's dtype or GEMMs, the async loop, the KL pass, LoRA on every layer).
+   engine ran then); ``smollm2`` is configs/smollm2.yaml; the others change one or two things of it
+   (the rollout engine's dtype or GEMMs, the async loop, the KL pass, LoRA on every layer, the
+   frozen layers run in every pass instead of once a step: ``no_share``, each group's prompt run
+   once: ``share_prompts``).
 3. **Ratios**: rollout generated tokens/s against the decode bound ``bandwidth / weight bytes x
    concurrent sequences`` and the compute bound ``mm rate / (2 x parameters)`` (the smaller binds);
    the log-prob pass and the update against the float32 ``mm`` rate, from their FLOPs
    (2 N per token forward; backward 2 N for the input gradients of the layers above the lowest
-   trainable one plus 2 N_trainable for weight gradients).
+   trainable one plus 2 N_trainable for weight gradients; with ``model.lora.share_frozen`` the
+   frozen layers' forward is counted once, in the phase whose pass runs first: the log-prob pass
+   with KL, the update without).
 4. **The engine alone** (``engine_profile``, last; ``--no-engine`` leaves it out): vLLM's prefill
    and decode rates on one sequence and on a step's worth of them, which tell where the
    rollout's time goes, once with each ``rollout.cpu_gemm`` (vLLM's packed oneDNN GEMMs, and
@@ -42,6 +46,7 @@ from typing import Dict, List
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)            # the analysis imports tspo_fast, also from a checkout that is not installed
 TINY_ROLLOUT = ["retrieval.topk=3", "rollout.max_turns=4", "rollout.max_new_tokens_per_turn=64",
                 "rollout.max_obs_tokens=200", "rollout.max_response_tokens=768", "data.max_prompt_tokens=512"]
 #: name -> --set overrides of configs/smollm2.yaml
@@ -51,7 +56,11 @@ VARIANTS: Dict[str, List[str]] = {
     "smollm2": [],
     "smollm2+linear_gemm": ["rollout.cpu_gemm=linear"],
     "smollm2+async": ["rollout.mode=async"],
+    "smollm2+no_share": ["model.lora.share_frozen=false"],
     "smollm2+kl": ["loss.kl_coef=0.001"],
+    "smollm2+kl+no_share": ["loss.kl_coef=0.001", "model.lora.share_frozen=false"],
+    "smollm2+share_prompts": ["train.share_prompts=true"],
+    "smollm2+kl+share_prompts": ["loss.kl_coef=0.001", "train.share_prompts=true"],
     "smollm2+lora_all_layers": ["model.lora.top_layers=0"],
     "smollm2+bf16_rollout": ["rollout.dtype=bfloat16"],
 }
@@ -221,15 +230,18 @@ def ratios(lim: Dict[str, object], runs: Dict[str, Dict], counts: Dict[str, floa
         full = "model.lora.rank=0" in r["overrides"]
         top = counts["layers"] if full or "model.lora.top_layers=0" in r["overrides"] else counts["top_layers"]
         tokens = r["train_tokens"]
+        ref = "loss.kl_coef=0.001" in r["overrides"]      # the one log-prob pass: pi_ref (pi_old: on-policy, none)
         fwd = 2 * (counts["body"] + counts["head"]) * tokens
+        shared = top < counts["layers"] and "model.lora.share_frozen=false" not in r["overrides"]
+        # the update's forward: from the kept trunk when the log-prob pass computed it
+        fwd_update = 2 * (top * counts["per_layer"] + counts["head"]) * tokens if shared and ref else fwd
         bwd = 2 * (top * counts["per_layer"] + counts["head"]) * tokens          # input gradients
         bwd += 2 * (counts["body"] + counts["head"]) * tokens if full else 0.0    # weight gradients (LoRA: ~0)
-        ref = "loss.kl_coef=0.001" in r["overrides"]      # the one log-prob pass: pi_ref (pi_old: on-policy, none)
         t = r["time"]
         out[name] = {"rollout_tokens_per_s": r["rollout_tokens_per_s"],
                      "rollout_vs_decode_bound": r["rollout_tokens_per_s"] / decode_bound,
                      "logprobs_vs_mm": fwd / max(t.get("time/logprobs", 0.0), 1e-9) / mm if ref else None,
-                     "update_vs_mm": (fwd + bwd) / max(t["time/update"], 1e-9) / mm}
+                     "update_vs_mm": (fwd_update + bwd) / max(t["time/update"], 1e-9) / mm}
     out["_bounds"] = {"decode_tokens_per_s": decode_bound, "fp32_mm_flops": mm, "bandwidth_bytes_per_s": bw}
     return out
 
@@ -243,12 +255,17 @@ def analyse(result: Dict[str, object], prompts: int) -> None:
     result["model"] = counts
     result["ratios"] = ratios(result["limits"], runs, counts, seqs=prompts * 5)
     base = runs.get("before")
+    per_token = lambda r: ((r["time"].get("time/logprobs", 0.0) + r["time"]["time/update"])
+                           / max(r["generated_tokens_per_step"], 1e-9))
     if base:
         result["speedup_vs_before"] = {
             n: {"rollout_tokens_per_s": r["rollout_tokens_per_s"] / max(base["rollout_tokens_per_s"], 1e-9),
-                "logprobs": base["time"].get("time/logprobs", 0) / max(r["time"].get("time/logprobs", 0), 1e-9),
+                # None: no log-prob pass (on-policy, no KL; the phase only plans the micro-batches)
+                "logprobs": (base["time"].get("time/logprobs", 0) / r["time"]["time/logprobs"]
+                             if r["time"].get("time/logprobs", 0) > 0.1 else None),
                 "update_per_token": (base["time"]["time/update"] / base["generated_tokens_per_step"])
-                / max(r["time"]["time/update"] / max(r["generated_tokens_per_step"], 1e-9), 1e-9)}
+                / max(r["time"]["time/update"] / max(r["generated_tokens_per_step"], 1e-9), 1e-9),
+                "logprobs_plus_update_per_token": per_token(base) / max(per_token(r), 1e-9)}
             for n, r in runs.items()}
 
 
@@ -293,13 +310,18 @@ def main(argv=None) -> None:
                 continue
             print(name, json.dumps(runs[name]), flush=True)
         result["runs"] = runs
+        _write(args.out, result)            # the runs are kept whatever the analysis does
         analyse(result, args.prompts)
     if not args.no_engine:          # last: the engine stays in this process until it exits
         result["engine"] = {g: engine_profile(batch=args.prompts * 5, cpu_gemm=g) for g in ("packed", "linear")}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    _write(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("runs",)}, indent=1))
+
+
+def _write(path: str, result: Dict[str, object]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

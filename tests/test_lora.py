@@ -14,7 +14,7 @@ import torch
 peft = pytest.importorskip("peft")
 
 from _procs import torchrun
-from test_trainer import SMALL, _metrics, _run
+from test_trainer import SMALL, _metrics, _rows_by, _run
 
 from tspo_fast.config import load_config
 from tspo_fast.engines import SamplingConfig
@@ -224,12 +224,7 @@ def test_trainer_with_a_frozen_trunk_logs_what_it_logs_without(train_env, tmp_pa
     frozen layers' output changes no metric of two steps (the second samples from the first's update)."""
     common = SMALL + LORA + ["model.lora.top_layers=2", "loss.kl_coef=0.05", "rollout.engine=hf",
                              "train.eval_every=0", "train.checkpoint_every=0", "train.total_steps=2"]
-    rows = {}
-    for share in ("true", "false"):
-        out = str(tmp_path / share)
-        sets = [x for s in common + [f"model.lora.share_frozen={share}", f"output_dir={out}"] for x in ("--set", s)]
-        _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets, "--no-plot"], train_env)
-        rows[share] = [r for r in _metrics(out) if "loss/pg" in r]
+    rows = _rows_by(train_env, tmp_path, common, "model.lora.share_frozen")
     assert [r["step"] for r in rows["true"]] == [1, 2]
     for a, b in zip(rows["true"], rows["false"]):
         assert a["loss/kl"] > 0 or a["step"] == 1            # pi moved away from pi_ref after step 1

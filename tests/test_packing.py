@@ -259,17 +259,10 @@ def test_share_prompts_needs_packing():
 def test_trainer_with_shared_prompts_logs_what_separate_rows_log(train_env, tmp_path):
     """Two ZeRO-3 steps with the KL pass: sharing the prompts changes the losses only by rounding and
     runs fewer tokens (each group's prompt once)."""
-    import sys
-
-    from test_trainer import SMALL, _metrics, _run
+    from test_trainer import SMALL, _rows_by
     common = SMALL + ["loss.kl_coef=0.05", "rollout.engine=hf", "train.eval_every=0", "train.checkpoint_every=0",
                       "train.total_steps=2", "train.packing=true", "train.max_tokens_per_micro=4096"]
-    rows = {}
-    for share in ("true", "false"):
-        out = str(tmp_path / share)
-        sets = [x for s in common + [f"train.share_prompts={share}", f"output_dir={out}"] for x in ("--set", s)]
-        _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets, "--no-plot"], train_env)
-        rows[share] = [r for r in _metrics(out) if "loss/pg" in r]
+    rows = _rows_by(train_env, tmp_path, common, "train.share_prompts")
     assert [r["step"] for r in rows["true"]] == [1, 2]
     for a, b in zip(rows["true"], rows["false"]):
         assert a["reward/mean"] == b["reward/mean"] and a["rollout/response_tokens"] == b["rollout/response_tokens"]

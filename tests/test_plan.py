@@ -134,3 +134,20 @@ def test_preflight_reads_the_free_memory_of_the_ranks_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "9")
     with pytest.raises(RuntimeError, match="LOCAL_RANK=9 but this process sees 8 GPU"):
         trainer.preflight(cfg, 8)
+
+
+def test_kept_frozen_layer_outputs_are_counted_and_can_be_given_back():
+    """LoRA on the top layers keeps the frozen layers' output of the step's tokens: hidden x dtype
+    bytes a token at most, in the update's peak; ``share_frozen: false`` gives it back (and is
+    advised when the update does not fit)."""
+    lora = ["model.lora.rank=16", "model.lora.top_layers=8"]
+    cfg = load_config(os.path.join(ROOT, "configs", "7b.yaml"), lora)
+    shape = model_shape(cfg.model.path)
+    kept = _terms(plan_memory(cfg, 8, H100))["frozen layers' output (update)"]
+    tokens = cfg.train.prompts_per_step * cfg.rollout.n / 8 * (cfg.data.max_prompt_tokens + cfg.rollout.max_response_tokens)
+    assert kept == pytest.approx(tokens * shape.hidden * 2 / GIB)                   # bf16
+    off = load_config(os.path.join(ROOT, "configs", "7b.yaml"), lora + ["model.lora.share_frozen=false"])
+    assert "frozen layers' output (update)" not in _terms(plan_memory(off, 8, H100))
+    assert plan_memory(cfg, 8, H100).update_gib - plan_memory(off, 8, H100).update_gib == pytest.approx(kept)
+    tight = plan_memory(cfg, 8, 40.0)
+    assert not tight.fits and any("model.lora.share_frozen: false" in a for a in tight.advice)

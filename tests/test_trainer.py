@@ -36,6 +36,18 @@ def _metrics(out):
         return [json.loads(line) for line in f]
 
 
+def _rows_by(train_env, tmp_path, common, field, values=("true", "false")):
+    """{value: the step rows (with losses) of a run of configs/tiny.yaml with ``common`` settings and
+    ``field=value``}: runs that differ in one field, to compare."""
+    rows = {}
+    for value in values:
+        out = str(tmp_path / value)
+        sets = [x for s in common + [f"{field}={value}", f"output_dir={out}"] for x in ("--set", s)]
+        _run([sys.executable, "-m", "tspo_fast.train", "--config", "configs/tiny.yaml", *sets, "--no-plot"], train_env)
+        rows[value] = [r for r in _metrics(out) if "loss/pg" in r]
+    return rows
+
+
 def _weights(folder):
     from safetensors.torch import load_file
     return load_file(os.path.join(folder, "model.safetensors"))
