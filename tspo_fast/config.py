@@ -23,7 +23,7 @@ from tspo_kernels import ADV_NORMS, FOLR_SOURCES
 
 from .algo.advantages import ESTIMATORS
 from .algo.rewards import OUTCOMES
-from .engines.base import ENGINES
+from .engines.base import CPU_GEMMS, ENGINES
 from .registry import ExtensionError, Registry
 from .retrieval.base import RETRIEVERS
 
@@ -519,7 +519,7 @@ def check_rollout(r: RolloutConfig, where: str = "rollout") -> RolloutConfig:
            "data-parallel ranks, or train.offload_* to fit a larger model)")
     _check(0 < r.gpu_memory_utilization <= 1, f"{where}.gpu_memory_utilization",
            f"must be in (0, 1], got {r.gpu_memory_utilization}")
-    _one_of(r.cpu_gemm, f"{where}.cpu_gemm", ("packed", "linear"))
+    _one_of(r.cpu_gemm, f"{where}.cpu_gemm", CPU_GEMMS)
     _check(r.sync_bucket_mb > 0, f"{where}.sync_bucket_mb", f"must be > 0, got {r.sync_bucket_mb}")
     _check(r.dtype in (None, "float32", "bfloat16", "float16"), f"{where}.dtype",
            f"must be float32, bfloat16, float16 or null (model.dtype), got {r.dtype!r}")

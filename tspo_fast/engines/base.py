@@ -23,6 +23,8 @@ from ..registry import Registry
 FINISH_STOP = "stop"      # a stop string was generated (it is included in ids and text)
 FINISH_EOS = "eos"        # an EOS / stop token id was generated (included in ids)
 FINISH_LENGTH = "length"  # max_new_tokens reached
+#: rollout.cpu_gemm: vLLM's packed oneDNN GEMMs on CPU, or F.linear (tspo_fast/engines/vllm_patches.py)
+CPU_GEMMS = ("packed", "linear")
 
 
 @dataclass(frozen=True)

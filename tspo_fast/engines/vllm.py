@@ -65,8 +65,8 @@ class VLLMEngine:
     model_path: a local folder (or hub name where a hub is reachable).
     enforce_eager: None = eager on CPU, CUDA graphs on GPU.  seeding: "request" | "engine".
     enable_sleep_mode: None = where the platform has it (CUDA).  cpu_gemm (CPU only): "packed"
-    (vLLM's oneDNN GEMMs, repacked after each ``load_weights`` or once per :meth:`batched_load`) or "linear" (``F.linear`` on the
-    live weights); see ``vllm_patches``.  Extra keyword arguments go
+    (vLLM's oneDNN GEMMs, repacked after each ``load_weights`` or once per :meth:`batched_load`)
+    or "linear" (``F.linear`` on the live weights); see ``vllm_patches``.  Extra keyword arguments go
     to ``vllm.LLM`` unchanged (``distributed_executor_backend`` defaults to ``"uni"``).
     """
 

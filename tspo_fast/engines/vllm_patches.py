@@ -50,13 +50,14 @@ import vllm
 import vllm.model_executor.layers.utils as layer_utils
 from vllm.platforms import current_platform
 
+from .base import CPU_GEMMS
+
 try:  # vLLM versions without the kernel-override dispatcher need no scan patch
     import vllm.triton_utils.dispatcher as kernel_dispatcher
 except ImportError:
     kernel_dispatcher = None
 
 WRITTEN_FOR_VLLM = "0.32.0"
-CPU_GEMMS = ("packed", "linear")   # rollout.cpu_gemm
 
 _applied = False
 _upstream_dispatch = None  # vLLM's own dispatch_cpu_unquantized_gemm, kept for the tests
@@ -107,7 +108,8 @@ def apply_cpu_gemm_patch(cpu_gemm: str = "packed") -> bool:
     :func:`refresh_cpu_gemm` after each load).
 
     Returns True if the patch is (now) in place, False on a non-CPU platform (nothing to do).
-    Raises ValueError for a ``cpu_gemm`` not in :data:`CPU_GEMMS` (on any platform), RuntimeError if the function to patch no longer exists in this vLLM version.
+    Raises ValueError for a ``cpu_gemm`` not in ``CPU_GEMMS`` (on any platform), RuntimeError if
+    the function to patch no longer exists in this vLLM version.
     """
     global _applied, _upstream_dispatch
     if cpu_gemm not in CPU_GEMMS:                      # checked on every platform (the value is ignored off CPU)

@@ -260,6 +260,18 @@ def _packed(batch, rows, tensors, device) -> MicroBatch:
     return mb
 
 
+def _prompt_end(batch, row: int, n: int) -> int:
+    """Where row ``row`` (of ``n`` real tokens) stops being its prompt: what shared prompts share."""
+    return min(int(batch.prompt_len[row]), n)
+
+
+def _shared_tokens(batch, unit: Sequence[int]) -> int:
+    """Tokens of a prompt-sharing unit in the shared layout: its prompt once plus every row's answer."""
+    lens = _lengths(batch, unit)
+    p = _prompt_end(batch, unit[0], lens[0])
+    return p + sum(n - p for n in lens)
+
+
 def prompt_groups(batch, rows: Sequence[int], budget: int) -> List[List[int]]:
     """``rows`` in units that share a prompt: the rows of one uid whose first ``prompt_len`` tokens
     are the same, in order of first appearance; a unit whose shared length (the prompt once plus
@@ -267,7 +279,7 @@ def prompt_groups(batch, rows: Sequence[int], budget: int) -> List[List[int]]:
     lens = _lengths(batch, rows)
     units: Dict[tuple, List[int]] = {}
     for r, n in zip(rows, lens):
-        p = min(int(batch.prompt_len[r]), n)
+        p = _prompt_end(batch, r, n)
         key = (batch.uids[r], tuple(batch.input_ids[r, :p].tolist()))
         units.setdefault(key, []).append(r)
     out = []
@@ -299,8 +311,7 @@ def _shared(batch, units: List[List[int]], tensors, device) -> MicroBatch:
         off += b - a
 
     for unit in units:
-        n0 = _lengths(batch, unit[:1])[0]
-        p = min(int(batch.prompt_len[unit[0]]), n0)
+        p = _prompt_end(batch, unit[0], _lengths(batch, unit[:1])[0])
         ps = off
         put(unit[0], 0, p, ps)                      # a prompt's first token is predicted by nothing (never trained)
         segs.append((ps, ps + p, ps, ps))
@@ -345,9 +356,7 @@ def micro_batches(batch, rows: Sequence[int], advantages: torch.Tensor, weights:
         tensors["weights"] = full
     if packing and share_prompts:
         units = prompt_groups(batch, rows, budget) if rows else []
-        costs = [int(batch.prompt_len[u[0]]) + sum(n - int(batch.prompt_len[u[0]]) for n in _lengths(batch, u))
-                 for u in units]
-        bins = balanced_bins(costs, budget, [batch.uids[u[0]] for u in units])
+        bins = balanced_bins([_shared_tokens(batch, u) for u in units], budget, [batch.uids[u[0]] for u in units])
         return [_shared(batch, [units[i] for i in b], tensors, device) if b else _packed(batch, [], tensors, device)
                 for b in bins]
     if packing:
